@@ -1,0 +1,62 @@
+"""fastpipe: process large S3 objects in one pass, fast and predictably.
+
+Download once with concurrent ranged GETs, run the streamable stages on the bytes while
+they arrive, then the heavy stages on the local file::
+
+    import fastpipe
+    from fastpipe.stages import Checksum
+
+    report = fastpipe.run("s3://bucket/key", stages=[Checksum("sha256")])
+    print(report.passed, report.stage("checksum").result)
+"""
+
+from ._config import Config as Config
+from ._config import parse_size as parse_size
+from ._engine import Engine as Engine
+from ._engine import process as process
+from ._engine import run as run
+from ._exceptions import AccessDenied as AccessDenied
+from ._exceptions import DestinationError as DestinationError
+from ._exceptions import EndpointUnreachable as EndpointUnreachable
+from ._exceptions import FastpipeError as FastpipeError
+from ._exceptions import IntegrityError as IntegrityError
+from ._exceptions import LocalIOError as LocalIOError
+from ._exceptions import ObjectChanged as ObjectChanged
+from ._exceptions import ObjectNotFound as ObjectNotFound
+from ._exceptions import RetriesExhausted as RetriesExhausted
+from ._exceptions import SourceError as SourceError
+from ._exceptions import StageFailed as StageFailed
+from ._exceptions import StageTimeout as StageTimeout
+from ._exceptions import UsageError as UsageError
+from ._report import DownloadReport as DownloadReport
+from ._report import Progress as Progress
+from ._report import Report as Report
+from ._report import StageReport as StageReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessDenied",
+    "Config",
+    "DestinationError",
+    "DownloadReport",
+    "EndpointUnreachable",
+    "Engine",
+    "FastpipeError",
+    "IntegrityError",
+    "LocalIOError",
+    "ObjectChanged",
+    "ObjectNotFound",
+    "Progress",
+    "Report",
+    "RetriesExhausted",
+    "SourceError",
+    "StageFailed",
+    "StageReport",
+    "StageTimeout",
+    "UsageError",
+    "__version__",
+    "parse_size",
+    "process",
+    "run",
+]

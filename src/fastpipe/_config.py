@@ -1,0 +1,103 @@
+"""Engine configuration: one frozen, self-validating dataclass."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from ._exceptions import UsageError
+
+MiB = 1 << 20
+#: S3's limit on parts of one object; the part plan never exceeds it.
+MAX_PARTS = 10_000
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse ``8MiB``, ``512KiB``, ``1GiB``, ``4096`` (bytes) into a byte count.
+
+    ``KB``/``MB`` are read as binary units too, as most storage tools do.
+    """
+    if isinstance(text, int):
+        if text < 0:
+            raise UsageError(f"size must not be negative: {text}")
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise UsageError(f"not a size: {text!r} (examples: 8MiB, 512KiB, 1048576)")
+    number, unit = m.group(1), (m.group(2) or "").upper()
+    value = float(number) * _UNITS[unit[:1] if unit and unit != "B" else ""]
+    if unit == "B":
+        value = float(number)
+    if value != int(value):
+        raise UsageError(f"size is not a whole number of bytes: {text!r}")
+    return int(value)
+
+
+def format_size(n: float) -> str:
+    """Format a byte count for humans (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@dataclass(frozen=True)
+class Config:
+    """How the engine reads one object.
+
+    Memory bound: about ``max_concurrency * receive_buffer + stream_buffer`` bytes of
+    buffers (16 x 1 MiB + 8 MiB by default), whatever the object's size; parts are written
+    to the file as they arrive and never held whole in memory.
+
+    ``part_size`` is raised so that an object has at most 10,000 parts.
+    ``data_plane`` is ``"auto"`` (raw HTTP unless a proxy is configured), ``"raw"`` or
+    ``"botocore"`` (stream aiobotocore's response bodies).
+    """
+
+    part_size: int = 8 * MiB
+    max_concurrency: int = 16
+    max_attempts: int = 5
+    endpoint_url: str | None = None
+    region: str | None = None
+    verify_tls: bool = True
+    data_plane: str = "auto"
+    receive_buffer: int = 1 * MiB
+    stream_buffer: int = 8 * MiB
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    backoff_base: float = 0.1
+    backoff_max: float = 5.0
+    presign_expires: int = 3600
+    resume: bool = False
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.part_size < 1:
+            raise UsageError(f"part_size must be at least 1 byte, got {self.part_size}")
+        if not 1 <= self.max_concurrency <= 1024:
+            raise UsageError(f"max_concurrency must be 1..1024, got {self.max_concurrency}")
+        if not 1 <= self.max_attempts <= 100:
+            raise UsageError(f"max_attempts must be 1..100, got {self.max_attempts}")
+        if self.data_plane not in ("auto", "raw", "botocore"):
+            raise UsageError(f"data_plane must be auto, raw or botocore, got {self.data_plane!r}")
+        if self.receive_buffer < 4096 or self.stream_buffer < 4096:
+            raise UsageError("receive_buffer and stream_buffer must be at least 4 KiB")
+        if self.connect_timeout <= 0 or self.read_timeout <= 0:
+            raise UsageError("timeouts must be positive")
+
+    def resolved_endpoint(self) -> str | None:
+        """The endpoint URL: this config's, else ``AWS_ENDPOINT_URL``, else botocore's."""
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+
+    def plan_part_size(self, size: int) -> int:
+        """Part size for an object of ``size`` bytes: at most MAX_PARTS parts."""
+        part = self.part_size
+        if size > part * MAX_PARTS:
+            part = -(-size // MAX_PARTS)
+            part = -(-part // MiB) * MiB  # round up to whole MiB
+        return part

@@ -1,0 +1,362 @@
+"""One object end to end: HEAD, plan, fetch + stream stages, file stages, report.
+
+Later stages run only when earlier ones pass (gating); a failed stream stage cancels the
+download at once. Nothing is left under the destination name unless the whole object
+arrived and every stage passed; the temp file is removed on every other path, including
+cancellation by the caller.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from types import TracebackType
+from typing import Any
+
+import anyio
+
+from ._config import Config
+from ._exceptions import (
+    FastpipeError,
+    ObjectNotFound,
+    SourceError,
+    StageFailed,
+    StageTimeout,
+    UsageError,
+)
+from ._fetch import Fetcher, proxy_configured
+from ._file import TempFile, Watermark, resolve_dest
+from ._groups import unwrap_groups
+from ._report import Progress, Report, StageReport
+from ._s3 import S3Control
+from ._source import LocalLocation, S3Location, parse_source
+from ._stream import StreamRunner, describe_exception
+from .stages._base import FileStage, LocalFile, ObjectInfo, Stage, StreamStage
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def default_stages() -> list[Stage]:
+    """The stages run when none are given: ``checksum`` (xxh3_128)."""
+    from .stages.checksum import Checksum
+
+    return [Checksum()]
+
+
+def _attach(exc: FastpipeError, report: Report) -> FastpipeError:
+    report.error = str(exc)
+    report.error_type = type(exc).__name__
+    exc.report = report  # type: ignore[attr-defined]
+    return exc
+
+
+class Engine:
+    """Processes objects with one reusable S3 client (use ``async with Engine() as e``).
+
+    Creating the client is the largest fixed cost of a run (about 0.7 s), so a service
+    that checks many objects keeps one engine.
+    """
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or Config()
+        self._s3 = S3Control(self.config)
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the S3 client."""
+        await self._s3.close()
+
+    async def process(
+        self,
+        source: str | os.PathLike[str],
+        stages: Sequence[Stage] | None = None,
+        dest: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> Report:
+        """Process one object; see :func:`fastpipe.process`."""
+        location = parse_source(source)
+        stage_list = list(default_stages() if stages is None else stages)
+        for stage in stage_list:
+            if not isinstance(stage, (StreamStage, FileStage)):
+                raise UsageError(f"not a stage: {stage!r} (subclass StreamStage or FileStage)")
+        report = Report(source=str(location))
+        report.stages = [StageReport(s.name, s.kind) for s in stage_list]
+        started = time.perf_counter()
+        try:
+            if isinstance(location, LocalLocation):
+                if dest is not None:
+                    raise UsageError("dest applies to S3 sources; a local file is processed in place")
+                await self._process_local(location, stage_list, report, progress)
+            else:
+                await self._process_s3(location, stage_list, dest, report, progress)
+        except FastpipeError as exc:
+            if isinstance(exc, StageFailed):
+                raise  # internal invariant: stage failures are recorded, not raised
+            raise _attach(exc, report) from exc.__cause__
+        finally:
+            report.seconds = time.perf_counter() - started
+        return report
+
+    # -- sources --------------------------------------------------------------------------
+
+    async def _process_local(
+        self,
+        location: LocalLocation,
+        stages: list[Stage],
+        report: Report,
+        progress: ProgressCallback | None,
+    ) -> None:
+        path = os.path.abspath(location.path)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{path}: no such file") from None
+        except PermissionError:
+            raise SourceError(f"{path}: permission denied") from None
+        if not os.path.isfile(path):
+            raise SourceError(f"{path}: not a regular file")
+        info = ObjectInfo(source=path, size=st.st_size, local_path=path)
+        report.size = info.size
+        report.download.path = "local"
+        if not self._check_info(stages, info, report):
+            return
+        watermark = Watermark(info.size, self.config.part_size)
+        watermark.complete_all()
+        watermark.close()
+        if not await self._stream(stages, info, path, watermark, report, None, progress):
+            return
+        report.passed = await self._file_stages(stages, info, path, report, progress)
+
+    async def _process_s3(
+        self,
+        location: S3Location,
+        stages: list[Stage],
+        dest: str | os.PathLike[str] | None,
+        report: Report,
+        progress: ProgressCallback | None,
+    ) -> None:
+        config = self.config
+        dest_path = resolve_dest(dest, location.key, config.force) if dest is not None else None
+        info = await self._s3.head(location)
+        report.size, report.etag, report.version_id = info.size, info.etag, info.version_id
+        if not self._check_info(stages, info, report):
+            return
+        part_size = config.plan_part_size(info.size)
+        plane = config.data_plane
+        if plane == "auto":
+            endpoint = config.resolved_endpoint() or "https://s3.amazonaws.com"
+            plane = "botocore" if proxy_configured(endpoint) else "raw"
+        dl = report.download
+        dl.part_size, dl.concurrency, dl.path = part_size, config.max_concurrency, plane
+        watermark = Watermark(info.size, part_size)
+        dl.parts = watermark.parts
+        folder = os.path.dirname(dest_path) if dest_path else tempfile.gettempdir()
+        stem = os.path.basename(dest_path) if dest_path else "download"
+        tmp = TempFile(folder, stem, info.size)
+        kept = False
+        try:
+            fetcher = Fetcher(self._s3, config, location, info, tmp, watermark, plane)
+            ok = await self._stream(stages, info, tmp.path, watermark, report, fetcher, progress)
+            dl.bytes, dl.retries = fetcher.stats.bytes, fetcher.stats.retries
+            if fetcher.stats.finished:
+                dl.seconds = fetcher.stats.finished - fetcher.stats.started
+            tmp.close()
+            if not ok:
+                return
+            if not await self._file_stages(stages, info, tmp.path, report, progress):
+                return
+            if dest_path is not None:
+                tmp.commit(dest_path, config.force)
+                kept = True
+                report.dest = dest_path
+            report.passed = True
+        finally:
+            if not kept:
+                tmp.remove()
+
+    # -- phases ---------------------------------------------------------------------------
+
+    def _check_info(self, stages: list[Stage], info: ObjectInfo, report: Report) -> bool:
+        """Run every stage's metadata check (before any byte is read)."""
+        for i, stage in enumerate(stages):
+            try:
+                stage.check_info(info)  # type: ignore[attr-defined]
+            except BaseException as exc:  # noqa: BLE001 - user stages may raise anything
+                self._record_failure(report, i, exc)
+                return False
+        return True
+
+    def _record_failure(self, report: Report, index: int, exc: BaseException) -> None:
+        stage_report = report.stages[index]
+        stage_report.status = "failed"
+        stage_report.error = describe_exception(exc)
+        if isinstance(exc, StageFailed) and exc.result is not None:
+            stage_report.result = exc.result
+        report.failed_stage = stage_report.name
+        report.error = f"stage {stage_report.name} failed: {stage_report.error}"
+        report.error_type = "StageTimeout" if isinstance(exc, StageTimeout) else "StageFailed"
+
+    async def _stream(
+        self,
+        stages: list[Stage],
+        info: ObjectInfo,
+        path: str,
+        watermark: Watermark,
+        report: Report,
+        fetcher: Fetcher | None,
+        progress: ProgressCallback | None,
+    ) -> bool:
+        """Download (if ``fetcher``) while the stream stages read the prefix. True: passed."""
+        indices = [i for i, s in enumerate(stages) if isinstance(s, StreamStage)]
+        runner = StreamRunner(
+            [stages[i] for i in indices],  # type: ignore[misc]
+            [report.stages[i] for i in indices],
+            info,
+            path,
+            watermark,
+            self.config.stream_buffer,
+        )
+        started = time.perf_counter()
+
+        async def stream() -> None:
+            try:
+                await anyio.to_thread.run_sync(runner.run)
+            finally:
+                if runner.failed:
+                    tg.cancel_scope.cancel()  # gating: no more bytes are fetched
+
+        async def download() -> None:
+            assert fetcher is not None
+            try:
+                await fetcher.run(self.config.max_concurrency)
+            except BaseException:
+                runner.stop()
+                raise
+            watermark.close()
+
+        async def report_progress() -> None:
+            assert progress is not None
+            while True:
+                done = fetcher.stats.bytes if fetcher else runner.position
+                elapsed = time.perf_counter() - started
+                rate = done / elapsed if elapsed > 0 else 0.0
+                eta = (info.size - done) / rate if rate > 0 else None
+                progress(Progress(done, info.size, elapsed, eta, "download" if fetcher else "stream"))
+                await anyio.sleep(0.2)
+
+        with unwrap_groups():
+            async with anyio.create_task_group() as outer:
+                if progress is not None:
+                    outer.start_soon(report_progress)
+                async with anyio.create_task_group() as tg:
+                    if indices:
+                        tg.start_soon(stream)
+                    if fetcher is not None:
+                        await download()
+                outer.cancel_scope.cancel()  # stops the progress task
+        if runner.failed:
+            assert runner.failed_index is not None and runner.error is not None
+            self._record_failure(report, indices[runner.failed_index], runner.error)
+            return False
+        return True
+
+    async def _file_stages(
+        self,
+        stages: list[Stage],
+        info: ObjectInfo,
+        path: str,
+        report: Report,
+        progress: ProgressCallback | None,
+    ) -> bool:
+        """Run the file stages one after another on the local file. True: all passed."""
+        local = LocalFile(path=path, size=info.size, info=info)
+        for i, stage in enumerate(stages):
+            if not isinstance(stage, FileStage):
+                continue
+            stage_report = report.stages[i]
+            if progress is not None:
+                progress(Progress(info.size, info.size, report.seconds, None, stage.name))
+            started = time.perf_counter()
+            try:
+                with anyio.fail_after(stage.timeout):
+                    result = await _call_file_stage(stage, local)
+            except TimeoutError:
+                exc: BaseException = StageTimeout(
+                    f"stage {stage.name} ran past its timeout of {stage.timeout}s"
+                )
+                stage_report.seconds = time.perf_counter() - started
+                self._record_failure(report, i, exc)
+                return False
+            except Exception as exc:  # noqa: BLE001 - user stages may raise anything
+                stage_report.seconds = time.perf_counter() - started
+                self._record_failure(report, i, exc)
+                return False
+            stage_report.seconds = time.perf_counter() - started
+            stage_report.status, stage_report.result = "passed", result
+        return True
+
+
+async def _call_file_stage(stage: FileStage, local: LocalFile) -> Any:
+    if inspect.iscoroutinefunction(stage.run):
+        return await stage.run(local)
+    # abandon_on_cancel: a timeout or the caller's cancel need not wait for the thread.
+    return await anyio.to_thread.run_sync(stage.run, local, abandon_on_cancel=True)
+
+
+async def process(
+    source: str | os.PathLike[str],
+    stages: Sequence[Stage] | None = None,
+    dest: str | os.PathLike[str] | None = None,
+    config: Config | None = None,
+    progress: ProgressCallback | None = None,
+) -> Report:
+    """Process one object in one pass and return its :class:`Report`.
+
+    ``source`` is ``s3://bucket/key`` or a local path. ``stages`` run in order (default:
+    ``[Checksum()]``); a failed stage is reported (``report.passed`` False) and skips the
+    rest. With ``dest`` the object is kept there (atomically, only when every stage
+    passed). Errors that are not a stage's verdict (missing object, access denied, object
+    changed mid-download, ...) raise a :class:`FastpipeError` whose ``report`` attribute
+    holds what was known.
+    """
+    async with Engine(config) as engine:
+        return await engine.process(source, stages, dest, progress)
+
+
+def run_async(fn: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``fn`` on asyncio, with uvloop when it is installed."""
+    try:
+        import uvloop  # noqa: F401
+
+        options = {"use_uvloop": True}
+    except ImportError:
+        options = {}
+    return anyio.run(fn, backend="asyncio", backend_options=options)
+
+
+def run(
+    source: str | os.PathLike[str],
+    stages: Sequence[Stage] | None = None,
+    dest: str | os.PathLike[str] | None = None,
+    config: Config | None = None,
+    progress: ProgressCallback | None = None,
+) -> Report:
+    """Synchronous :func:`process` (runs its own event loop; uvloop when installed)."""
+    return run_async(partial(process, source, stages, dest, config, progress))  # type: ignore[no-any-return]
+
+
+__all__ = ["Engine", "process", "run"]

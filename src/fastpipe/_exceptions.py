@@ -1,0 +1,84 @@
+"""One exception hierarchy under :class:`FastpipeError`.
+
+Each error mixes in the built-in that fits, so that callers may catch either: a missing
+object is also a ``FileNotFoundError``, a denied one a ``PermissionError``. The CLI maps
+each family to one exit code (``exit_code`` on the class).
+"""
+
+from __future__ import annotations
+
+
+class FastpipeError(Exception):
+    """Base of every error fastpipe raises on purpose."""
+
+    exit_code: int = 1
+
+
+class UsageError(FastpipeError, ValueError):
+    """Bad arguments: a malformed source, an unknown stage or option, a bad size."""
+
+    exit_code = 2
+
+
+class DestinationError(FastpipeError, OSError):
+    """The destination cannot be used (missing folder, not writable, already exists)."""
+
+    exit_code = 2
+
+
+class SourceError(FastpipeError):
+    """The source is missing, denied or unreachable."""
+
+    exit_code = 3
+
+
+class ObjectNotFound(SourceError, FileNotFoundError):
+    """The bucket or the key (or the local file) does not exist."""
+
+
+class AccessDenied(SourceError, PermissionError):
+    """The credentials may not read the object."""
+
+
+class EndpointUnreachable(SourceError, ConnectionError):
+    """The S3 endpoint did not answer."""
+
+
+class RetriesExhausted(SourceError):
+    """A transient fault repeated past the attempt limit; ``last_error`` is the last cause."""
+
+    def __init__(self, message: str, last_error: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.last_error = last_error
+
+
+class IntegrityError(FastpipeError):
+    """The bytes received cannot be trusted: object changed mid-download, short body."""
+
+    exit_code = 4
+
+
+class ObjectChanged(IntegrityError):
+    """The object was replaced while it was being read (its ETag no longer matches)."""
+
+
+class LocalIOError(FastpipeError, OSError):
+    """Writing the local file failed (disk full, file size limit)."""
+
+    exit_code = 5
+
+
+class StageFailed(FastpipeError):
+    """A stage rejected the object. Raised by stages; ``stage`` names it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, stage: str | None = None, result: object = None) -> None:
+        super().__init__(message)
+        self.stage = stage
+        #: What the stage found before it rejected the object (shown in the report).
+        self.result = result
+
+
+class StageTimeout(StageFailed, TimeoutError):
+    """A stage ran past its timeout."""

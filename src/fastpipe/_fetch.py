@@ -1,0 +1,256 @@
+"""The fetchers: concurrent ranged GETs, pinned to one object version, with retries.
+
+Each fetcher owns one keep-alive connection and takes parts in order, so that the
+contiguous watermark advances steadily. A broken body resumes from the last byte written,
+not from the start of its part.
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+import time
+import urllib.request
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+from xml.etree import ElementTree
+
+import anyio
+
+from ._config import Config
+from ._exceptions import (
+    FastpipeError,
+    IntegrityError,
+    LocalIOError,
+    ObjectChanged,
+    RetriesExhausted,
+)
+from ._file import TempFile, Watermark
+from ._groups import unwrap_groups
+from ._http import HTTPFault, RawConnection, Response, parse_content_range
+from ._s3 import ExpiredURL, S3Control, TransientError, map_s3_error
+from ._source import S3Location
+from .stages._base import ObjectInfo
+
+
+@dataclass
+class FetchStats:
+    """Counters the report shows."""
+
+    bytes: int = 0
+    retries: int = 0
+    started: float = 0.0
+    finished: float = 0.0
+
+
+def proxy_configured(endpoint: str) -> bool:
+    """True when an HTTP(S) proxy applies to ``endpoint`` (the raw path cannot serve)."""
+    parts = urlsplit(endpoint)
+    proxies = urllib.request.getproxies_environment()
+    if parts.scheme not in proxies:
+        return False
+    return not urllib.request.proxy_bypass_environment(parts.hostname or "")
+
+
+def _s3_error_fields(body: bytes) -> tuple[str, str]:
+    """``(Code, Message)`` of an S3 XML error body (empty strings if none)."""
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return "", ""
+    return (root.findtext("Code") or ""), (root.findtext("Message") or "")
+
+
+class Fetcher:
+    """Downloads one object's parts into a temp file."""
+
+    def __init__(
+        self,
+        s3: S3Control,
+        config: Config,
+        location: S3Location,
+        info: ObjectInfo,
+        tmp: TempFile,
+        watermark: Watermark,
+        path: str,
+    ) -> None:
+        self.s3 = s3
+        self.config = config
+        self.location = location
+        self.info = info
+        self.tmp = tmp
+        self.watermark = watermark
+        self.path = path  # "raw" or "botocore"
+        self.stats = FetchStats()
+        self._next_part = 0
+        self._url: str | None = None
+        self._renew_at = 0.0
+        self._url_lock = anyio.Lock()
+        self._ssl: ssl.SSLContext | None = None
+
+    async def run(self, concurrency: int) -> None:
+        """Fetch every part not yet complete, with ``concurrency`` fetchers."""
+        self.stats.started = time.perf_counter()
+        if self.path == "raw":
+            await self._signed_url()  # fail fast (credentials) before starting fetchers
+        workers = max(1, min(concurrency, self.watermark.parts))
+        with unwrap_groups():
+            async with anyio.create_task_group() as tg:
+                for _ in range(workers):
+                    tg.start_soon(self._worker)
+        self.stats.finished = time.perf_counter()
+
+    def _take_part(self) -> int | None:
+        while self._next_part < self.watermark.parts:
+            index = self._next_part
+            self._next_part += 1
+            start, end = self.watermark.part_range(index)
+            if self.watermark.done[index] < end - start:
+                return index
+        return None
+
+    async def _worker(self) -> None:
+        conn: RawConnection | None = None
+        try:
+            while (index := self._take_part()) is not None:
+                if self.path == "raw" and conn is None:
+                    conn = await self._connection()
+                await self._fetch_part(index, conn)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    async def _connection(self) -> RawConnection:
+        url = await self._signed_url()
+        if self._ssl is None and url.startswith("https:"):
+            import os
+
+            self._ssl = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE"))
+            if not self.config.verify_tls:
+                self._ssl.check_hostname = False
+                self._ssl.verify_mode = ssl.CERT_NONE
+        return RawConnection(
+            url,
+            buffer_size=self.config.receive_buffer,
+            connect_timeout=self.config.connect_timeout,
+            read_timeout=self.config.read_timeout,
+            ssl_context=self._ssl,
+        )
+
+    async def _signed_url(self, renew: bool = False) -> str:
+        async with self._url_lock:
+            if renew or self._url is None or time.monotonic() >= self._renew_at:
+                self._url, self._renew_at = await self.s3.presign(
+                    self.location, self.info.version_id
+                )
+            return self._url
+
+    async def _fetch_part(self, index: int, conn: RawConnection | None) -> None:
+        start, end = self.watermark.part_range(index)
+        attempts = 0
+        expired_retries = 0
+        while True:
+            position = start + self.watermark.done[index]
+            if position >= end:
+                return
+            attempts += 1
+            try:
+                if conn is not None:
+                    await self._get_raw(conn, index, position, end)
+                else:
+                    await self.s3.stream_range(
+                        self.location,
+                        self.info.etag,
+                        self.info.version_id,
+                        position,
+                        end,
+                        self._sink(index, position),
+                        self.config.receive_buffer,
+                    )
+            except ExpiredURL:
+                # A signature that expired is not the server's fault: sign again.
+                expired_retries += 1
+                attempts -= 1
+                if expired_retries > 3:
+                    raise
+                await self._signed_url(renew=True)
+                continue
+            except (TransientError, HTTPFault) as exc:
+                if start + self.watermark.done[index] >= end:
+                    return  # every byte arrived before the fault
+                if attempts >= self.config.max_attempts:
+                    raise RetriesExhausted(
+                        f"{self.location}: bytes {start}-{end - 1} failed after "
+                        f"{attempts} attempts: {exc}",
+                        exc,
+                    ) from exc
+                self.stats.retries += 1
+                await anyio.sleep(self._backoff(attempts))
+
+    def _backoff(self, attempt: int) -> float:
+        """Full-jitter exponential backoff."""
+        cap = min(self.config.backoff_max, self.config.backoff_base * (2 ** (attempt - 1)))
+        return random.uniform(0, cap)
+
+    def _sink(self, index: int, offset: int):  # type: ignore[no-untyped-def]
+        position = offset
+        tmp, watermark, stats = self.tmp, self.watermark, self.stats
+
+        def write(data: memoryview) -> None:
+            nonlocal position
+            try:
+                tmp.pwrite(data, position)
+            except OSError as exc:
+                raise LocalIOError(
+                    f"{self.location}: writing {tmp.path} failed: {exc.strerror or exc}"
+                ) from None
+            n = len(data)
+            position += n
+            stats.bytes += n
+            watermark.advance(index, n)
+
+        return write
+
+    async def _get_raw(self, conn: RawConnection, index: int, start: int, end: int) -> None:
+        url = await self._signed_url()
+        parts = urlsplit(url)
+        target = parts.path + ("?" + parts.query if parts.query else "")
+        headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+        if self.info.etag:
+            headers["If-Match"] = f'"{self.info.etag}"'
+        response = await conn.get(target, headers, self._sink(index, start))
+        self._check_response(response, start, end)
+
+    def _check_response(self, response: Response, start: int, end: int) -> None:
+        status = response.status
+        if status in (200, 206):
+            if status == 200 and not (start == 0 and end == self.info.size):
+                raise IntegrityError(f"{self.location}: server ignored the byte range")
+            if status == 206:
+                parsed = parse_content_range(response.headers.get("content-range", ""))
+                if parsed is None or parsed[0] != start or parsed[1] != end - 1:
+                    raise IntegrityError(f"{self.location}: server sent another range than asked")
+                if parsed[2] is not None and parsed[2] != self.info.size:
+                    raise ObjectChanged(
+                        f"{self.location}: the object changed during the download "
+                        f"(size {self.info.size} became {parsed[2]})"
+                    )
+            etag = response.headers.get("etag", "").strip('"')
+            if self.info.etag and etag and etag != self.info.etag:
+                raise ObjectChanged(
+                    f"{self.location}: the object changed during the download "
+                    f"(ETag {self.info.etag} became {etag})"
+                )
+            if response.body_bytes != end - start:
+                raise TransientError(
+                    f"{self.location}: body cut short ({response.body_bytes} of {end - start})"
+                )
+            return
+        code, message = _s3_error_fields(response.error_body)
+        error = map_s3_error(code or str(status), status, message or response.reason, self.location, self.info.etag)
+        raise error
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Errors that end a download at once (everything fastpipe raises but transients)."""
+    return isinstance(exc, FastpipeError) and not isinstance(exc, (TransientError, HTTPFault))

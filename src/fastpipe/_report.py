@@ -1,0 +1,90 @@
+"""The report of one processed object, and progress events."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class StageReport:
+    """One stage's outcome: ``status`` is ``passed``, ``failed`` or ``skipped``."""
+
+    name: str
+    kind: str
+    status: str = "skipped"
+    seconds: float = 0.0
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass
+class DownloadReport:
+    """How the bytes were read.
+
+    ``path`` is the data plane that ran: ``raw`` (presigned GETs read by a buffered
+    protocol), ``botocore`` (aiobotocore's response bodies) or ``local`` (a local file).
+    ``bytes`` counts bytes fetched from S3; ``reused_bytes`` those taken from a resumed
+    temp file.
+    """
+
+    seconds: float = 0.0
+    bytes: int = 0
+    parts: int = 0
+    part_size: int = 0
+    concurrency: int = 0
+    retries: int = 0
+    path: str = "raw"
+    reused_bytes: int = 0
+
+
+@dataclass
+class Report:
+    """The outcome of processing one object (see the README for every field)."""
+
+    source: str
+    size: int | None = None
+    etag: str | None = None
+    version_id: str | None = None
+    passed: bool = False
+    failed_stage: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    seconds: float = 0.0
+    dest: str | None = None
+    download: DownloadReport = field(default_factory=DownloadReport)
+    stages: list[StageReport] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """The CLI exit code this outcome maps to (0 passed, 1 a stage failed, ...)."""
+        if self.passed:
+            return 0
+        from . import _exceptions
+
+        cls = getattr(_exceptions, self.error_type or "", None)
+        if isinstance(cls, type) and issubclass(cls, _exceptions.FastpipeError):
+            return cls.exit_code
+        return 1
+
+    def stage(self, name: str) -> StageReport:
+        """The report of the stage called ``name``."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-serialisable data (the CLI's ``--json`` shape)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A progress event: ``phase`` is ``download``, ``stream`` or a file stage's name."""
+
+    bytes_done: int
+    total: int
+    seconds: float
+    eta_seconds: float | None
+    phase: str

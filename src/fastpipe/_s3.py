@@ -1,0 +1,264 @@
+"""The control plane: aiobotocore for credentials, HEAD, presigning and error mapping.
+
+Also the fallback data plane (streaming aiobotocore's response body) for where the raw
+HTTP path cannot serve. botocore is imported lazily: importing it and creating a client is
+the largest fixed cost of a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._config import Config
+from ._exceptions import (
+    AccessDenied,
+    EndpointUnreachable,
+    FastpipeError,
+    IntegrityError,
+    ObjectChanged,
+    ObjectNotFound,
+    SourceError,
+)
+from ._source import S3Location
+
+if TYPE_CHECKING:
+    from .stages._base import ObjectInfo
+
+_MULTIPART_ETAG = re.compile(r"^[0-9a-fA-F]{32}-(\d+)$")
+
+#: S3 error codes that are worth another attempt.
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "Throttling",
+        "ThrottlingException",
+        "500",
+        "502",
+        "503",
+        "504",
+    }
+)
+
+
+class TransientError(FastpipeError):
+    """A fault worth retrying (5xx, SlowDown, reset, timeout, short body). Internal."""
+
+
+class ExpiredURL(FastpipeError):
+    """The presigned URL expired: sign again and retry. Internal."""
+
+
+def map_s3_error(
+    code: str, status: int, message: str, location: S3Location, etag: str | None = None
+) -> FastpipeError:
+    """Map an S3 error (from aiobotocore or a raw response) to fastpipe's hierarchy."""
+    where = str(location)
+    if code in ("NoSuchKey", "NoSuchVersion") or (status == 404 and code in ("404", "NotFound")):
+        return ObjectNotFound(f"{where}: no such key")
+    if code == "NoSuchBucket":
+        return ObjectNotFound(f"{where}: no such bucket {location.bucket!r}")
+    if code in ("PreconditionFailed", "412") or status == 412:
+        return ObjectChanged(
+            f"{where}: the object changed during the download (ETag {etag} no longer matches)"
+        )
+    if code in ("InvalidRange", "416") or status == 416:
+        return ObjectChanged(f"{where}: the object is shorter than when the download started")
+    if status == 403 and "expired" in message.lower():
+        return ExpiredURL(f"{where}: presigned URL expired")
+    if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        detail = "" if code in ("403", "Forbidden") else f" ({code})"
+        return AccessDenied(f"{where}: access denied{detail}")
+    if code in TRANSIENT_CODES or status >= 500 or status == 429:
+        return TransientError(f"{where}: {code or status} {message}".strip())
+    return SourceError(f"{where}: S3 error {code or status}: {message}".strip())
+
+
+def multipart_count(etag: str | None) -> int | None:
+    """The part count of a multipart ETag (``"<md5>-N"``), else None."""
+    if etag:
+        m = _MULTIPART_ETAG.match(etag.strip('"'))
+        if m:
+            return int(m.group(1))
+    return None
+
+
+class S3Control:
+    """One aiobotocore session and S3 client, created on first use and reused."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._exit_stack: contextlib.AsyncExitStack | None = None
+        self._client: Any = None
+
+    async def client(self) -> Any:
+        """The S3 client (created on first call)."""
+        if self._client is None:
+            from aiobotocore.config import AioConfig
+            from aiobotocore.session import get_session
+
+            session = get_session()
+            cfg = self.config
+            region = cfg.region or session.get_config_variable("region") or "us-east-1"
+            aio_config = AioConfig(
+                signature_version="s3v4",
+                connect_timeout=cfg.connect_timeout,
+                read_timeout=cfg.read_timeout,
+                retries={"max_attempts": 3, "mode": "standard"},
+                max_pool_connections=max(10, cfg.max_concurrency),
+            )
+            self._exit_stack = contextlib.AsyncExitStack()
+            self._client = await self._exit_stack.enter_async_context(
+                session.create_client(
+                    "s3",
+                    endpoint_url=cfg.resolved_endpoint(),
+                    region_name=region,
+                    config=aio_config,
+                    verify=cfg.verify_tls,
+                )
+            )
+        return self._client
+
+    async def close(self) -> None:
+        """Close the client and its connection pool."""
+        if self._exit_stack is not None:
+            await self._exit_stack.aclose()
+        self._exit_stack = None
+        self._client = None
+
+    async def _call(self, location: S3Location, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            NoCredentialsError,
+        )
+
+        try:
+            return await fn(**kwargs)
+        except ClientError as exc:
+            err = exc.response.get("Error", {})
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            raise map_s3_error(
+                str(err.get("Code", "")), int(status or 0), str(err.get("Message", "")), location
+            ) from None
+        except (EndpointConnectionError, ConnectTimeoutError) as exc:
+            raise EndpointUnreachable(f"{location}: endpoint unreachable: {exc}") from None
+        except NoCredentialsError:
+            raise AccessDenied(f"{location}: no AWS credentials found") from None
+        except BotoCoreError as exc:
+            raise SourceError(f"{location}: {exc}") from None
+
+    async def head(self, location: S3Location) -> ObjectInfo:
+        """HEAD the object (checksums enabled); for multipart objects also part 1's size."""
+        from ._objectinfo import object_info_from_head
+
+        client = await self.client()
+        params: dict[str, Any] = {
+            "Bucket": location.bucket,
+            "Key": location.key,
+            "ChecksumMode": "ENABLED",
+        }
+        if location.version_id:
+            params["VersionId"] = location.version_id
+        try:
+            head = await self._call(location, client.head_object, **params)
+        except ObjectNotFound:
+            await self._raise_missing_bucket(location)
+            raise
+        part1 = None
+        if multipart_count(head.get("ETag")) or head.get("ChecksumType") == "COMPOSITE":
+            part_params = dict(params, PartNumber=1)
+            if head.get("VersionId"):
+                part_params["VersionId"] = head["VersionId"]
+            with contextlib.suppress(SourceError):
+                part1 = await self._call(location, client.head_object, **part_params)
+        info = object_info_from_head(head, part1, str(location))
+        return dataclasses.replace(info, bucket=location.bucket, key=location.key)
+
+    async def _raise_missing_bucket(self, location: S3Location) -> None:
+        client = await self.client()
+        with contextlib.suppress(AccessDenied, SourceError):
+            await self._call(location, client.head_bucket, Bucket=location.bucket)
+            return
+        raise ObjectNotFound(f"{location}: no such bucket {location.bucket!r}")
+
+    async def presign(self, location: S3Location, version_id: str | None) -> tuple[str, float]:
+        """A presigned GET URL for the object and the monotonic time it should be renewed.
+
+        Range and If-Match travel as plain headers beside it. The URL holds a signature:
+        never print it.
+        """
+        client = await self.client()
+        params: dict[str, Any] = {"Bucket": location.bucket, "Key": location.key}
+        if version_id:
+            params["VersionId"] = version_id
+        expires = self.config.presign_expires
+        url = await self._call(
+            location,
+            client.generate_presigned_url,
+            ClientMethod="get_object",
+            Params=params,
+            ExpiresIn=expires,
+        )
+        # Renew well before expiry so a slow part does not start with a stale signature.
+        return str(url), time.monotonic() + expires * 0.8
+
+    async def stream_range(
+        self,
+        location: S3Location,
+        etag: str | None,
+        version_id: str | None,
+        start: int,
+        end: int,
+        sink: Callable[[memoryview], None],
+        chunk_size: int,
+    ) -> None:
+        """Fallback data plane: GET ``[start, end)`` through aiobotocore, feeding ``sink``."""
+        from aiohttp import ClientError as AioHttpClientError
+        from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
+
+        client = await self.client()
+        params: dict[str, Any] = {
+            "Bucket": location.bucket,
+            "Key": location.key,
+            "Range": f"bytes={start}-{end - 1}",
+        }
+        if etag:
+            params["IfMatch"] = f'"{etag}"'
+        if version_id:
+            params["VersionId"] = version_id
+        try:
+            response = await self._call(location, client.get_object, **params)
+        except ObjectChanged:
+            raise ObjectChanged(
+                f"{location}: the object changed during the download (ETag {etag} no longer matches)"
+            ) from None
+        expected = end - start
+        if int(response.get("ContentLength", -1)) != expected:
+            raise IntegrityError(f"{location}: server sent a different range length than asked")
+        body = response["Body"]
+        received = 0
+        try:
+            async with body:
+                while received < expected:
+                    chunk = await body.read(min(chunk_size, expected - received))
+                    if not chunk:
+                        break
+                    sink(memoryview(chunk))
+                    received += len(chunk)
+        except (AioHttpClientError, ReadTimeoutError, ResponseStreamingError, OSError) as exc:
+            if isinstance(exc, FastpipeError):
+                raise
+            raise TransientError(f"{location}: body read failed: {exc}") from None
+        if received != expected:
+            raise TransientError(f"{location}: body cut short ({received} of {expected} bytes)")

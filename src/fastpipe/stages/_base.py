@@ -1,0 +1,135 @@
+"""The stage interface: stream stages see the bytes in order, file stages the local file.
+
+A stage is a small object with a ``name``. It rejects an object by raising
+:class:`fastpipe.StageFailed` (any other exception is reported as a failure too, with its
+message). Its result is any JSON-serialisable value, usually a dict.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What is known about the object before its first byte is read (from HEAD or stat).
+
+    ``checksums`` maps an algorithm name as S3 spells it (``CRC32``, ``CRC32C``,
+    ``CRC64NVME``, ``SHA1``, ``SHA256``) to the base64 value S3 stored; ``checksum_type`` is
+    ``FULL_OBJECT`` or ``COMPOSITE`` when S3 said so. ``parts_count`` and
+    ``multipart_part_size`` describe a multipart upload (from HEAD ``PartNumber=1``).
+    """
+
+    source: str
+    size: int
+    etag: str | None = None
+    version_id: str | None = None
+    content_type: str | None = None
+    bucket: str | None = None
+    key: str | None = None
+    local_path: str | None = None
+    checksums: dict[str, str] = field(default_factory=dict)
+    checksum_type: str | None = None
+    parts_count: int | None = None
+    multipart_part_size: int | None = None
+
+
+class Stage(ABC):
+    """Common base of stream and file stages."""
+
+    kind: ClassVar[str]
+    #: Name used in reports and ``--stage`` specs.
+    name: str = "stage"
+    #: Seconds the stage may take in all before it fails (None: no limit).
+    timeout: float | None = None
+
+
+class StreamStage(Stage):
+    """A stage fed the object's bytes in order while they arrive.
+
+    ``start(info)`` is called once before the first byte, ``update(view)`` with consecutive
+    views of the object (a view is only valid during the call: copy what you keep), and
+    ``finish()`` once after the last byte; it returns the result. The three run in one
+    worker thread, never on the event loop.
+    """
+
+    kind: ClassVar[str] = "stream"
+
+    def check_info(self, info: ObjectInfo) -> None:  # noqa: B027 - optional hook
+        """Called before any byte is fetched; raise StageFailed to reject from metadata."""
+
+    def start(self, info: ObjectInfo) -> None:  # noqa: B027 - optional hook
+        """Prepare for a new object."""
+
+    @abstractmethod
+    def update(self, view: memoryview) -> None:
+        """Consume the next bytes of the object."""
+
+    @abstractmethod
+    def finish(self) -> Any:
+        """Return the result after the last byte (raise StageFailed to reject)."""
+
+
+class FileStage(Stage):
+    """A stage run on the complete local file, after every stream stage passed.
+
+    ``run`` is called in a worker thread; an ``async def run`` is awaited on the loop.
+    """
+
+    kind: ClassVar[str] = "file"
+
+    def check_info(self, info: ObjectInfo) -> None:  # noqa: B027 - optional hook
+        """Called before any byte is fetched; raise StageFailed to reject from metadata."""
+
+    @abstractmethod
+    def run(self, local: LocalFile) -> Any:
+        """Examine the local file and return the result (raise StageFailed to reject)."""
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """The downloaded (or local source) file as a file stage sees it.
+
+    Memory stays flat in the file's size: map windows with :meth:`window` or
+    :meth:`windows` rather than the whole file at once, since pages touched through a
+    mapping count in the process's RSS.
+    """
+
+    path: str
+    size: int
+    info: ObjectInfo
+
+    @contextmanager
+    def window(self, offset: int, length: int) -> Iterator[memoryview]:
+        """Map ``[offset, offset + length)`` read-only and yield a view of it.
+
+        The view must not outlive the ``with`` block; the mapping is dropped on exit.
+        """
+        length = max(0, min(length, self.size - offset))
+        if length == 0:
+            yield memoryview(b"")
+            return
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            m = mmap.mmap(fd, length + (offset - start), access=mmap.ACCESS_READ, offset=start)
+        finally:
+            os.close(fd)
+        view = memoryview(m)
+        try:
+            yield view[offset - start :]
+        finally:
+            view.release()
+            m.close()
+
+    def windows(self, window_size: int = 32 << 20) -> Iterator[tuple[int, memoryview]]:
+        """Yield ``(offset, view)`` over the whole file, one mapped window at a time."""
+        for offset in range(0, self.size, window_size):
+            with self.window(offset, window_size) as view:
+                yield offset, view

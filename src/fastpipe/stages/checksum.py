@@ -1,0 +1,105 @@
+"""The ``checksum`` stream stage: a digest of the bytes, optionally compared with a value."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Protocol
+
+from .._exceptions import StageFailed, UsageError
+from ._base import ObjectInfo, StreamStage
+from ._registry import Option, register
+
+ALGORITHMS = ("xxh3_64", "xxh3_128", "sha256", "sha1", "md5", "crc32c", "crc32")
+
+
+class _Hasher(Protocol):
+    def update(self, data: memoryview, /) -> object: ...
+    def hexdigest(self) -> str: ...
+
+
+class _Crc32:
+    """zlib.crc32 behind the hashlib interface (zlib releases the GIL on large inputs)."""
+
+    def __init__(self) -> None:
+        self._crc = 0
+
+    def update(self, data: memoryview) -> None:
+        import zlib
+
+        self._crc = zlib.crc32(data, self._crc)
+
+    def hexdigest(self) -> str:
+        return f"{self._crc:08x}"
+
+
+def new_hasher(algorithm: str) -> _Hasher:
+    """Return a fresh hasher for one of :data:`ALGORITHMS`."""
+    if algorithm in ("xxh3_64", "xxh3_128"):
+        import xxhash
+
+        return xxhash.xxh3_64() if algorithm == "xxh3_64" else xxhash.xxh3_128()  # type: ignore[no-any-return]
+    if algorithm in ("sha256", "sha1", "md5"):
+        return hashlib.new(algorithm)
+    if algorithm == "crc32c":
+        import google_crc32c
+
+        return google_crc32c.Checksum()  # type: ignore[no-any-return]
+    if algorithm == "crc32":
+        return _Crc32()
+    raise UsageError(f"unknown checksum algorithm {algorithm!r}; accepted: {', '.join(ALGORITHMS)}")
+
+
+def _hexdigest(hasher: _Hasher) -> str:
+    digest = hasher.hexdigest()
+    return digest.decode() if isinstance(digest, bytes) else digest
+
+
+@register(
+    "checksum",
+    {
+        "algo": Option(str, f"one of {', '.join(ALGORITHMS)} (default xxh3_128)"),
+        "expect": Option(str, "expected hex digest; a mismatch fails the stage"),
+    },
+    "digest of the bytes while they arrive; optional expected value",
+)
+class Checksum(StreamStage):
+    """Digest the object's bytes (xxh3_64, xxh3_128, sha256, sha1, md5, crc32c, crc32).
+
+    With ``expect``, a different digest fails the stage. Result:
+    ``{"algorithm": ..., "hexdigest": ...}`` (plus ``"expected"`` when given).
+    """
+
+    name = "checksum"
+
+    def __init__(self, algo: str = "xxh3_128", expect: str | None = None) -> None:
+        algo = algo.lower().replace("-", "_")
+        if algo not in ALGORITHMS:
+            raise UsageError(
+                f"unknown checksum algorithm {algo!r}; accepted: {', '.join(ALGORITHMS)}"
+            )
+        self.algorithm = algo
+        self.expect = expect.strip().lower() if expect else None
+        if self.expect is not None:
+            try:
+                bytes.fromhex(self.expect)
+            except ValueError:
+                raise UsageError(f"checksum expect is not hex: {expect!r}") from None
+        self._hasher: _Hasher = new_hasher(algo)
+
+    def start(self, info: ObjectInfo) -> None:
+        self._hasher = new_hasher(self.algorithm)
+
+    def update(self, view: memoryview) -> None:
+        self._hasher.update(view)
+
+    def finish(self) -> dict[str, Any]:
+        digest = _hexdigest(self._hasher)
+        result: dict[str, Any] = {"algorithm": self.algorithm, "hexdigest": digest}
+        if self.expect is not None:
+            result["expected"] = self.expect
+            if digest != self.expect:
+                raise StageFailed(
+                    f"{self.algorithm} mismatch: expected {self.expect}, got {digest}",
+                    result=result,
+                )
+        return result

@@ -1,0 +1,74 @@
+"""Shared fixtures: one real SeaweedFS S3 server on loopback for the whole session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from fastpipe._locals3 import LocalS3
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[LocalS3]:
+    """A SeaweedFS server on free loopback ports; its env is exported for the session."""
+    server = LocalS3(extra_identities={"reader-denied": ("denied-secret", ["List"])})
+    server.start()
+    saved = {k: os.environ.get(k) for k in server.client_env()}
+    os.environ.update(server.client_env())
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_server: LocalS3) -> Any:
+    """A plain boto3 client, used by tests to upload (never by the engine)."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name="us-east-1",
+    )
+
+
+@pytest.fixture(scope="session")
+def bucket(s3_client: Any) -> str:
+    name = "fastpipe-tests"
+    s3_client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def put_object(s3_client: Any, bucket: str) -> Any:
+    """Upload bytes under a fresh key; returns the ``s3://`` URI."""
+
+    def put(data: bytes, key: str | None = None, **kwargs: Any) -> str:
+        key = key or f"obj-{uuid.uuid4().hex}"
+        s3_client.put_object(Bucket=bucket, Key=key, Body=data, **kwargs)
+        return f"s3://{bucket}/{key}"
+
+    return put
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="asyncio+uvloop"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """Async tests run on asyncio and on asyncio+uvloop."""
+    return request.param
