@@ -232,9 +232,18 @@ class Engine:
         )
         started = time.perf_counter()
 
+        async def stop_on_cancel() -> None:
+            try:
+                await anyio.sleep_forever()
+            finally:
+                runner.stop()  # a thread cannot be cancelled: ask it to return
+
         async def stream() -> None:
             try:
-                await anyio.to_thread.run_sync(runner.run)
+                async with anyio.create_task_group() as watch:
+                    watch.start_soon(stop_on_cancel)
+                    await anyio.to_thread.run_sync(runner.run)
+                    watch.cancel_scope.cancel()
             finally:
                 if runner.failed:
                     tg.cancel_scope.cancel()  # gating: no more bytes are fetched

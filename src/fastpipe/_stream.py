@@ -105,7 +105,7 @@ class StreamRunner:
                 n = os.preadv(fd, [view[: min(available, self.buffer_size)]], self.position)
                 if n <= 0:
                     raise OSError(f"short read at offset {self.position} of {self.path}")
-                chunk = view[:n]
+                chunk = view[:n].toreadonly()  # stages read, never write
                 for i, stage in enumerate(self.stages):
                     try:
                         self._timed(i, stage.update, chunk)

@@ -13,12 +13,16 @@ from ._base import StreamStage as StreamStage
 from ._registry import builtin_stages as builtin_stages
 from ._registry import parse_spec as parse_spec
 from .checksum import Checksum as Checksum
+from .chunk import Chunk as Chunk
+from .scan import Scan as Scan
 
 __all__ = [
     "Checksum",
+    "Chunk",
     "FileStage",
     "LocalFile",
     "ObjectInfo",
+    "Scan",
     "Stage",
     "StreamStage",
     "builtin_stages",

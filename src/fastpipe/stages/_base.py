@@ -122,11 +122,16 @@ class LocalFile:
         finally:
             os.close(fd)
         view = memoryview(m)
+        window = view[offset - start :].toreadonly()
         try:
-            yield view[offset - start :]
+            yield window
         finally:
+            window.release()
             view.release()
-            m.close()
+            try:
+                m.close()
+            except BufferError:
+                pass  # the caller kept a view of it: the mapping goes with that view
 
     def windows(self, window_size: int = 32 << 20) -> Iterator[tuple[int, memoryview]]:
         """Yield ``(offset, view)`` over the whole file, one mapped window at a time."""

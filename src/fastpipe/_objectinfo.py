@@ -1,0 +1,98 @@
+"""Build :class:`~fastpipe.stages.ObjectInfo` from botocore HEAD responses.
+
+The engine sends ``HeadObject(ChecksumMode="ENABLED")`` for the object and, for a
+multipart object, ``HeadObject(PartNumber=1)`` for the size of its first part: the stages
+that check what S3 stored (``verify``) need both before the first byte arrives.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from .stages._base import ObjectInfo
+
+#: S3 checksum algorithms as HEAD names them (``Checksum<NAME>`` response keys).
+CHECKSUM_ALGORITHMS = ("CRC32", "CRC32C", "CRC64NVME", "SHA1", "SHA256")
+
+_MULTIPART_ETAG = re.compile(r"^[0-9a-fA-F]{32}-(\d+)$")
+
+
+def strip_etag(etag: str | None) -> str | None:
+    """Return an ETag without its quotes (and without a weak ``W/`` prefix)."""
+    if etag is None:
+        return None
+    etag = etag.strip()
+    if etag.startswith("W/"):
+        etag = etag[2:]
+    return etag.strip('"')
+
+
+def parts_from_etag(etag: str | None) -> int | None:
+    """The part count of a multipart ETag (``<md5>-N``), or None for any other shape."""
+    m = _MULTIPART_ETAG.match(etag or "")
+    return int(m.group(1)) if m else None
+
+
+def _split_s3_url(source: str) -> tuple[str | None, str | None]:
+    if not source.startswith("s3://"):
+        return None, None
+    bucket, _, key = source[5:].partition("/")
+    return bucket or None, key or None
+
+
+def object_info_from_head(
+    head: Mapping[str, Any],
+    part1_head: Mapping[str, Any] | None,
+    source: str,
+    *,
+    bucket: str | None = None,
+    key: str | None = None,
+) -> ObjectInfo:
+    """Map a HEAD response (and the HEAD of part 1, when sent) to an :class:`ObjectInfo`.
+
+    ``head`` is the dict botocore returns for ``HeadObject`` (with ``ChecksumMode``
+    enabled, so that ``Checksum*`` keys are present), ``part1_head`` the one for
+    ``HeadObject(PartNumber=1)`` or None. ``bucket`` and ``key`` default to the parts of
+    an ``s3://bucket/key`` source.
+
+    ``parts_count`` comes from ``PartsCount`` (part HEAD first), else from a multipart
+    ETag's ``-N`` suffix; it stays None for a single-part upload. ``multipart_part_size``
+    is the part HEAD's ``ContentLength``, set only for a multipart object (a part HEAD of
+    a single-part object answers with the whole object).
+    """
+    if bucket is None and key is None:
+        bucket, key = _split_s3_url(source)
+    etag = strip_etag(head.get("ETag"))
+    checksums = {
+        name: str(head[f"Checksum{name}"])
+        for name in CHECKSUM_ALGORITHMS
+        if head.get(f"Checksum{name}")
+    }
+    # A part HEAD of a single-part object answers with the whole object (SeaweedFS adds
+    # PartsCount 1): only an ETag "-N" or a count above 1 says the object is multipart.
+    parts_count = parts_from_etag(etag)
+    for response in (part1_head, head):
+        count = int(response.get("PartsCount") or 0) if response is not None else 0
+        if count > 1 or (count == 1 and parts_count is not None):
+            parts_count = count
+            break
+    part_size: int | None = None
+    if part1_head is not None and parts_count is not None:
+        length = part1_head.get("ContentLength")
+        if isinstance(length, int) and length > 0:
+            part_size = length
+    return ObjectInfo(
+        source=source,
+        size=int(head.get("ContentLength", 0)),
+        etag=etag,
+        version_id=head.get("VersionId"),
+        content_type=head.get("ContentType"),
+        bucket=bucket,
+        key=key,
+        checksums=checksums,
+        checksum_type=head.get("ChecksumType"),
+        parts_count=parts_count,
+        multipart_part_size=part_size,
+    )
