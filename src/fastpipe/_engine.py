@@ -22,6 +22,9 @@ import anyio
 from ._config import Config
 from ._exceptions import (
     FastpipeError,
+    IntegrityError,
+    LocalIOError,
+    ObjectChanged,
     ObjectNotFound,
     SourceError,
     StageFailed,
@@ -29,7 +32,7 @@ from ._exceptions import (
     UsageError,
 )
 from ._fetch import Fetcher, proxy_configured
-from ._file import TempFile, Watermark, resolve_dest
+from ._file import Journal, TempFile, Watermark, resolve_dest, resume_paths
 from ._groups import unwrap_groups
 from ._report import Progress, Report, StageReport
 from ._s3 import S3Control
@@ -161,19 +164,47 @@ class Engine:
             endpoint = config.resolved_endpoint() or "https://s3.amazonaws.com"
             plane = "botocore" if proxy_configured(endpoint) else "raw"
         dl = report.download
+        folder = os.path.dirname(dest_path) if dest_path else tempfile.gettempdir()
+        stem = os.path.basename(dest_path) if dest_path else "download"
+        journal: Journal | None = None
+        reuse: set[int] = set()
+        tmp_path: str | None = None
+        if config.resume:
+            if dest_path is None:
+                raise UsageError("resume needs a destination (--dest)")
+            tmp_path, journal_path = resume_paths(dest_path)
+            previous = Journal.load(journal_path)
+            if previous is not None and os.path.exists(tmp_path):
+                part_size, reuse = self._resumable(previous, location, info, part_size)
+            journal = Journal(
+                journal_path, str(location), info.etag, info.version_id, info.size, part_size
+            )
         dl.part_size, dl.concurrency, dl.path = part_size, config.max_concurrency, plane
         watermark = Watermark(info.size, part_size)
         dl.parts = watermark.parts
-        folder = os.path.dirname(dest_path) if dest_path else tempfile.gettempdir()
-        stem = os.path.basename(dest_path) if dest_path else "download"
-        tmp = TempFile(folder, stem, info.size)
+        tmp = TempFile(folder, stem, info.size, path=tmp_path)
+        dl.reused_bytes = watermark.preset(reuse) if reuse else 0
         kept = False
+        keep_for_resume = False
         try:
             fetcher = Fetcher(self._s3, config, location, info, tmp, watermark, plane)
-            ok = await self._stream(stages, info, tmp.path, watermark, report, fetcher, progress)
-            dl.bytes, dl.retries = fetcher.stats.bytes, fetcher.stats.retries
-            if fetcher.stats.finished:
-                dl.seconds = fetcher.stats.finished - fetcher.stats.started
+            try:
+                ok = await self._stream(
+                    stages, info, tmp.path, watermark, report, fetcher, progress, journal
+                )
+            except BaseException as exc:
+                # With --resume a broken or interrupted download keeps what it has; an
+                # object that changed or a local error starts over.
+                keep_for_resume = journal is not None and not isinstance(
+                    exc, (IntegrityError, LocalIOError, UsageError)
+                )
+                raise
+            finally:
+                dl.bytes, dl.retries = fetcher.stats.bytes, fetcher.stats.retries
+                if fetcher.stats.finished:
+                    dl.seconds = fetcher.stats.finished - fetcher.stats.started
+                if journal is not None:
+                    journal.write(watermark.completed_parts())
             tmp.close()
             if not ok:
                 return
@@ -185,8 +216,36 @@ class Engine:
                 report.dest = dest_path
             report.passed = True
         finally:
-            if not kept:
-                tmp.remove()
+            if keep_for_resume:
+                tmp.close()
+            else:
+                if not kept:
+                    tmp.remove()
+                if journal is not None:
+                    journal.remove()
+
+    @staticmethod
+    def _resumable(
+        previous: dict[str, object], location: S3Location, info: ObjectInfo, part_size: int
+    ) -> tuple[int, set[int]]:
+        """The part size and whole parts an earlier run left, or raise if it was another object."""
+        if (
+            previous.get("etag") != info.etag
+            or previous.get("version_id") != info.version_id
+            or previous.get("size") != info.size
+            or previous.get("source") != str(location)
+        ):
+            raise ObjectChanged(
+                f"{location}: refusing to resume: the object changed since the interrupted run "
+                f"(ETag {previous.get('etag')} is now {info.etag}); run without --resume to "
+                "start over"
+            )
+        old_part = previous.get("part_size")
+        done = previous.get("done")
+        if not isinstance(old_part, int) or old_part < 1 or not isinstance(done, list):
+            return part_size, set()
+        parts = -(-info.size // old_part) if info.size else 0
+        return old_part, {i for i in done if isinstance(i, int) and 0 <= i < parts}
 
     # -- phases ---------------------------------------------------------------------------
 
@@ -219,6 +278,7 @@ class Engine:
         report: Report,
         fetcher: Fetcher | None,
         progress: ProgressCallback | None,
+        journal: Journal | None = None,
     ) -> bool:
         """Download (if ``fetcher``) while the stream stages read the prefix. True: passed."""
         indices = [i for i, s in enumerate(stages) if isinstance(s, StreamStage)]
@@ -260,23 +320,33 @@ class Engine:
         async def report_progress() -> None:
             assert progress is not None
             while True:
-                done = fetcher.stats.bytes if fetcher else runner.position
+                done = (
+                    fetcher.stats.bytes + report.download.reused_bytes if fetcher else runner.position
+                )
                 elapsed = time.perf_counter() - started
                 rate = done / elapsed if elapsed > 0 else 0.0
                 eta = (info.size - done) / rate if rate > 0 else None
                 progress(Progress(done, info.size, elapsed, eta, "download" if fetcher else "stream"))
                 await anyio.sleep(0.2)
 
+        async def keep_journal() -> None:
+            assert journal is not None
+            while True:
+                journal.write(watermark.completed_parts())
+                await anyio.sleep(0.5)
+
         with unwrap_groups():
             async with anyio.create_task_group() as outer:
                 if progress is not None:
                     outer.start_soon(report_progress)
+                if journal is not None and fetcher is not None:
+                    outer.start_soon(keep_journal)
                 async with anyio.create_task_group() as tg:
                     if indices:
                         tg.start_soon(stream)
                     if fetcher is not None:
                         await download()
-                outer.cancel_scope.cancel()  # stops the progress task
+                outer.cancel_scope.cancel()  # stops the progress and journal tasks
         if runner.failed:
             assert runner.failed_index is not None and runner.error is not None
             self._record_failure(report, indices[runner.failed_index], runner.error)

@@ -75,6 +75,7 @@ class TempFile:
     """A hidden 0600 temp file, preallocated to the object's size, written with pwrite."""
 
     def __init__(self, folder: str, stem: str, size: int, path: str | None = None) -> None:
+        """Create a fresh temp file in ``folder``, or open ``path`` (a resumed one)."""
         self.size = size
         if path is None:
             fd, path = tempfile.mkstemp(prefix=f".{stem[:64]}.", suffix=TEMP_SUFFIX, dir=folder)
@@ -155,6 +156,30 @@ class Watermark:
         self.closed = False
         self._cond = threading.Condition()
 
+    def completed_parts(self) -> frozenset[int]:
+        """Indices of the parts written in full."""
+        return frozenset(
+            i for i in range(self.parts) if self.done[i] >= self.part_range(i)[1] - self.part_range(i)[0]
+        )
+
+    def preset(self, parts: set[int]) -> int:
+        """Mark whole ``parts`` as already present (a resumed file); return their bytes."""
+        total = 0
+        for index in parts:
+            start, end = self.part_range(index)
+            self.done[index] = end - start
+            total += end - start
+        with self._cond:
+            self._first_open = 0
+            while self._first_open < self.parts:
+                start, end = self.part_range(self._first_open)
+                self.value = start + self.done[self._first_open]
+                if self.value < end:
+                    break
+                self._first_open += 1
+            self._cond.notify_all()
+        return total
+
     def part_range(self, index: int) -> tuple[int, int]:
         """``(start, end)`` byte offsets of part ``index`` (end exclusive)."""
         start = index * self.part_size
@@ -200,3 +225,73 @@ class Watermark:
 def aligned_buffer(size: int) -> mmap.mmap:
     """A page-aligned anonymous buffer (reading into it costs less kernel time)."""
     return mmap.mmap(-1, size)
+
+
+JOURNAL_SUFFIX = ".fastpipe-journal"
+
+
+def resume_paths(dest: str) -> tuple[str, str]:
+    """The fixed temp-file and journal paths that ``--resume`` uses for ``dest``."""
+    folder, name = os.path.split(dest)
+    return (
+        os.path.join(folder, f".{name}{TEMP_SUFFIX}"),
+        os.path.join(folder, f".{name}{JOURNAL_SUFFIX}"),
+    )
+
+
+class Journal:
+    """A small JSON record beside a resumable temp file: which whole parts are written.
+
+    Only parts complete in the file are listed, and the journal is replaced atomically,
+    so after a crash (even SIGKILL) it never claims bytes that are not there. It pins the
+    object (ETag, VersionId, size) and the part size: a resume against anything else is
+    refused.
+    """
+
+    VERSION = 1
+
+    def __init__(self, path: str, source: str, etag: str | None, version_id: str | None,
+                 size: int, part_size: int) -> None:
+        self.path = path
+        self.fields = {
+            "version": self.VERSION,
+            "source": source,
+            "etag": etag,
+            "version_id": version_id,
+            "size": size,
+            "part_size": part_size,
+        }
+        self._written: frozenset[int] = frozenset()
+
+    @staticmethod
+    def load(path: str) -> dict[str, object] | None:
+        """The journal's content, or None when there is none (or it is unreadable)."""
+        import json
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def write(self, done_parts: frozenset[int]) -> None:
+        """Record ``done_parts`` (atomically; skipped when nothing changed)."""
+        import json
+
+        if done_parts == self._written and os.path.exists(self.path):
+            return
+        tmp = self.path + ".new"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(dict(self.fields, done=sorted(done_parts)), f)
+        os.replace(tmp, self.path)
+        self._written = done_parts
+
+    def remove(self) -> None:
+        """Delete the journal (idempotent)."""
+        for path in (self.path, self.path + ".new"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass

@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-plane", choices=["auto", "raw", "botocore"], default="auto")
     run.add_argument("--no-verify-tls", action="store_true", help="do not verify TLS certificates")
     run.add_argument("--force", action="store_true", help="replace an existing destination")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --dest: keep a journal so that an interrupted run continues where it stopped",
+    )
     run.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     run.add_argument("--no-progress", action="store_true")
 
@@ -181,7 +186,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             verify_tls=not args.no_verify_tls,
             data_plane=args.data_plane,
             force=args.force,
+            resume=args.resume,
         )
+        if args.resume and not args.dest:
+            raise UsageError("--resume needs --dest")
     except UsageError as exc:
         print(f"fastpipe: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -14,17 +14,23 @@ from ._registry import builtin_stages as builtin_stages
 from ._registry import parse_spec as parse_spec
 from .checksum import Checksum as Checksum
 from .chunk import Chunk as Chunk
+from .command import Command as Command
+from .limits import Limits as Limits
 from .scan import Scan as Scan
+from .verify import Verify as Verify
 
 __all__ = [
     "Checksum",
     "Chunk",
+    "Command",
     "FileStage",
+    "Limits",
     "LocalFile",
     "ObjectInfo",
     "Scan",
     "Stage",
     "StreamStage",
+    "Verify",
     "builtin_stages",
     "parse_spec",
 ]

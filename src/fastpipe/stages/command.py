@@ -1,0 +1,214 @@
+"""The ``command`` file stage: run an external program on the local file.
+
+The exit status is the verdict. The path is one argument of its own, never parsed by a
+shell, unless the user asks for a shell (then it is quoted for it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from typing import IO, Any
+
+from .._exceptions import StageFailed, StageTimeout, UsageError
+from ._base import FileStage, LocalFile
+from ._registry import Option, register, to_bool, to_size
+
+PLACEHOLDER = "{path}"
+#: Seconds given to the pipes to close once the program has exited.
+_DRAIN_AFTER_EXIT = 2.0
+
+
+class _Tail:
+    """Read a pipe to its end, keeping only its last ``limit`` bytes."""
+
+    def __init__(self, pipe: IO[bytes], limit: int) -> None:
+        self._pipe = pipe
+        self._limit = limit
+        self._data = bytearray()
+        self._thread = threading.Thread(
+            target=self._read, name="fastpipe-command-pipe", daemon=True
+        )
+        self._thread.start()
+
+    def _read(self) -> None:
+        # The pipe is closed here, by its reader, so its descriptor can never be reused
+        # under a read still blocked on it.
+        fd = self._pipe.fileno()
+        try:
+            while True:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return
+                self._data += chunk
+                if len(self._data) > self._limit:
+                    del self._data[: len(self._data) - self._limit]
+        except OSError:
+            return
+        finally:
+            self._pipe.close()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def text(self) -> str:
+        return bytes(self._data).decode("utf-8", errors="replace")
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@register(
+    "command",
+    {
+        "cmd": Option(
+            str, 'program and arguments, {path} for the local file (e.g. "ffprobe {path}")'
+        ),
+        "shell": Option(to_bool, "run cmd through /bin/sh (path shell-quoted); default false"),
+        "timeout": Option(float, "seconds before the program is killed and the stage fails"),
+        "tail": Option(to_size, "bytes of stdout/stderr kept in the result (default 4096)"),
+    },
+    "run an external program on the local file; exit status 0 passes",
+)
+class Command(FileStage):
+    """Run an external program on the local file; exit status 0 passes.
+
+    ``cmd`` is split like a shell would (``shlex``) and ``{path}`` is replaced by the local
+    path inside its argument, so a path with spaces or ``;`` stays one argument; without a
+    ``{path}`` the path is appended as the last argument. With ``shell=True`` the string
+    runs through ``/bin/sh -c``, ``{path}`` is substituted shell-quoted and the path is
+    also the script's ``$1``.
+
+    The program runs in a session of its own; past ``timeout`` seconds its whole process
+    group is killed and the stage fails with :class:`~fastpipe.StageTimeout`. Only the
+    last ``tail`` bytes of stdout and stderr are kept.
+
+    Result: ``{"cmd": [argv...], "returncode", "seconds", "stdout_tail", "stderr_tail"}``.
+    """
+
+    name = "command"
+
+    def __init__(
+        self,
+        cmd: str | list[str],
+        shell: bool = False,
+        timeout: float | None = None,
+        tail: int = 4096,
+    ) -> None:
+        if isinstance(cmd, list):
+            if not cmd:
+                raise UsageError("command cmd is empty")
+            if shell:
+                raise UsageError("command shell=true needs cmd as one string")
+            self.argv_template = list(cmd)
+        else:
+            if not cmd.strip():
+                raise UsageError("command cmd is empty")
+            if not shell:
+                try:
+                    self.argv_template = shlex.split(cmd)
+                except ValueError as exc:
+                    raise UsageError(f"command cmd {cmd!r} does not parse: {exc}") from None
+        self.cmd = cmd
+        self.shell = shell
+        if timeout is not None and timeout <= 0:
+            raise UsageError(f"command timeout must be positive, not {timeout}")
+        # Enforced here, where the process group can be killed; Stage.timeout stays None so
+        # that the engine does not abandon the thread while the program still runs.
+        self.command_timeout = timeout
+        if tail < 0:
+            raise UsageError(f"command tail must not be negative, not {tail}")
+        self.tail = tail
+
+    def argv(self, path: str) -> list[str]:
+        """The argument vector run for a local file at ``path``."""
+        if self.shell:
+            assert isinstance(self.cmd, str)
+            script = self.cmd.replace(PLACEHOLDER, shlex.quote(path))
+            return ["/bin/sh", "-c", script, "fastpipe", path]
+        if not any(PLACEHOLDER in arg for arg in self.argv_template):
+            return [*self.argv_template, path]
+        return [arg.replace(PLACEHOLDER, path) for arg in self.argv_template]
+
+    def run(self, local: LocalFile) -> dict[str, Any]:
+        argv = self.argv(local.path)
+        shown = shlex.join(argv)
+        source = local.info.source
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise StageFailed(
+                f"{source}: command {shown} could not start: {exc.strerror or exc}",
+                result={
+                    "cmd": argv,
+                    "returncode": None,
+                    "seconds": 0.0,
+                    "stdout_tail": "",
+                    "stderr_tail": "",
+                },
+            ) from None
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = _Tail(proc.stdout, self.tail), _Tail(proc.stderr, self.tail)
+        timed_out = False
+        try:
+            proc.wait(timeout=self.command_timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            proc.wait()
+        except BaseException:
+            _kill_group(proc)
+            proc.wait()
+            raise
+        finally:
+            # Background children left in the group may hold the pipes open: give them a
+            # moment, then kill the group rather than wait for them.
+            out.join(_DRAIN_AFTER_EXIT)
+            err.join(_DRAIN_AFTER_EXIT)
+            if out.alive() or err.alive():
+                _kill_group(proc)
+                out.join(_DRAIN_AFTER_EXIT)
+                err.join(_DRAIN_AFTER_EXIT)
+        seconds = round(time.monotonic() - started, 6)
+        result: dict[str, Any] = {
+            "cmd": argv,
+            "returncode": proc.returncode,
+            "seconds": seconds,
+            "stdout_tail": out.text(),
+            "stderr_tail": err.text(),
+        }
+        if timed_out:
+            raise StageTimeout(
+                f"{source}: command {shown} ran past its {self.command_timeout:g} s timeout "
+                f"and was killed",
+                result=result,
+            )
+        if proc.returncode != 0:
+            if proc.returncode < 0:
+                try:
+                    status = f"was killed by {signal.Signals(-proc.returncode).name}"
+                except ValueError:
+                    status = f"was killed by signal {-proc.returncode}"
+            else:
+                status = f"exited with status {proc.returncode}"
+            last = result["stderr_tail"].strip().splitlines()[-1:] or [""]
+            detail = f": {last[0][:200]}" if last[0] else ""
+            raise StageFailed(f"{source}: command {shown} {status}{detail}", result=result)
+        return result

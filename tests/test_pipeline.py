@@ -1,0 +1,264 @@
+"""The three-stage pipeline: gating, file stages, built-ins through the CLI contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import fastpipe
+from fastpipe import Config
+from fastpipe.stages import (
+    Checksum,
+    Chunk,
+    FileStage,
+    Limits,
+    LocalFile,
+    Scan,
+    StreamStage,
+    Verify,
+    parse_spec,
+)
+
+PART = 256 << 10
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fastpipe.cli", *args], capture_output=True, text=True
+    )
+
+
+class Counting(StreamStage):
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def update(self, view: memoryview) -> None:
+        self.bytes += len(view)
+
+    def finish(self) -> int:
+        return self.bytes
+
+
+def test_wrong_expect_fails_early_and_skips_the_rest(
+    s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    size = 128 << 20
+    s3_client.put_object(Bucket=bucket, Key="gate.bin", Body=os.urandom(size))
+    dest = tmp_path / "gate.bin"
+    result = _cli(
+        "run", f"s3://{bucket}/gate.bin", "--dest", str(dest), "--json",
+        "--concurrency", "2", "--part-size", "1MiB",
+        "--stage", "limits:magic=00ff",  # random data: fails on the first bytes
+        "--stage", "checksum",
+        "--stage", "scan",
+        "--stage", "chunk",
+    )
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] is False
+    assert report["failed_stage"] == "limits"
+    assert [s["status"] for s in report["stages"]] == ["failed", "skipped", "skipped", "skipped"]
+    assert "magic" in report["error"]
+    # Gating cancels the download: far fewer bytes than the object were fetched.
+    assert report["download"]["bytes"] < size // 4
+    assert not dest.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checksum_mismatch_exit_1_no_dest(put_object: Any, tmp_path: Path) -> None:
+    uri = put_object(os.urandom(3 * PART))
+    dest = tmp_path / "x.bin"
+    result = _cli(
+        "run", uri, "--dest", str(dest), "--json",
+        "--stage", "checksum:algo=sha256,expect=" + "00" * 32,
+        "--stage", "scan",
+    )
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["failed_stage"] == "checksum"
+    assert report["stages"][0]["status"] == "failed"
+    assert report["stages"][0]["result"]["algorithm"] == "sha256"
+    assert report["stages"][1]["status"] == "skipped"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_limits_reject_before_any_get(put_object: Any) -> None:
+    uri = put_object(os.urandom(4 * PART))
+    counting = Counting()
+    report = fastpipe.run(uri, stages=[Limits(max_size=PART), counting])
+    assert not report.passed
+    assert report.failed_stage == "limits"
+    assert report.download.bytes == 0
+    assert report.download.parts == 0
+    assert counting.bytes == 0
+    assert report.stage("counting").status == "skipped"
+
+
+def test_all_builtins_pass_and_report_json(put_object: Any, tmp_path: Path) -> None:
+    data = b"hello world\n" * 50_000 + os.urandom(PART).replace(b"\n", b"x")
+    uri = put_object(data)
+    manifest = tmp_path / "m.fpcdc"
+    result = _cli(
+        "run", uri, "--json", "--part-size", "128KiB",
+        "--stage", "limits:min_size=1,max_size=1GiB",
+        "--stage", "checksum:algo=sha256",
+        "--stage", "verify:strict=true",
+        "--stage", "scan",
+        "--stage", f"chunk:avg_size=16KiB,threads=2,manifest={manifest}",
+        "--stage", "command:cmd=test -s {path}",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for key in ("source", "size", "etag", "passed", "failed_stage", "error", "seconds", "dest"):
+        assert key in report
+    for key in ("seconds", "bytes", "parts", "part_size", "concurrency", "retries"):
+        assert key in report["download"]
+    assert report["passed"] is True and report["failed_stage"] is None
+    assert [s["name"] for s in report["stages"]] == [
+        "limits", "checksum", "verify", "scan", "chunk", "command",
+    ]
+    assert [s["kind"] for s in report["stages"]] == [
+        "stream", "stream", "stream", "stream", "file", "file",
+    ]
+    assert all(s["status"] == "passed" for s in report["stages"])
+    verify = report["stages"][2]["result"]
+    assert verify["method"] != "unverifiable" and verify["expected"] == verify["actual"]
+    assert report["stages"][3]["result"]["lines"] == 50_000
+    assert report["stages"][4]["result"]["chunks"] >= 1
+    assert manifest.exists()
+
+
+def test_raising_user_stage_is_reported(put_object: Any) -> None:
+    class Broken(StreamStage):
+        name = "broken"
+
+        def update(self, view: memoryview) -> None:
+            raise ZeroDivisionError("user bug")
+
+        def finish(self) -> None:
+            return None
+
+    class BrokenFile(FileStage):
+        name = "broken-file"
+
+        def run(self, local: LocalFile) -> None:
+            raise RuntimeError("file stage bug")
+
+    uri = put_object(os.urandom(PART))
+    report = fastpipe.run(uri, stages=[Broken(), Checksum()])
+    assert report.failed_stage == "broken"
+    assert report.stage("broken").error == "ZeroDivisionError: user bug"
+    assert report.stage("checksum").status == "skipped"
+    report = fastpipe.run(uri, stages=[Checksum(), BrokenFile(), Chunk()])
+    assert report.failed_stage == "broken-file"
+    assert report.stage("checksum").status == "passed"
+    assert report.stage("chunk").status == "skipped"
+    assert "file stage bug" in (report.error or "")
+
+
+def test_file_stages_wait_for_stream_stages(put_object: Any) -> None:
+    order: list[str] = []
+
+    class Stream(StreamStage):
+        name = "s"
+
+        def update(self, view: memoryview) -> None:
+            pass
+
+        def finish(self) -> None:
+            order.append("stream-finished")
+
+    class File(FileStage):
+        name = "f"
+
+        def run(self, local: LocalFile) -> int:
+            order.append("file")
+            return local.size
+
+    class AsyncFile(FileStage):
+        name = "af"
+
+        async def run(self, local: LocalFile) -> str:  # type: ignore[override]
+            order.append("async-file")
+            return "ok"
+
+    report = fastpipe.run(put_object(os.urandom(PART)), stages=[File(), Stream(), AsyncFile()])
+    assert report.passed
+    assert order == ["stream-finished", "file", "async-file"]
+    assert report.stage("af").result == "ok"
+
+
+def test_stage_timeout_fails_the_stage(put_object: Any) -> None:
+    class Sleepy(FileStage):
+        name = "sleepy"
+        timeout = 0.2
+
+        def run(self, local: LocalFile) -> None:
+            import time
+
+            time.sleep(2)
+
+    report = fastpipe.run(put_object(b"x"), stages=[Sleepy(), Checksum()])
+    assert report.failed_stage == "sleepy"
+    assert "timeout" in (report.stage("sleepy").error or "")
+    assert report.exit_code == 1
+
+
+def test_verify_detects_altered_expected(s3_client: Any, bucket: str, tmp_path: Path) -> None:
+    from boto3.s3.transfer import TransferConfig
+
+    src = tmp_path / "mp.bin"
+    src.write_bytes(os.urandom((5 << 20) * 3 + 12345))
+    s3_client.upload_file(
+        str(src), bucket, "mp.bin",
+        Config=TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20),
+    )
+    uri = f"s3://{bucket}/mp.bin"
+    report = fastpipe.run(uri, stages=[Verify(strict=True)])
+    assert report.passed, report.error
+    good = report.stage("verify").result
+    report = fastpipe.run(uri, stages=[Verify(expected="AAAAAA==-4")])
+    assert not report.passed
+    assert report.failed_stage == "verify"
+    assert good["method"] != "unverifiable"
+
+
+def test_unknown_stage_and_option_are_usage_errors() -> None:
+    result = _cli("run", "s3://bucket/key", "--stage", "nope")
+    assert result.returncode == 2
+    assert "unknown stage 'nope'" in result.stderr and "checksum" in result.stderr
+    result = _cli("run", "s3://bucket/key", "--stage", "checksum:colour=red")
+    assert result.returncode == 2
+    assert "colour" in result.stderr and "algo" in result.stderr
+
+
+def test_stages_command_lists_builtins() -> None:
+    result = _cli("stages")
+    assert result.returncode == 0
+    for name in ("checksum", "limits", "verify", "scan", "chunk", "command"):
+        assert f"{name} (" in result.stdout
+
+
+def test_spec_parsing_quotes_and_sizes() -> None:
+    stage = parse_spec('command:cmd="sh -c \'exit 0\' {path}",timeout=5')
+    assert stage.name == "command"
+    chunk = parse_spec("chunk:avg_size=64KiB,threads=2")
+    assert isinstance(chunk, Chunk)
+    assert isinstance(parse_spec("scan:max_run=100"), Scan)
+    with pytest.raises(fastpipe.UsageError):
+        parse_spec("chunk:avg_size=lots")
+
+
+def test_concurrency_recorded(put_object: Any) -> None:
+    report = fastpipe.run(
+        put_object(os.urandom(PART * 4)), config=Config(part_size=PART, max_concurrency=3)
+    )
+    assert report.download.concurrency == 3 and report.download.parts == 4
