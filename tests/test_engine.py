@@ -80,7 +80,9 @@ def test_stream_stages_run_off_the_event_loop(put_object: Any) -> None:
     assert ordered.thread is not None and ordered.thread != threading.get_ident()
 
 
-@pytest.mark.parametrize("algo", ["xxh3_64", "xxh3_128", "sha256", "sha1", "md5", "crc32c", "crc32"])
+@pytest.mark.parametrize(
+    "algo", ["xxh3_64", "xxh3_128", "sha256", "sha1", "md5", "crc32c", "crc32"]
+)
 def test_checksum_algorithms(put_object: Any, algo: str) -> None:
     import zlib
 

@@ -54,12 +54,23 @@ def test_wrong_expect_fails_early_and_skips_the_rest(
     s3_client.put_object(Bucket=bucket, Key="gate.bin", Body=os.urandom(size))
     dest = tmp_path / "gate.bin"
     result = _cli(
-        "run", f"s3://{bucket}/gate.bin", "--dest", str(dest), "--json",
-        "--concurrency", "2", "--part-size", "1MiB",
-        "--stage", "limits:magic=00ff",  # random data: fails on the first bytes
-        "--stage", "checksum",
-        "--stage", "scan",
-        "--stage", "chunk",
+        "run",
+        f"s3://{bucket}/gate.bin",
+        "--dest",
+        str(dest),
+        "--json",
+        "--concurrency",
+        "2",
+        "--part-size",
+        "1MiB",
+        "--stage",
+        "limits:magic=00ff",  # random data: fails on the first bytes
+        "--stage",
+        "checksum",
+        "--stage",
+        "scan",
+        "--stage",
+        "chunk",
     )
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)
@@ -77,9 +88,15 @@ def test_checksum_mismatch_exit_1_no_dest(put_object: Any, tmp_path: Path) -> No
     uri = put_object(os.urandom(3 * PART))
     dest = tmp_path / "x.bin"
     result = _cli(
-        "run", uri, "--dest", str(dest), "--json",
-        "--stage", "checksum:algo=sha256,expect=" + "00" * 32,
-        "--stage", "scan",
+        "run",
+        uri,
+        "--dest",
+        str(dest),
+        "--json",
+        "--stage",
+        "checksum:algo=sha256,expect=" + "00" * 32,
+        "--stage",
+        "scan",
     )
     assert result.returncode == 1
     report = json.loads(result.stdout)
@@ -107,13 +124,23 @@ def test_all_builtins_pass_and_report_json(put_object: Any, tmp_path: Path) -> N
     uri = put_object(data)
     manifest = tmp_path / "m.fpcdc"
     result = _cli(
-        "run", uri, "--json", "--part-size", "128KiB",
-        "--stage", "limits:min_size=1,max_size=1GiB",
-        "--stage", "checksum:algo=sha256",
-        "--stage", "verify:strict=true",
-        "--stage", "scan",
-        "--stage", f"chunk:avg_size=16KiB,threads=2,manifest={manifest}",
-        "--stage", "command:cmd=test -s {path}",
+        "run",
+        uri,
+        "--json",
+        "--part-size",
+        "128KiB",
+        "--stage",
+        "limits:min_size=1,max_size=1GiB",
+        "--stage",
+        "checksum:algo=sha256",
+        "--stage",
+        "verify:strict=true",
+        "--stage",
+        "scan",
+        "--stage",
+        f"chunk:avg_size=16KiB,threads=2,manifest={manifest}",
+        "--stage",
+        "command:cmd=test -s {path}",
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -123,10 +150,20 @@ def test_all_builtins_pass_and_report_json(put_object: Any, tmp_path: Path) -> N
         assert key in report["download"]
     assert report["passed"] is True and report["failed_stage"] is None
     assert [s["name"] for s in report["stages"]] == [
-        "limits", "checksum", "verify", "scan", "chunk", "command",
+        "limits",
+        "checksum",
+        "verify",
+        "scan",
+        "chunk",
+        "command",
     ]
     assert [s["kind"] for s in report["stages"]] == [
-        "stream", "stream", "stream", "stream", "file", "file",
+        "stream",
+        "stream",
+        "stream",
+        "stream",
+        "file",
+        "file",
     ]
     assert all(s["status"] == "passed" for s in report["stages"])
     verify = report["stages"][2]["result"]
@@ -218,7 +255,9 @@ def test_verify_detects_altered_expected(s3_client: Any, bucket: str, tmp_path: 
     src = tmp_path / "mp.bin"
     src.write_bytes(os.urandom((5 << 20) * 3 + 12345))
     s3_client.upload_file(
-        str(src), bucket, "mp.bin",
+        str(src),
+        bucket,
+        "mp.bin",
         Config=TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20),
     )
     uri = f"s3://{bucket}/mp.bin"
@@ -248,7 +287,7 @@ def test_stages_command_lists_builtins() -> None:
 
 
 def test_spec_parsing_quotes_and_sizes() -> None:
-    stage = parse_spec('command:cmd="sh -c \'exit 0\' {path}",timeout=5')
+    stage = parse_spec("command:cmd=\"sh -c 'exit 0' {path}\",timeout=5")
     assert stage.name == "command"
     chunk = parse_spec("chunk:avg_size=64KiB,threads=2")
     assert isinstance(chunk, Chunk)

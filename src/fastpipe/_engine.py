@@ -102,7 +102,9 @@ class Engine:
         try:
             if isinstance(location, LocalLocation):
                 if dest is not None:
-                    raise UsageError("dest applies to S3 sources; a local file is processed in place")
+                    raise UsageError(
+                        "dest applies to S3 sources; a local file is processed in place"
+                    )
                 await self._process_local(location, stage_list, report, progress)
             else:
                 await self._process_s3(location, stage_list, dest, report, progress)
@@ -321,12 +323,16 @@ class Engine:
             assert progress is not None
             while True:
                 done = (
-                    fetcher.stats.bytes + report.download.reused_bytes if fetcher else runner.position
+                    fetcher.stats.bytes + report.download.reused_bytes
+                    if fetcher
+                    else runner.position
                 )
                 elapsed = time.perf_counter() - started
                 rate = done / elapsed if elapsed > 0 else 0.0
                 eta = (info.size - done) / rate if rate > 0 else None
-                progress(Progress(done, info.size, elapsed, eta, "download" if fetcher else "stream"))
+                progress(
+                    Progress(done, info.size, elapsed, eta, "download" if fetcher else "stream")
+                )
                 await anyio.sleep(0.2)
 
         async def keep_journal() -> None:

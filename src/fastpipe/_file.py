@@ -15,7 +15,6 @@ import re
 import tempfile
 import threading
 import unicodedata
-from dataclasses import dataclass
 
 from ._exceptions import DestinationError, LocalIOError
 
@@ -159,7 +158,9 @@ class Watermark:
     def completed_parts(self) -> frozenset[int]:
         """Indices of the parts written in full."""
         return frozenset(
-            i for i in range(self.parts) if self.done[i] >= self.part_range(i)[1] - self.part_range(i)[0]
+            i
+            for i in range(self.parts)
+            if self.done[i] >= self.part_range(i)[1] - self.part_range(i)[0]
         )
 
     def preset(self, parts: set[int]) -> int:
@@ -250,8 +251,15 @@ class Journal:
 
     VERSION = 1
 
-    def __init__(self, path: str, source: str, etag: str | None, version_id: str | None,
-                 size: int, part_size: int) -> None:
+    def __init__(
+        self,
+        path: str,
+        source: str,
+        etag: str | None,
+        version_id: str | None,
+        size: int,
+        part_size: int,
+    ) -> None:
         self.path = path
         self.fields = {
             "version": self.VERSION,

@@ -170,10 +170,10 @@ def _print_report(report: Report, as_json: bool) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import anyio
+
     from ._engine import process, run_async
     from .stages import parse_spec
-
-    import anyio
 
     try:
         stages = [parse_spec(spec) for spec in (args.stage or ["checksum"])]
@@ -221,18 +221,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     if "signal" in outcome:
-        print("fastpipe: interrupted; nothing was kept", file=sys.stderr)
+        print("fastpipe: interrupted", file=sys.stderr)
         return EXIT_SIGINT if outcome["signal"] == signal.SIGINT else EXIT_SIGTERM
     if "error" in outcome:
-        exc = outcome["error"]
-        report = getattr(exc, "report", None) or Report(
-            source=args.source, error=str(exc), error_type=type(exc).__name__
+        error: FastpipeError = outcome["error"]
+        failed: Report = getattr(error, "report", None) or Report(
+            source=args.source, error=str(error), error_type=type(error).__name__
         )
         if args.json:
-            _print_report(report, True)
-        print(f"fastpipe: error: {exc}", file=sys.stderr)
-        return int(exc.exit_code)
-    report = outcome["report"]
+            _print_report(failed, True)
+        print(f"fastpipe: error: {error}", file=sys.stderr)
+        return error.exit_code
+    report: Report = outcome["report"]
     _print_report(report, args.json)
     if not report.passed and not args.json:
         print(f"fastpipe: {report.error}", file=sys.stderr)

@@ -52,7 +52,7 @@ def new_hasher(algorithm: str) -> _Hasher:
     if algorithm in ("xxh3_64", "xxh3_128"):
         import xxhash
 
-        return xxhash.xxh3_64() if algorithm == "xxh3_64" else xxhash.xxh3_128()  # type: ignore[no-any-return]
+        return xxhash.xxh3_64() if algorithm == "xxh3_64" else xxhash.xxh3_128()
     if algorithm in ("sha256", "sha1", "md5"):
         return hashlib.new(algorithm)
     if algorithm == "crc32c":
