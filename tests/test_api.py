@@ -1,0 +1,145 @@
+"""The public face: exports, errors, configuration, parsing. No server needed."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+import fastpipe
+import fastpipe.stages
+from fastpipe import Config, FastpipeError, UsageError, parse_size
+from fastpipe._file import TempFile, Watermark
+from fastpipe._source import LocalLocation, S3Location, parse_source
+
+
+@pytest.mark.parametrize("module", ["fastpipe", "fastpipe.stages"])
+def test_every_exported_name_imports(module: str) -> None:
+    mod = importlib.import_module(module)
+    for name in mod.__all__:
+        assert getattr(mod, name) is not None, name
+
+
+def test_py_typed_ships() -> None:
+    assert (Path(fastpipe.__file__).parent / "py.typed").exists()
+
+
+def test_errors_form_one_hierarchy() -> None:
+    errors = [
+        getattr(fastpipe, name)
+        for name in fastpipe.__all__
+        if isinstance(getattr(fastpipe, name), type)
+        and issubclass(getattr(fastpipe, name), BaseException)
+    ]
+    assert len(errors) >= 10
+    assert all(issubclass(e, FastpipeError) for e in errors)
+    assert issubclass(fastpipe.ObjectNotFound, FileNotFoundError)
+    assert issubclass(fastpipe.AccessDenied, PermissionError)
+    assert issubclass(fastpipe.StageTimeout, TimeoutError)
+    assert issubclass(fastpipe.UsageError, ValueError)
+    codes = {
+        fastpipe.StageFailed: 1,
+        fastpipe.UsageError: 2,
+        fastpipe.DestinationError: 2,
+        fastpipe.ObjectNotFound: 3,
+        fastpipe.RetriesExhausted: 3,
+        fastpipe.ObjectChanged: 4,
+        fastpipe.LocalIOError: 5,
+    }
+    for cls, code in codes.items():
+        assert cls.exit_code == code
+    last = OSError("reset")
+    assert fastpipe.RetriesExhausted("x", last).last_error is last
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("8MiB", 8 << 20),
+        ("512KiB", 512 << 10),
+        ("1GiB", 1 << 30),
+        ("4096", 4096),
+        ("1.5KiB", 1536),
+        ("64KB", 64 << 10),
+        ("0", 0),
+        ("7B", 7),
+    ],
+)
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "abc", "-1", "1.3B", "8 parsecs", "1.0000001KiB"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"part_size": 0},
+        {"max_concurrency": 0},
+        {"max_attempts": 0},
+        {"data_plane": "carrier-pigeon"},
+        {"receive_buffer": 10},
+        {"read_timeout": 0},
+    ],
+)
+def test_config_validates_itself(kwargs: dict[str, object]) -> None:
+    with pytest.raises(UsageError):
+        Config(**kwargs)  # type: ignore[arg-type]
+
+
+def test_config_is_frozen() -> None:
+    config = Config()
+    with pytest.raises(AttributeError):
+        config.part_size = 1  # type: ignore[misc]
+
+
+def test_parse_source() -> None:
+    assert parse_source("s3://bucket/a/b.bin") == S3Location("bucket", "a/b.bin")
+    assert parse_source("s3://bucket/k?versionId=v1") == S3Location("bucket", "k", "v1")
+    assert parse_source("/tmp/x") == LocalLocation("/tmp/x")
+    assert parse_source(Path("rel")) == LocalLocation("rel")
+    for bad in ("s3:/x", "s3://", "s3://bucket", "s3://bucket/", "s3:///key", "gs://b/k", ""):
+        with pytest.raises(UsageError):
+            parse_source(bad)
+
+
+def test_temp_file_is_private_and_removed(tmp_path: Path) -> None:
+    tmp = TempFile(str(tmp_path), "name", 1000)
+    assert stat.S_IMODE(os.stat(tmp.path).st_mode) == 0o600
+    assert os.path.getsize(tmp.path) == 1000
+    tmp.pwrite(memoryview(b"abc"), 10)
+    tmp.remove()
+    tmp.remove()  # idempotent
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_watermark_advances_only_over_contiguous_parts() -> None:
+    wm = Watermark(size=10, part_size=4)  # parts [0,4) [4,8) [8,10)
+    assert wm.parts == 3
+    wm.advance(1, 4)
+    assert wm.value == 0
+    wm.advance(0, 3)
+    assert wm.value == 3
+    wm.advance(0, 1)
+    assert wm.value == 8  # part 0 complete, part 1 already was
+    wm.advance(2, 2)
+    assert wm.value == 10
+    assert wm.completed_parts() == frozenset({0, 1, 2})
+    fresh = Watermark(size=10, part_size=4)
+    assert fresh.preset({0, 2}) == 6 and fresh.value == 4
+
+
+def test_stage_names_are_unique_and_documented() -> None:
+    builtins = fastpipe.stages.builtin_stages()
+    assert set(builtins) >= {"checksum", "limits", "verify", "scan", "chunk", "command"}
+    for name, (cls, options, summary) in builtins.items():
+        assert cls.name == name
+        assert cls.__doc__ and summary
+        assert all(option.help for option in options.values())
