@@ -19,6 +19,7 @@ import anyio
 
 from ._config import Config
 from ._exceptions import (
+    AccessDenied,
     FastpipeError,
     IntegrityError,
     LocalIOError,
@@ -49,7 +50,7 @@ def proxy_configured(endpoint: str) -> bool:
     proxies = urllib.request.getproxies_environment()
     if parts.scheme not in proxies:
         return False
-    return not urllib.request.proxy_bypass_environment(parts.hostname or "")
+    return not urllib.request.proxy_bypass_environment(parts.hostname or "")  # type: ignore[attr-defined]
 
 
 def _s3_error_fields(body: bytes) -> tuple[str, str]:
@@ -172,7 +173,11 @@ class Fetcher:
                 expired_retries += 1
                 attempts -= 1
                 if expired_retries > 3:
-                    raise
+                    # Fresh signatures keep being refused as expired: a clock far off.
+                    raise AccessDenied(
+                        f"{self.location}: presigned requests keep expiring "
+                        "(is the system clock right?)"
+                    ) from None
                 await self._signed_url(renew=True)
                 continue
             except (TransientError, HTTPFault) as exc:
@@ -247,7 +252,9 @@ class Fetcher:
                 )
             return
         code, message = _s3_error_fields(response.error_body)
-        error = map_s3_error(code or str(status), status, message or response.reason, self.location, self.info.etag)
+        error = map_s3_error(
+            code or str(status), status, message or response.reason, self.location, self.info.etag
+        )
         raise error
 
 

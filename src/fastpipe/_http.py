@@ -90,7 +90,12 @@ class _ResponseProtocol(asyncio.BufferedProtocol):
                 req.future.set_result(req.response)
             else:
                 why = f": {exc}" if exc else ""
-                req.future.set_exception(HTTPFault(f"connection closed mid-response{why}"))
+                fault: BaseException = HTTPFault(f"connection closed mid-response{why}")
+                try:
+                    self.salvage()
+                except Exception as sink_error:  # the sink's LocalIOError
+                    fault = sink_error
+                req.future.set_exception(fault)
         self._request = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -124,6 +129,19 @@ class _ResponseProtocol(asyncio.BufferedProtocol):
         self._request = req
         return req.future
 
+    def salvage(self) -> None:
+        """Hand the body bytes received so far to the sink (before giving up on a response).
+
+        They are a correct prefix of the range, so a retry resumes after them instead of
+        fetching them again.
+        """
+        req = self._request
+        if req is None or req.response is None or not 200 <= req.response.status < 300:
+            return
+        if self._fill:
+            fill, self._fill = self._fill, 0
+            self._deliver(req, self._view[:fill])
+
     def _fail(self, exc: BaseException) -> None:
         req = self._request
         if req is not None and not req.future.done():
@@ -151,7 +169,9 @@ class _ResponseProtocol(asyncio.BufferedProtocol):
                 headers[name.strip().lower()] = value.strip()
         status = int(parts[1])
         keep_alive = headers.get("connection", "").lower() != "close" and parts[0] != "HTTP/1.0"
-        req.response = Response(status, parts[2] if len(parts) > 2 else "", headers, b"", 0, keep_alive)
+        req.response = Response(
+            status, parts[2] if len(parts) > 2 else "", headers, b"", 0, keep_alive
+        )
         req.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         if "content-length" in headers:
             req.body_length = int(headers["content-length"])
@@ -243,7 +263,9 @@ class RawConnection:
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         default_port = 443 if parts.scheme == "https" else 80
-        self.host_header = parts.netloc.rpartition("@")[2] if parts.port != default_port else self.host
+        self.host_header = (
+            parts.netloc.rpartition("@")[2] if parts.port != default_port else self.host
+        )
         self.buffer_size = buffer_size
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -296,7 +318,10 @@ class RawConnection:
                 if done:
                     break
                 if protocol.activity == seen:
-                    raise HTTPFault(f"no data from {self.host}:{self.port} for {self.read_timeout}s")
+                    protocol.salvage()
+                    raise HTTPFault(
+                        f"no data from {self.host}:{self.port} for {self.read_timeout}s"
+                    )
             response = future.result()
             return response
         finally:

@@ -97,62 +97,103 @@ class S3Control:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._exit_stack: contextlib.AsyncExitStack | None = None
+        self._session: Any = None
         self._client: Any = None
+        self._data_client: Any = None
 
     async def client(self) -> Any:
-        """The S3 client (created on first call)."""
+        """The S3 client (created on first call); botocore retries its calls."""
         if self._client is None:
-            from aiobotocore.config import AioConfig
-            from aiobotocore.session import get_session
-
-            session = get_session()
-            cfg = self.config
-            region = cfg.region or session.get_config_variable("region") or "us-east-1"
-            aio_config = AioConfig(
-                signature_version="s3v4",
-                connect_timeout=cfg.connect_timeout,
-                read_timeout=cfg.read_timeout,
-                retries={"max_attempts": 3, "mode": "standard"},
-                max_pool_connections=max(10, cfg.max_concurrency),
-            )
-            self._exit_stack = contextlib.AsyncExitStack()
-            self._client = await self._exit_stack.enter_async_context(
-                session.create_client(
-                    "s3",
-                    endpoint_url=cfg.resolved_endpoint(),
-                    region_name=region,
-                    config=aio_config,
-                    verify=cfg.verify_tls,
-                )
-            )
+            self._client = await self._create_client({"max_attempts": 3, "mode": "standard"})
         return self._client
 
+    async def data_client(self) -> Any:
+        """The client of the fallback data plane: botocore does not retry its GETs.
+
+        The fetchers retry (and resume) each part themselves, bounded by
+        ``Config.max_attempts`` and counted in the report; retries inside botocore would
+        multiply that bound and hide the faults.
+        """
+        if self._data_client is None:
+            self._data_client = await self._create_client(
+                {"total_max_attempts": 1, "mode": "standard"}
+            )
+        return self._data_client
+
+    async def _create_client(self, retries: dict[str, Any]) -> Any:
+        from aiobotocore.config import AioConfig
+        from aiobotocore.session import get_session
+
+        if self._session is None:
+            self._session = get_session()
+        session = self._session
+        cfg = self.config
+        region = cfg.region or session.get_config_variable("region") or "us-east-1"
+        aio_config = AioConfig(
+            signature_version="s3v4",
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.read_timeout,
+            retries=retries,
+            max_pool_connections=max(10, cfg.max_concurrency),
+        )
+        if self._exit_stack is None:
+            self._exit_stack = contextlib.AsyncExitStack()
+        return await self._exit_stack.enter_async_context(
+            session.create_client(
+                "s3",
+                endpoint_url=cfg.resolved_endpoint(),
+                region_name=region,
+                config=aio_config,
+                verify=cfg.verify_tls,
+            )
+        )
+
     async def close(self) -> None:
-        """Close the client and its connection pool."""
+        """Close the clients and their connection pools."""
         if self._exit_stack is not None:
             await self._exit_stack.aclose()
         self._exit_stack = None
-        self._client = None
+        self._client = self._data_client = None
 
-    async def _call(self, location: S3Location, fn: Callable[..., Any], **kwargs: Any) -> Any:
+    async def _call(
+        self,
+        location: S3Location,
+        fn: Callable[..., Any],
+        *,
+        network_transient: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Call ``fn`` and map botocore's errors; with ``network_transient`` a broken or
+        timed-out connection is a :class:`TransientError` (the caller retries)."""
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
+            ConnectionClosedError,
             ConnectTimeoutError,
             EndpointConnectionError,
             NoCredentialsError,
+            ReadTimeoutError,
         )
 
         try:
             return await fn(**kwargs)
+        except (
+            ConnectionClosedError,
+            ReadTimeoutError,
+            EndpointConnectionError,
+            ConnectTimeoutError,
+        ) as exc:
+            if network_transient:
+                raise TransientError(f"{location}: {exc}") from None
+            if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
+                raise EndpointUnreachable(f"{location}: endpoint unreachable: {exc}") from None
+            raise SourceError(f"{location}: {exc}") from None
         except ClientError as exc:
             err = exc.response.get("Error", {})
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             raise map_s3_error(
                 str(err.get("Code", "")), int(status or 0), str(err.get("Message", "")), location
             ) from None
-        except (EndpointConnectionError, ConnectTimeoutError) as exc:
-            raise EndpointUnreachable(f"{location}: endpoint unreachable: {exc}") from None
         except NoCredentialsError:
             raise AccessDenied(f"{location}: no AWS credentials found") from None
         except BotoCoreError as exc:
@@ -227,7 +268,7 @@ class S3Control:
         from aiohttp import ClientError as AioHttpClientError
         from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
 
-        client = await self.client()
+        client = await self.data_client()
         params: dict[str, Any] = {
             "Bucket": location.bucket,
             "Key": location.key,
@@ -238,18 +279,29 @@ class S3Control:
         if version_id:
             params["VersionId"] = version_id
         try:
-            response = await self._call(location, client.get_object, **params)
+            response = await self._call(
+                location, client.get_object, network_transient=True, **params
+            )
         except ObjectChanged:
             raise ObjectChanged(
-                f"{location}: the object changed during the download (ETag {etag} no longer matches)"
+                f"{location}: the object changed during the download "
+                f"(ETag {etag} no longer matches)"
             ) from None
         expected = end - start
-        if int(response.get("ContentLength", -1)) != expected:
-            raise IntegrityError(f"{location}: server sent a different range length than asked")
         body = response["Body"]
         received = 0
         try:
             async with body:
+                if int(response.get("ContentLength", -1)) != expected:
+                    raise IntegrityError(
+                        f"{location}: server sent a different range length than asked"
+                    )
+                got = str(response.get("ETag", "")).strip('"')
+                if etag and got and got != etag:
+                    raise ObjectChanged(
+                        f"{location}: the object changed during the download "
+                        f"(ETag {etag} became {got})"
+                    )
                 while received < expected:
                     chunk = await body.read(min(chunk_size, expected - received))
                     if not chunk:

@@ -1,0 +1,409 @@
+"""A fault-injecting HTTP/1.1 proxy on loopback, placed between fastpipe and SeaweedFS.
+
+It works at the TCP level: requests are parsed only far enough to decide on a fault
+(method, target, headers, Content-Length body) and are otherwise piped unchanged, Host
+header included, so that presigned URLs signed for the proxy's ``host:port`` verify
+upstream. Responses are framed (Content-Length, chunked, or until close) so that one
+client connection may carry many keep-alive requests.
+
+A test gives a ``plan``: ``plan(n, request) -> Fault | None`` is asked once per GET
+(``n`` counts GETs from 0). Every GET is logged with its Range; every fault injected is
+counted. The proxy runs its own event loop in a background thread; ``stop()`` ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import struct
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+_S3_ERROR = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n'
+    "<Error><Code>{code}</Code><Message>{message}</Message>"
+    "<Resource>{resource}</Resource><RequestId>faultproxy</RequestId></Error>"
+)
+_REASONS = {500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What to do to one GET.
+
+    ``kind``:
+      - ``"reset"``: forward the head and ``after_bytes`` body bytes, then reset the
+        connection (RST) once those bytes have left;
+      - ``"close"``: the same with an orderly close (FIN) instead of a reset;
+      - ``"stall"``: forward the head and ``after_bytes`` body bytes, then send nothing
+        more (the connection stays open until the client gives up or the proxy stops);
+      - ``"error"``: answer ``status`` with an S3 XML error ``code`` without asking upstream;
+      - ``"hold"``: forward nothing until :meth:`FaultProxy.release` is called.
+    """
+
+    kind: str
+    after_bytes: int = 0
+    status: int = 503
+    code: str = "SlowDown"
+
+
+def slow_down() -> Fault:
+    return Fault("error", status=503, code="SlowDown")
+
+
+def internal_error() -> Fault:
+    return Fault("error", status=500, code="InternalError")
+
+
+@dataclass
+class Request:
+    """One request seen by the proxy (GETs carry their parsed Range)."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+    range: tuple[int, int] | None = None  # (first, last) byte, inclusive
+    fault: Fault | None = None  # what the plan asked for
+    applied: bool = False  # the fault really happened (a cut needs a longer body)
+
+
+Plan = Callable[[int, Request], "Fault | None"]
+
+
+def every(k: int, fault: Callable[[], Fault] | Fault, offset: int = 0) -> Plan:
+    """Fault every ``k``-th GET (GET numbers ``offset``, ``offset + k``, ...)."""
+
+    def plan(n: int, request: Request) -> Fault | None:
+        if n >= offset and (n - offset) % k == 0:
+            return fault() if callable(fault) else fault
+        return None
+
+    return plan
+
+
+def share(fraction: float, faults: list[Fault], seed: int = 0) -> Plan:
+    """Fault a seeded-random ``fraction`` of GETs, cycling through ``faults``."""
+    rng = random.Random(seed)
+    used = [0]
+
+    def plan(n: int, request: Request) -> Fault | None:
+        if rng.random() < fraction:
+            used[0] += 1
+            return faults[(used[0] - 1) % len(faults)]
+        return None
+
+    return plan
+
+
+def capped(plan: Plan, per_range_end: int) -> Plan:
+    """``plan``, but at most ``per_range_end`` faults for GETs ending at the same byte
+    (one part: a resumed part keeps its end), so that a bounded retry always wins."""
+    seen: Counter[int] = Counter()
+
+    def capped_plan(n: int, request: Request) -> Fault | None:
+        end = request.range[1] if request.range else -1
+        if seen[end] >= per_range_end:
+            return None
+        fault = plan(n, request)
+        if fault is not None:
+            seen[end] += 1
+        return fault
+
+    return capped_plan
+
+
+def always(fault: Fault) -> Plan:
+    return lambda n, request: fault
+
+
+def _parse_range(value: str | None) -> tuple[int, int] | None:
+    if not value or not value.startswith("bytes="):
+        return None
+    first, _, last = value[6:].partition("-")
+    try:
+        return int(first), int(last)
+    except ValueError:
+        return None
+
+
+def _parse_head(head: bytes) -> tuple[str, dict[str, str]]:
+    first, *lines = head.decode("latin-1").split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return first, headers
+
+
+@dataclass
+class FaultProxy:
+    """The proxy; ``url`` is what fastpipe's ``Config(endpoint_url=...)`` takes."""
+
+    upstream_host: str
+    upstream_port: int
+    plan: Plan | None = None
+    requests: list[Request] = field(default_factory=list)
+    faults: Counter[str] = field(default_factory=Counter)
+    port: int = 0
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _server: asyncio.base_events.Server | None = None
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _gate: asyncio.Event | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _gets: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # -- control (from the test's thread) ---------------------------------------------------
+
+    def start(self) -> FaultProxy:
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._open())
+            except BaseException as exc:  # noqa: BLE001 - reported to start()
+                errors.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+        self._thread = threading.Thread(target=main, name="faultproxy", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fault proxy did not start")
+        if errors:
+            raise errors[0]
+        return self
+
+    def stop(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._close(), loop).result(10)
+            loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        self._loop = self._thread = None
+
+    def reset(self, plan: Plan | None = None) -> None:
+        """Forget the log and counters, release held requests, install ``plan``."""
+        self.release()
+        with self._lock:
+            self.plan = plan
+            self.requests.clear()
+            self.faults.clear()
+            self._gets = 0
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._new_gate(), self._loop).result(10)
+
+    def release(self) -> None:
+        """Let every held request go on (and the ones held later)."""
+        if self._loop is not None and self._gate is not None:
+            self._loop.call_soon_threadsafe(self._gate.set)
+
+    def gets(self) -> list[Request]:
+        with self._lock:
+            return [r for r in self.requests if r.method == "GET"]
+
+    def held(self) -> int:
+        with self._lock:
+            return sum(1 for r in self.requests if r.fault is not None and r.fault.kind == "hold")
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def _new_gate(self) -> None:
+        self._gate = asyncio.Event()
+
+    async def _open(self) -> None:
+        self._gate = asyncio.Event()
+        self._server = await asyncio.start_server(self._track, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        await self._server.wait_closed()
+
+    async def _track(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._serve(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.transport.abort()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        try:
+            while True:
+                try:
+                    head = await client_r.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return  # the client closed between requests
+                request_line, headers = _parse_head(head)
+                method, target = (request_line.split(" ") + ["", ""])[:2]
+                body = b""
+                if int(headers.get("content-length", "0") or 0):
+                    body = await client_r.readexactly(int(headers["content-length"]))
+                request = Request(method, target, headers, _parse_range(headers.get("range")))
+                with self._lock:
+                    self.requests.append(request)
+                    if method == "GET":
+                        n, self._gets = self._gets, self._gets + 1
+                        plan = self.plan
+                        request.fault = plan(n, request) if plan is not None else None
+                fault = request.fault
+                if fault is not None and fault.kind in ("error", "hold"):
+                    self._applied(request)
+                if fault is not None and fault.kind == "error":
+                    client_w.write(self._error_response(fault, target))
+                    await client_w.drain()
+                    continue
+                if fault is not None and fault.kind == "hold":
+                    assert self._gate is not None
+                    await self._gate.wait()
+                if upstream is None:
+                    upstream = await asyncio.open_connection(self.upstream_host, self.upstream_port)
+                up_r, up_w = upstream
+                up_w.write(head + body)
+                await up_w.drain()
+                keep = await self._relay_response(request, up_r, client_w, client_r)
+                if not keep:
+                    return
+        finally:
+            if upstream is not None:
+                upstream[1].transport.abort()
+
+    def _applied(self, request: Request) -> None:
+        assert request.fault is not None
+        with self._lock:
+            request.applied = True
+            self.faults[request.fault.kind] += 1
+
+    def _error_response(self, fault: Fault, target: str) -> bytes:
+        body = _S3_ERROR.format(
+            code=fault.code, message="injected by faultproxy", resource=target.split("?")[0]
+        ).encode()
+        head = (
+            f"HTTP/1.1 {fault.status} {_REASONS.get(fault.status, 'Error')}\r\n"
+            "Content-Type: application/xml\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        return head.encode("latin-1") + body
+
+    async def _relay_response(
+        self,
+        request: Request,
+        up_r: asyncio.StreamReader,
+        client_w: asyncio.StreamWriter,
+        client_r: asyncio.StreamReader,
+    ) -> bool:
+        """Pipe one response; True if the connection may carry another request.
+
+        A cut (reset, close, stall) happens only if the body is longer than the fault's
+        ``after_bytes``; a shorter body passes whole and the fault is not counted.
+        """
+        method, fault = request.method, request.fault
+        head = await up_r.readuntil(b"\r\n\r\n")
+        status_line, headers = _parse_head(head)
+        status = int(status_line.split(" ")[1])
+        keep = headers.get("connection", "").lower() != "close"
+        cut = fault is not None and fault.kind in ("reset", "close", "stall")
+        limit = fault.after_bytes if cut and fault is not None else -1
+        client_w.write(head)
+        sent = 0
+
+        async def forward(data: bytes) -> bool:
+            """Send ``data`` unless the fault's byte limit is reached; False: cut now."""
+            nonlocal sent
+            if limit >= 0 and sent + len(data) > limit:
+                self._applied(request)
+                client_w.write(data[: limit - sent])
+                sent = limit
+                await client_w.drain()
+                return False
+            client_w.write(data)
+            sent += len(data)
+            await client_w.drain()
+            return True
+
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            pass
+        elif "content-length" in headers:
+            remaining = int(headers["content-length"])
+            while remaining:
+                data = await up_r.read(min(remaining, 256 * 1024))
+                if not data:
+                    raise ConnectionError("upstream closed mid-body")
+                remaining -= len(data)
+                if not await forward(data):
+                    return await self._cut(fault, client_w, client_r)
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            while True:
+                line = await up_r.readuntil(b"\r\n")
+                size = int(line.split(b";")[0].strip() or b"0", 16)
+                chunk = line + await up_r.readexactly(size + 2)  # no trailers expected
+                if not await forward(chunk):
+                    return await self._cut(fault, client_w, client_r)
+                if size == 0:
+                    break
+        else:
+            while data := await up_r.read(256 * 1024):
+                if not await forward(data):
+                    return await self._cut(fault, client_w, client_r)
+            keep = False
+        return keep
+
+    async def _cut(
+        self, fault: Fault | None, client_w: asyncio.StreamWriter, client_r: asyncio.StreamReader
+    ) -> bool:
+        assert fault is not None
+        await client_w.drain()
+        if fault.kind == "stall":
+            await client_r.read()  # until the client gives up (or the proxy stops)
+            return False
+        # Let the bytes already sent reach the client before the connection ends, so that
+        # "reset after N bytes" means the client really received N bytes.
+        await asyncio.sleep(0.05)
+        if fault.kind == "reset":
+            sock = client_w.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client_w.transport.abort()
+        else:
+            client_w.close()
+        return False
