@@ -1,6 +1,6 @@
 """The ``chunk`` file stage: a FastCDC 2020 manifest of the local file, de-duplicated.
 
-The file is chunked one mapped window at a time (64 MiB, or four times ``max_size`` when
+The file is chunked one mapped window at a time (16 MiB, or four times ``max_size`` when
 larger), so that memory stays flat in the file size; the chunk left open at the end of a
 window restarts the next one, which gives exactly the cut points of the whole file at
 once. Cut points match fastcdc-rs v2020 / pyfastcdc, found by ``threads`` threads; each
@@ -48,7 +48,7 @@ MAGIC = b"FPCDC1\0\0"
 _HEADER = struct.Struct("<8sIIIIQ")
 _RECORD = struct.Struct("<QIQ")
 #: Default bytes mapped at a time.
-WINDOW_SIZE = 64 << 20
+WINDOW_SIZE = 16 << 20
 
 
 class ManifestChunk(NamedTuple):
