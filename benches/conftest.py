@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import resource
+import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +113,16 @@ def dest_file(tmp_path: Path) -> Iterator[str]:
 
 #: group -> {benchmark name: median seconds}; the baseline of each group is in _BASELINE.
 _MEDIANS: dict[str, dict[str, float]] = {}
+#: group -> {benchmark name: median CPU seconds (this process and its children)}.
+_CPU: dict[str, dict[str, float]] = {}
 _BASELINE: dict[str, str] = {}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU of this process and of its waited-for children so far."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 @pytest.fixture
@@ -122,13 +133,26 @@ def bench(benchmark: Any, request: pytest.FixtureRequest) -> Callable[..., Any]:
     def run(
         fn: Callable[[], Any], setup: Callable[[], None] | None = None, baseline: bool = False
     ) -> Any:
-        result = benchmark.pedantic(fn, setup=setup, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+        cpu: list[float] = []
+
+        def timed() -> Any:
+            # CPU is sampled around the call only: setup (delete + sync) is not counted.
+            before = _cpu_seconds()
+            try:
+                return fn()
+            finally:
+                cpu.append(_cpu_seconds() - before)
+
+        result = benchmark.pedantic(
+            timed, setup=setup, rounds=ROUNDS, iterations=1, warmup_rounds=0
+        )
         group = benchmark.group or "default"
         name = request.node.name
         if baseline:
             _BASELINE[group] = name
         if not benchmark.disabled and benchmark.stats is not None:
             _MEDIANS.setdefault(group, {})[name] = benchmark.stats.stats.median
+            _CPU.setdefault(group, {})[name] = statistics.median(cpu)
         return result
 
     return run
@@ -142,7 +166,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     for group, medians in sorted(_MEDIANS.items()):
         base_name = _BASELINE.get(group)
         base = medians.get(base_name) if base_name else None
-        write(f"{group}:")
+        cpu = _CPU.get(group, {})
+        base_cpu = cpu.get(base_name) if base_name else None
+        write(f"{group}:  (wall, ratio; CPU of client process + children, ratio)")
         for name, median in sorted(medians.items(), key=lambda item: item[1]):
             ratio = f"{median / base:6.2f}x" if base else "     -"
-            write(f"  {name:40} {median:8.3f} s  {ratio}")
+            used = cpu.get(name)
+            cpu_ratio = f"{used / base_cpu:6.2f}x" if used is not None and base_cpu else "     -"
+            cpu_text = f"{used:8.3f} s" if used is not None else "       -"
+            write(f"  {name:40} {median:8.3f} s  {ratio}   {cpu_text}  {cpu_ratio}")
