@@ -134,6 +134,15 @@ class ProgressBar:
             self.stream.flush()
 
 
+def _short(value: Any) -> str:
+    """A result value for the one-line summary (floats rounded, dicts flattened)."""
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
 def _summary(report: Report) -> str:
     lines = []
     verdict = "PASSED" if report.passed else "FAILED"
@@ -153,7 +162,7 @@ def _summary(report: Report) -> str:
             detail = f"  {stage.error}"
         elif isinstance(stage.result, dict):
             keys = [k for k in stage.result if k != "histogram"][:4]
-            detail = "  " + ", ".join(f"{k}={stage.result[k]}" for k in keys)
+            detail = "  " + ", ".join(f"{k}={_short(stage.result[k])}" for k in keys)
         lines.append(f"  {stage.status:8} {stage.name:10} {stage.seconds:7.2f}s{detail}")
     if report.dest:
         lines.append(f"  kept at {report.dest}")
