@@ -5,14 +5,18 @@
 
 On a 256 MiB random buffer (``FASTPIPE_BENCH_SMALL=1``: 16 MiB, as CI runs it with
 ``--benchmark-disable``): FastCDC cut points on one thread against pyfastcdc's
-``cut_buf``, two threads against one; the scan against hashlib.md5; two threads each
-scanning a buffer against one thread scanning both.
+``cut_buf``, two threads against one; the scan against hashlib.md5, on the random buffer
+and on text of the same size (ASCII lines, now and then a multi-byte character: the UTF-8
+check stays on to the end); two threads each scanning a buffer against one thread
+scanning both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import random
+import string
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -30,6 +34,20 @@ ROUNDS = 3
 @pytest.fixture(scope="module")
 def data() -> bytes:
     return os.urandom(SIZE)
+
+
+@pytest.fixture(scope="module")
+def text() -> bytes:
+    rng = random.Random(1)
+    words = [
+        "".join(rng.choices(string.ascii_lowercase, k=rng.randrange(1, 10))) for _ in range(2000)
+    ]
+    words += ["café", "€", "naïve", "𝄞"]
+    chunk = bytearray()
+    while len(chunk) < 1 << 20:
+        chunk += (" ".join(rng.choices(words, k=rng.randrange(3, 15))) + "\n").encode()
+    whole = bytes(chunk) * (SIZE // len(chunk) + 1)
+    return whole[: whole.rfind(b"\n", 0, SIZE) + 1]
 
 
 def run(benchmark: Any, fn: Any, *args: Any) -> Any:
@@ -73,6 +91,17 @@ def test_scan_native(benchmark: Any, data: bytes) -> None:
 @pytest.mark.benchmark(group="scan")
 def test_scan_peer_md5(benchmark: Any, data: bytes) -> None:
     run(benchmark, lambda b: hashlib.md5(b).digest(), data)
+
+
+@pytest.mark.benchmark(group="scan-text")
+def test_scan_native_text(benchmark: Any, text: bytes) -> None:
+    result = run(benchmark, _scan, text)
+    assert result["utf8_valid"] and result["lines"] == text.count(b"\n")
+
+
+@pytest.mark.benchmark(group="scan-text")
+def test_scan_peer_md5_text(benchmark: Any, text: bytes) -> None:
+    run(benchmark, lambda b: hashlib.md5(b).digest(), text)
 
 
 def _scan_halves_one_thread(buf: bytes) -> list[dict[str, Any]]:

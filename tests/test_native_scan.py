@@ -146,6 +146,84 @@ def test_large_valid_text_with_late_error() -> None:
     assert result["lines"] == 200_000
 
 
+def test_runs_of_every_length_at_every_alignment() -> None:
+    # the word loops see a run as a first, inner or last part of an 8-byte word
+    for length in range(1, 20):
+        for lead in range(17):
+            data = bytes(range(1, lead + 1)) + b"z" * length + bytes(range(40, 60))
+            expected = scan(_scan_py.Scanner, data)
+            assert expected["longest_run"]["length"] == max(length, 1)
+            assert scan(_scan.Scanner, data) == expected
+            assert scan(_scan.Scanner, data, [lead + length // 2]) == expected
+            # two runs of one length: the earlier one is reported
+            twice = data + b"q" * length
+            assert scan(_scan.Scanner, twice) == scan(_scan_py.Scanner, twice)
+
+
+def test_utf8_sequences_at_every_alignment() -> None:
+    chars = ["é", "€", "\ud7ff", "\ue000", "𝄞", "\U0010ffff", "\u07ff", "\uffff"]
+    bad = [
+        b"\x80",
+        b"\xc0\x80",
+        b"\xe0\x9f\xbf",
+        b"\xed\xa0\x80",
+        b"\xf0\x8f\xbf\xbf",
+        b"\xf4\x90\x80\x80",
+        b"\xf5",
+        b"\xe2\x82a",
+        b"\xf0\x9f\x98",
+    ]
+    for lead in range(17):
+        for char in chars:
+            good = b"a" * lead + (char * 5).encode() + b"x" * 9
+            assert scan(_scan.Scanner, good)["utf8_valid"] is True
+            for tail in bad:
+                data = good[: lead + 4] + tail + good[lead + 4 :]
+                expected = first_invalid(data)
+                for pieces in ([], [lead + 1], [lead + 4, lead + 5]):
+                    assert scan(_scan.Scanner, data, pieces)["first_invalid_utf8"] == expected
+
+
+def test_fold_of_the_32_bit_counts() -> None:
+    # a small fold limit makes the kernel fold its 32-bit counts every few bytes, as it does
+    # every 4 GiB of a block
+    rng = random.Random(11)
+    old = _scan._set_fold_limit(7)
+    try:
+        for kind in KINDS:
+            data = sample(kind, 3000, rng)
+            pieces = sorted(rng.randrange(3001) for _ in range(4))
+            for block_size in (5, 64, 1 << 20):
+                expected = scan(_scan_py.Scanner, data, pieces, block_size)
+                for limit in (1, 7, 8, 64):
+                    _scan._set_fold_limit(limit)
+                    assert scan(_scan.Scanner, data, pieces, block_size) == expected
+    finally:
+        _scan._set_fold_limit(old)
+    assert old == 2**32 - 1
+    with pytest.raises(ValueError):
+        _scan._set_fold_limit(0)
+    with pytest.raises(ValueError):
+        _scan._set_fold_limit(2**32)
+
+
+def test_large_text_against_python() -> None:
+    # mostly ASCII with multi-byte characters across word boundaries; numpy and Python's
+    # decoder as oracles, on sizes the twin is too slow for
+    rng = random.Random(5)
+    words = ["alpha", "beta", "gg", "é", "€uro", "𝄞", "\U0010ffff", "a\u07ff", "  "]
+    text = "".join(rng.choice(words) + rng.choice(" \n") for _ in range(200_000)).encode()
+    arr = np.frombuffer(text, dtype=np.uint8)
+    for data, cut in ((text, len(text) // 3), (text + b"\xc3", 12345)):
+        result = scan(_scan.Scanner, data, [cut, cut + 7])
+        assert result["first_invalid_utf8"] == first_invalid(data)
+        assert result["histogram"][:128] == np.bincount(arr, minlength=256)[:128].tolist()
+        assert result["lines"] == text.count(b"\n")
+    for at in (0, 1, 7, 8, 9, 4097, len(text) - 9):
+        broken = text[:at] + b"\xff" + text[at + 1 :]
+        assert scan(_scan.Scanner, broken)["first_invalid_utf8"] == first_invalid(broken)
+
+
 def entropy_of(counts: np.ndarray) -> float:
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log2(p)).sum())

@@ -46,3 +46,8 @@ class Scanner:
         starts, a truncated one at the end included; None when valid), ``histogram``
         (256 counts).
         """
+
+def _set_fold_limit(limit: int) -> int:
+    """Set how many bytes the 32-bit sub-histograms count before they are folded into the
+    64-bit counts (at most and by default 2**32 - 1); return the old limit. For the tests
+    only (a small limit exercises the fold), not thread-safe."""
