@@ -143,3 +143,19 @@ def test_stage_names_are_unique_and_documented() -> None:
         assert cls.name == name
         assert cls.__doc__ and summary
         assert all(option.help for option in options.values())
+
+
+def test_console_script_exits_with_main_code(tmp_path: Path) -> None:
+    """`fastpipe` (cli.entry) skips interpreter teardown but keeps output and exit code."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "missing.bin"
+    result = subprocess.run(
+        [sys.executable, "-m", "fastpipe.cli", "run", str(missing), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 3
+    assert '"error_type": "ObjectNotFound"' in result.stdout
+    assert "no such file" in result.stderr

@@ -284,5 +284,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
+def entry() -> None:
+    """The console script: run :func:`main`, then leave without interpreter teardown.
+
+    Finalizing the modules botocore and aiohttp load took about 0.1 s of a 0.5 s run on a
+    small object; every file is closed and renamed by then, so only the streams need a
+    flush. ``main`` itself returns normally, for callers that embed it.
+    """
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
