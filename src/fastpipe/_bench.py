@@ -330,7 +330,10 @@ def variant_argv(
     if variant in ("sequential", "three-services"):
         return own + [variant, "--uri", target.uri, "--workdir", workdir], None
     if variant == "fastpipe-download":
-        return own + [variant, "--uri", target.uri, "--dest", dest], dest
+        # The real CLI with its default stage (checksum, xxh3_128), keeping the file.
+        argv = [py, "-m", "fastpipe.cli", "run", target.uri, "--dest", dest, "--force"]
+        argv += ["--json", "--no-progress"]
+        return (argv + (["--endpoint-url", ep] if ep else [])), dest
     if variant == "fastpipe-chunk":
         return own + [variant, "--local", target.local], None
     if variant == "s5cmd":
@@ -1023,4 +1026,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Like the `fastpipe` console script: no interpreter teardown in timed processes.
+    _code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_code)
