@@ -126,9 +126,8 @@ class Fetcher:
     async def _connection(self) -> RawConnection:
         url = await self._signed_url()
         if self._ssl is None and url.startswith("https:"):
-            import os
-
-            self._ssl = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE"))
+            # The same trust as the control plane: AWS_CA_BUNDLE or the profile's bundle.
+            self._ssl = ssl.create_default_context(cafile=self.s3.ca_bundle())
             if not self.config.verify_tls:
                 self._ssl.check_hostname = False
                 self._ssl.verify_mode = ssl.CERT_NONE

@@ -74,7 +74,11 @@ class LocalS3:
     secret_key: str = DEFAULT_SECRET_KEY
     extra_identities: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
     startup_timeout: float = 60.0
+    #: PEM certificate and key files: also serve S3 over TLS at :attr:`https_endpoint_url`.
+    tls_cert: str | None = None
+    tls_key: str | None = None
     endpoint_url: str = ""
+    https_endpoint_url: str = ""
     data_dir: str = ""
     _proc: subprocess.Popen[bytes] | None = None
     _tmp: str = ""
@@ -108,6 +112,15 @@ class LocalS3:
         (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, debug, iam) = (
             free_ports(10)
         )
+        tls_args: list[str] = []
+        if self.tls_cert and self.tls_key:
+            (https,) = free_ports(1)
+            tls_args = [
+                f"-s3.port.https={https}",
+                f"-s3.cert.file={self.tls_cert}",
+                f"-s3.key.file={self.tls_key}",
+            ]
+            self.https_endpoint_url = f"https://127.0.0.1:{https}"
         args = [
             weed,
             "server",
@@ -131,6 +144,7 @@ class LocalS3:
             "-metricsPort=0",
             "-volume.max=0",
             "-master.volumeSizeLimitMB=1024",
+            *tls_args,
         ]
         log_path = os.path.join(self._tmp, "weed.log")
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 import time
 from collections.abc import Callable
@@ -107,6 +108,13 @@ class S3Control:
             self._client = await self._create_client({"max_attempts": 3, "mode": "standard"})
         return self._client
 
+    def ca_bundle(self) -> str | None:
+        """The CA bundle botocore trusts (``AWS_CA_BUNDLE`` or the profile's), if any."""
+        if self._session is None:
+            return os.environ.get("AWS_CA_BUNDLE") or None
+        bundle = self._session.get_config_variable("ca_bundle")
+        return str(bundle) if bundle else None
+
     async def data_client(self) -> Any:
         """The client of the fallback data plane: botocore does not retry its GETs.
 
@@ -144,7 +152,8 @@ class S3Control:
                 endpoint_url=cfg.resolved_endpoint(),
                 region_name=region,
                 config=aio_config,
-                verify=cfg.verify_tls,
+                # None lets botocore use AWS_CA_BUNDLE or the profile's ca_bundle.
+                verify=None if cfg.verify_tls else False,
             )
         )
 
