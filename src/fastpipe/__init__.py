@@ -14,7 +14,9 @@ from ._config import Config as Config
 from ._config import parse_size as parse_size
 from ._engine import Engine as Engine
 from ._engine import process as process
+from ._engine import process_many as process_many
 from ._engine import run as run
+from ._engine import run_many as run_many
 from ._exceptions import AccessDenied as AccessDenied
 from ._exceptions import DestinationError as DestinationError
 from ._exceptions import EndpointUnreachable as EndpointUnreachable
@@ -58,5 +60,7 @@ __all__ = [
     "__version__",
     "parse_size",
     "process",
+    "process_many",
     "run",
+    "run_many",
 ]

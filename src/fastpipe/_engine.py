@@ -12,7 +12,7 @@ import inspect
 import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from types import TracebackType
 from typing import Any
@@ -41,6 +41,27 @@ from ._stream import StreamRunner, describe_exception
 from .stages._base import FileStage, LocalFile, ObjectInfo, Stage, StreamStage
 
 ProgressCallback = Callable[[Progress], None]
+
+
+class _HeldOnce:
+    """Holds a lock from ``async with`` until :meth:`release` or the block's end."""
+
+    def __init__(self, lock: anyio.Lock) -> None:
+        self.lock = lock
+        self.held = False
+
+    async def __aenter__(self) -> _HeldOnce:
+        await self.lock.acquire()
+        self.held = True
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.lock.release()
 
 
 def default_stages() -> list[Stage]:
@@ -89,6 +110,8 @@ class Engine:
         stages: Sequence[Stage] | None = None,
         dest: str | os.PathLike[str] | None = None,
         progress: ProgressCallback | None = None,
+        *,
+        _download_gate: anyio.Lock | None = None,
     ) -> Report:
         """Process one object; see :func:`fastpipe.process`."""
         location = parse_source(source)
@@ -107,7 +130,9 @@ class Engine:
                     )
                 await self._process_local(location, stage_list, report, progress)
             else:
-                await self._process_s3(location, stage_list, dest, report, progress)
+                await self._process_s3(
+                    location, stage_list, dest, report, progress, _download_gate
+                )
         except FastpipeError as exc:
             if isinstance(exc, StageFailed):
                 raise  # internal invariant: stage failures are recorded, not raised
@@ -115,6 +140,54 @@ class Engine:
         finally:
             report.seconds = time.perf_counter() - started
         return report
+
+    async def process_many(
+        self,
+        sources: Iterable[str | os.PathLike[str]],
+        stages: Callable[[], Sequence[Stage]] | None = None,
+        dest: str | os.PathLike[str] | None = None,
+        max_in_flight: int = 2,
+        progress: ProgressCallback | None = None,
+    ) -> list[Report]:
+        """Process many objects, pipelined; return their reports in the order given.
+
+        The download of object k+1 overlaps the file stages of object k: one object
+        downloads at a time (with the engine's full concurrency), and at most
+        ``max_in_flight`` objects are in progress, which bounds the disk used by temp files
+        to about ``max_in_flight`` objects. ``stages`` is a factory called once per object
+        (stages keep per-object state); ``dest``, if given, is a folder that receives each
+        object under a name made from its key. An object that fails with an error (missing,
+        denied, changed) does not stop the others: its report carries the error.
+        """
+        if max_in_flight < 1:
+            raise UsageError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        if dest is not None and not os.path.isdir(dest):
+            raise UsageError(f"process_many needs a destination folder, got {os.fspath(dest)}")
+        items = list(sources)
+        reports: list[Report | None] = [None] * len(items)
+        download_gate = anyio.Lock()
+        slots = anyio.Semaphore(max_in_flight)
+
+        async def one(index: int, source: str | os.PathLike[str]) -> None:
+            try:
+                stage_list = None if stages is None else list(stages())
+                reports[index] = await self.process(
+                    source, stage_list, dest, progress, _download_gate=download_gate
+                )
+            except FastpipeError as exc:
+                failed = getattr(exc, "report", None)
+                reports[index] = failed or Report(
+                    source=str(source), error=str(exc), error_type=type(exc).__name__
+                )
+            finally:
+                slots.release()
+
+        with unwrap_groups():
+            async with anyio.create_task_group() as tg:
+                for index, source in enumerate(items):
+                    await slots.acquire()  # in order: object k starts before object k+1
+                    tg.start_soon(one, index, source)
+        return [r for r in reports if r is not None]
 
     # -- sources --------------------------------------------------------------------------
 
@@ -153,9 +226,28 @@ class Engine:
         dest: str | os.PathLike[str] | None,
         report: Report,
         progress: ProgressCallback | None,
+        gate: anyio.Lock | None = None,
     ) -> None:
         config = self.config
         dest_path = resolve_dest(dest, location.key, config.force) if dest is not None else None
+        if gate is None:
+            await self._fetch_and_check(location, stages, dest_path, report, progress, None)
+            return
+        # process_many: one object downloads at a time (at full concurrency) while the
+        # file stages of the one before run; the gate is released when the bytes are in.
+        async with _HeldOnce(gate) as held:
+            await self._fetch_and_check(location, stages, dest_path, report, progress, held)
+
+    async def _fetch_and_check(
+        self,
+        location: S3Location,
+        stages: list[Stage],
+        dest_path: str | None,
+        report: Report,
+        progress: ProgressCallback | None,
+        gate: _HeldOnce | None,
+    ) -> None:
+        config = self.config
         info = await self._s3.head(location)
         report.size, report.etag, report.version_id = info.size, info.etag, info.version_id
         if not self._check_info(stages, info, report):
@@ -208,6 +300,8 @@ class Engine:
                 if journal is not None:
                     journal.write(watermark.completed_parts())
             tmp.close()
+            if gate is not None:
+                gate.release()  # the next object may download while the file stages run
             if not ok:
                 return
             if not await self._file_stages(stages, info, tmp.path, report, progress):
@@ -437,6 +531,19 @@ async def process(
         return await engine.process(source, stages, dest, progress)
 
 
+async def process_many(
+    sources: Iterable[str | os.PathLike[str]],
+    stages: Callable[[], Sequence[Stage]] | None = None,
+    dest: str | os.PathLike[str] | None = None,
+    config: Config | None = None,
+    max_in_flight: int = 2,
+    progress: ProgressCallback | None = None,
+) -> list[Report]:
+    """Process many objects with one engine, pipelined; see :meth:`Engine.process_many`."""
+    async with Engine(config) as engine:
+        return await engine.process_many(sources, stages, dest, max_in_flight, progress)
+
+
 def run_async(fn: Callable[[], Awaitable[Any]]) -> Any:
     """Run ``fn`` on asyncio, with uvloop when it is installed."""
     try:
@@ -446,6 +553,20 @@ def run_async(fn: Callable[[], Awaitable[Any]]) -> Any:
     except ImportError:
         options = {}
     return anyio.run(fn, backend="asyncio", backend_options=options)
+
+
+def run_many(
+    sources: Iterable[str | os.PathLike[str]],
+    stages: Callable[[], Sequence[Stage]] | None = None,
+    dest: str | os.PathLike[str] | None = None,
+    config: Config | None = None,
+    max_in_flight: int = 2,
+    progress: ProgressCallback | None = None,
+) -> list[Report]:
+    """Synchronous :func:`process_many`."""
+    return run_async(  # type: ignore[no-any-return]
+        partial(process_many, sources, stages, dest, config, max_in_flight, progress)
+    )
 
 
 def run(
@@ -459,4 +580,4 @@ def run(
     return run_async(partial(process, source, stages, dest, config, progress))  # type: ignore[no-any-return]
 
 
-__all__ = ["Engine", "process", "run"]
+__all__ = ["Engine", "process", "process_many", "run", "run_many"]
