@@ -340,3 +340,48 @@ def test_caller_cancel_leaves_nothing(
     assert os.listdir(tmp_path) == []
     proxy.release()
     wait_until(lambda: threading.active_count() <= baseline, timeout=10)
+
+
+# -- a presigned URL that expires mid-download ------------------------------------------
+
+
+def test_expired_presigned_url_is_signed_again(
+    proxy: FaultProxy, big_object: tuple[str, bytes], tmp_path: Any
+) -> None:
+    """A GET held past its URL's expiry gets 403 'Request has expired': the engine signs
+    again and retries that range; nothing is lost and the URL never shows in the report."""
+    uri, data = big_object
+    proxy.reset(lambda n, request: Fault("hold") if n == 2 else None)
+    outcome: dict[str, Any] = {}
+
+    def download() -> None:
+        try:
+            outcome["report"] = fastpipe.run(
+                uri,
+                stages=[Checksum("sha256")],
+                dest=tmp_path / "o.bin",
+                config=config(proxy, "raw", max_concurrency=1, presign_expires=1),
+            )
+        except BaseException as exc:  # noqa: BLE001 - examined below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=download)
+    thread.start()
+    try:
+        wait_until(lambda: proxy.held() >= 1)
+        time.sleep(2.5)  # let the held request's signature expire
+    finally:
+        proxy.release()
+        thread.join(60)
+    assert "error" not in outcome, repr(outcome.get("error"))
+    report = outcome["report"]
+    assert report.passed
+    assert report.stage("checksum").result["hexdigest"] == hashlib.sha256(data).hexdigest()
+    assert (tmp_path / "o.bin").read_bytes() == data
+    gets = proxy.gets()
+    held = gets[2]
+    again = [r for r in gets[3:] if r.range == held.range]
+    assert again, "the expired range was not requested again"
+    assert urlsplit(again[0].target).query != urlsplit(held.target).query  # signed anew
+    text = json.dumps(report.to_dict(), default=str)
+    assert not any(marker in text for marker in SECRETS_MARKERS)
