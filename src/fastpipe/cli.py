@@ -111,6 +111,10 @@ class ProgressBar:
 
     def __call__(self, event: Progress) -> None:
         now = time.monotonic()
+        if event.phase not in ("download", "stream"):
+            # A file stage: the bytes are all there; say which stage runs.
+            self._write(f"{'stage':>8} {event.phase} running on the local file")
+            return
         if now - self._last < 0.2 and event.bytes_done < event.total:
             return
         self._last = now
@@ -119,12 +123,15 @@ class ProgressBar:
         width = 24
         bar = "#" * int(fraction * width) + "-" * (width - int(fraction * width))
         rate = event.bytes_done / event.seconds if event.seconds > 0 else 0.0
-        eta = f"ETA {event.eta_seconds:5.1f}s" if event.eta_seconds is not None else "ETA   -  "
-        line = (
-            f"\r{event.phase:>8} [{bar}] {format_size(event.bytes_done)} / "
+        eta = f"ETA {event.eta_seconds:5.1f}s" if event.eta_seconds is not None else "ETA -"
+        self._write(
+            f"{event.phase:>8} [{bar}] {format_size(event.bytes_done)} / "
             f"{format_size(event.total)}  {format_size(rate)}/s  {eta}"
         )
-        self.stream.write(line[:120].ljust(80))
+
+    def _write(self, line: str) -> None:
+        # \r back to the line's start, \x1b[K clears what a longer line left behind.
+        self.stream.write("\r" + line[:120] + "\x1b[K")
         self.stream.flush()
         self._shown = True
 
