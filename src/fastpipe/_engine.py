@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
@@ -41,6 +42,75 @@ from ._stream import StreamRunner, describe_exception
 from .stages._base import FileStage, LocalFile, ObjectInfo, Stage, StreamStage
 
 ProgressCallback = Callable[[Progress], None]
+
+
+class _EarlyStopped(Exception):
+    """Raised inside an early file stage's window when its run is called off. Internal."""
+
+
+class _EarlyRun:
+    """The first file stage, started while the download runs (it reads in order).
+
+    Its windows wait for their bytes; the last one waits, too, until every stream stage
+    passed, so that it finishes (and has side effects) only on an accepted object.
+    """
+
+    def __init__(
+        self, index: int, stage: FileStage, path: str, info: ObjectInfo, watermark: Watermark
+    ) -> None:
+        self.index = index
+        self.stage = stage
+        self.local = LocalFile(path=path, size=info.size, info=info, wait_until=self._wait)
+        self._watermark = watermark
+        self.stream_passed = threading.Event()
+        self._stopped = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+    @classmethod
+    def plan(
+        cls, stages: list[Stage], info: ObjectInfo, path: str, watermark: Watermark
+    ) -> _EarlyRun | None:
+        """An early run for the first file stage, when it reads in order (else None)."""
+        first = next((i for i, s in enumerate(stages) if isinstance(s, FileStage)), None)
+        if first is None or info.size == 0:
+            return None
+        stage = stages[first]
+        assert isinstance(stage, FileStage)
+        if not stage.reads_in_order or stage.timeout is not None:
+            return None
+        return cls(first, stage, path, info, watermark)
+
+    def stop(self) -> None:
+        """Call the run off: its next (or current) wait raises."""
+        self._stopped.set()
+
+    def _wait(self, end: int) -> None:
+        watermark = self._watermark
+        while watermark.wait(0, end, timeout=0.2) < end:
+            if self._stopped.is_set() or watermark.closed:
+                raise _EarlyStopped()
+        if end >= self.local.size:
+            while not self.stream_passed.wait(0.2):
+                if self._stopped.is_set():
+                    raise _EarlyStopped()
+        if self._stopped.is_set():
+            raise _EarlyStopped()
+
+    async def run(self) -> None:
+        started = time.perf_counter()
+        try:
+            if inspect.iscoroutinefunction(self.stage.run):
+                self.result = await self.stage.run(self.local)
+            else:
+                self.result = await anyio.to_thread.run_sync(self.stage.run, self.local)
+        except _EarlyStopped:
+            pass
+        except Exception as exc:  # noqa: BLE001 - user stages may raise anything
+            self.error = exc
+        finally:
+            self.seconds = time.perf_counter() - started
 
 
 class _HeldOnce:
@@ -130,9 +200,7 @@ class Engine:
                     )
                 await self._process_local(location, stage_list, report, progress)
             else:
-                await self._process_s3(
-                    location, stage_list, dest, report, progress, _download_gate
-                )
+                await self._process_s3(location, stage_list, dest, report, progress, _download_gate)
         except FastpipeError as exc:
             if isinstance(exc, StageFailed):
                 raise  # internal invariant: stage failures are recorded, not raised
@@ -215,9 +283,10 @@ class Engine:
         watermark = Watermark(info.size, self.config.part_size)
         watermark.complete_all()
         watermark.close()
-        if not await self._stream(stages, info, path, watermark, report, None, progress):
+        ok, early = await self._stream(stages, info, path, watermark, report, None, progress)
+        if not ok:
             return
-        report.passed = await self._file_stages(stages, info, path, report, progress)
+        report.passed = await self._file_stages(stages, info, path, report, progress, early)
 
     async def _process_s3(
         self,
@@ -283,7 +352,7 @@ class Engine:
         try:
             fetcher = Fetcher(self._s3, config, location, info, tmp, watermark, plane)
             try:
-                ok = await self._stream(
+                ok, early = await self._stream(
                     stages, info, tmp.path, watermark, report, fetcher, progress, journal
                 )
             except BaseException as exc:
@@ -304,7 +373,7 @@ class Engine:
                 gate.release()  # the next object may download while the file stages run
             if not ok:
                 return
-            if not await self._file_stages(stages, info, tmp.path, report, progress):
+            if not await self._file_stages(stages, info, tmp.path, report, progress, early):
                 return
             if dest_path is not None:
                 tmp.commit(dest_path, config.force)
@@ -375,9 +444,14 @@ class Engine:
         fetcher: Fetcher | None,
         progress: ProgressCallback | None,
         journal: Journal | None = None,
-    ) -> bool:
-        """Download (if ``fetcher``) while the stream stages read the prefix. True: passed."""
+    ) -> tuple[bool, _EarlyRun | None]:
+        """Download (if ``fetcher``) while the stream stages read the prefix.
+
+        Returns whether the stream stages passed, and the outcome of the first file stage
+        when it could start early (:attr:`FileStage.reads_in_order`).
+        """
         indices = [i for i, s in enumerate(stages) if isinstance(s, StreamStage)]
+        early = _EarlyRun.plan(stages, info, path, watermark)
         runner = StreamRunner(
             [stages[i] for i in indices],  # type: ignore[misc]
             [report.stages[i] for i in indices],
@@ -401,8 +475,26 @@ class Engine:
                     await anyio.to_thread.run_sync(runner.run)
                     watch.cancel_scope.cancel()
             finally:
+                if early is not None and (runner.failed or runner.position < info.size):
+                    early.stop()
                 if runner.failed:
                     tg.cancel_scope.cancel()  # gating: no more bytes are fetched
+                elif early is not None and runner.position >= info.size:
+                    early.stream_passed.set()  # the early stage may take its last window
+
+        async def stop_early_on_cancel() -> None:
+            assert early is not None
+            try:
+                await anyio.sleep_forever()
+            finally:
+                early.stop()  # its thread cannot be cancelled: its next wait raises
+
+        async def run_early() -> None:
+            assert early is not None
+            async with anyio.create_task_group() as watch:
+                watch.start_soon(stop_early_on_cancel)
+                await early.run()
+                watch.cancel_scope.cancel()
 
         async def download() -> None:
             assert fetcher is not None
@@ -410,6 +502,8 @@ class Engine:
                 await fetcher.run(self.config.max_concurrency)
             except BaseException:
                 runner.stop()
+                if early is not None:
+                    early.stop()
                 raise
             watermark.close()
 
@@ -450,14 +544,18 @@ class Engine:
                 async with anyio.create_task_group() as tg:
                     if indices:
                         tg.start_soon(stream)
+                    elif early is not None:
+                        early.stream_passed.set()  # no stream stage can fail
+                    if early is not None:
+                        tg.start_soon(run_early)
                     if fetcher is not None:
                         await download()
                 outer.cancel_scope.cancel()  # stops the progress and journal tasks
         if runner.failed:
             assert runner.failed_index is not None and runner.error is not None
             self._record_failure(report, indices[runner.failed_index], runner.error)
-            return False
-        return True
+            return False, None
+        return True, early
 
     async def _file_stages(
         self,
@@ -466,13 +564,25 @@ class Engine:
         path: str,
         report: Report,
         progress: ProgressCallback | None,
+        early: _EarlyRun | None = None,
     ) -> bool:
-        """Run the file stages one after another on the local file. True: all passed."""
+        """Run the file stages one after another on the local file. True: all passed.
+
+        A stage that ``early`` already ran (while the download went on) is not run again:
+        its outcome is recorded in its turn.
+        """
         local = LocalFile(path=path, size=info.size, info=info)
         for i, stage in enumerate(stages):
             if not isinstance(stage, FileStage):
                 continue
             stage_report = report.stages[i]
+            if early is not None and early.index == i:
+                stage_report.seconds = early.seconds
+                if early.error is not None:
+                    self._record_failure(report, i, early.error)
+                    return False
+                stage_report.status, stage_report.result = "passed", early.result
+                continue
             if progress is not None:
                 progress(Progress(info.size, info.size, report.seconds, None, stage.name))
             started = time.perf_counter()

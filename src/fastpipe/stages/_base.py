@@ -10,7 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -83,6 +83,12 @@ class FileStage(Stage):
     """
 
     kind: ClassVar[str] = "file"
+    #: True when ``run`` reads the file only through ``local.window``/``local.windows`` in
+    #: increasing offsets and has no side effect before its last window. The engine then
+    #: starts it while the download is still running (each window waits for its bytes),
+    #: and hands it the last window only once every stream stage passed; if one fails, the
+    #: window raises and the stage is reported skipped. Its ``timeout`` must be None.
+    reads_in_order: ClassVar[bool] = False
 
     def check_info(self, info: ObjectInfo) -> None:  # noqa: B027 - optional hook
         """Called before any byte is fetched; raise StageFailed to reject from metadata."""
@@ -104,6 +110,9 @@ class LocalFile:
     path: str
     size: int
     info: ObjectInfo
+    #: Set by the engine for a stage started before the download ended: blocks until the
+    #: file holds ``[0, end)`` (see :attr:`FileStage.reads_in_order`).
+    wait_until: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
 
     @contextmanager
     def window(self, offset: int, length: int) -> Iterator[memoryview]:
@@ -112,6 +121,8 @@ class LocalFile:
         The view must not outlive the ``with`` block; the mapping is dropped on exit.
         """
         length = max(0, min(length, self.size - offset))
+        if self.wait_until is not None:
+            self.wait_until(offset + length)
         if length == 0:
             yield memoryview(b"")
             return

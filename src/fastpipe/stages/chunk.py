@@ -136,6 +136,10 @@ class Chunk(FileStage):
     ``previous`` also ``new_chunks`` and ``new_bytes``; with ``manifest`` its path.
     """
 
+    #: Reads windows in order and writes its manifest only after the last one: the
+    #: engine may start it while the download runs.
+    reads_in_order = True
+
     name = "chunk"
 
     def __init__(
