@@ -5,7 +5,9 @@
 
 On a 256 MiB random buffer (``FASTPIPE_BENCH_SMALL=1``: 16 MiB, as CI runs it with
 ``--benchmark-disable``): FastCDC cut points on one thread against pyfastcdc's
-``cut_buf``, two threads against one; the scan against hashlib.md5, on the random buffer
+``cut_buf``, two threads against one, on the random buffer and on a sparse one (a long
+run of zeros between random stretches, out of phase with the threads' segments: the
+worst case of the speculative parallel chunking); the scan against hashlib.md5, on the random buffer
 and on text of the same size (ASCII lines, now and then a multi-byte character: the UTF-8
 check stays on to the end); two threads each scanning a buffer against one thread
 scanning both.
@@ -50,6 +52,14 @@ def text() -> bytes:
     return whole[: whole.rfind(b"\n", 0, SIZE) + 1]
 
 
+@pytest.fixture(scope="module")
+def sparse() -> bytes:
+    rng = random.Random(2)
+    head = rng.randbytes(100_003)
+    tail = rng.randbytes(SIZE // 8)
+    return head + bytes(SIZE - len(head) - len(tail)) + tail
+
+
 def run(benchmark: Any, fn: Any, *args: Any) -> Any:
     return benchmark.pedantic(fn, args=args, rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
@@ -74,6 +84,24 @@ def test_cdc_pyfastcdc_cut_buf(benchmark: Any, data: bytes) -> None:
 def test_cdc_fastpipe_threads2(benchmark: Any, data: bytes) -> None:
     ends = run(benchmark, lambda b: cdc.cut_points(b, avg_size=AVG, threads=2), data)
     assert ends[-1] == len(data)
+
+
+@pytest.mark.benchmark(group="cdc-sparse")
+def test_cdc_sparse_fastpipe_threads1(benchmark: Any, sparse: bytes) -> None:
+    ends = run(benchmark, lambda b: cdc.cut_points(b, avg_size=AVG, threads=1), sparse)
+    assert ends[-1] == len(sparse)
+
+
+@pytest.mark.benchmark(group="cdc-sparse")
+def test_cdc_sparse_pyfastcdc_cut_buf(benchmark: Any, sparse: bytes) -> None:
+    ends = run(benchmark, _pyfastcdc_ends, sparse)
+    assert ends[-1] == len(sparse)
+
+
+@pytest.mark.benchmark(group="cdc-sparse")
+def test_cdc_sparse_fastpipe_threads2(benchmark: Any, sparse: bytes) -> None:
+    ends = run(benchmark, lambda b: cdc.cut_points(b, avg_size=AVG, threads=2), sparse)
+    assert ends[-1] == len(sparse)
 
 
 def _scan(buf: Any) -> dict[str, Any]:

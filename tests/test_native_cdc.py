@@ -6,6 +6,7 @@ import mmap
 import os
 import random
 import stat
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +40,43 @@ def low_entropy(n: int, rng: random.Random) -> bytes:
     return bytes(out[:n])
 
 
+def runs(n: int, rng: random.Random, byte: int) -> bytes:
+    """Random stretches between runs of ``byte`` of up to several ``max_size`` at odd
+    offsets: cuts at ``max_size`` in the runs, out of phase with any segment start."""
+    out = bytearray()
+    while len(out) < n:
+        out += rng.randbytes(rng.randrange(0, 3000))
+        out += bytes([byte]) * rng.randrange(1, 40_000)
+    return bytes(out[:n])
+
+
+def chained(impl: Any, data: bytes, p: _cdc_py.Params, segments: int) -> list[int]:
+    """Cut points through speculative chains of ``segments`` segments, with ``impl``."""
+    n = len(data)
+    bounds = [n * k // segments for k in range(segments + 1)]
+    ends = list(impl.cut_range(data, 0, bounds[1], p))
+    for k in range(1, segments):
+        chain = impl.cut_range(data, bounds[k], bounds[k + 1], p)
+        assert all(bounds[k] < e <= n for e in chain) and list(chain) == sorted(chain)
+        if chain and bounds[k] < bounds[k + 1]:
+            assert chain[-1] >= bounds[k + 1] and (len(chain) == 1 or chain[-2] < bounds[k + 1])
+        last = ends[-1] if ends else 0
+        if not chain or chain[-1] <= last:
+            continue
+        walked, met = impl.resync(data, last, chain, p)
+        ends += walked
+        if met >= 0:
+            assert ends[-1] == chain[met]
+            ends += list(chain[met + 1 :])
+        else:
+            assert ends[-1] > chain[-1]
+    return ends
+
+
 def both_ways(
     impl: Any, data: bytes, p: _cdc_py.Params, segments: int
 ) -> tuple[list[int], list[int]]:
-    n = len(data)
-    bounds = [n * k // segments for k in range(segments + 1)]
-    candidates = impl.find_candidates(data, bounds[0], bounds[1], p)
-    for k in range(1, segments):
-        candidates.extend(impl.find_candidates(data, bounds[k], bounds[k + 1], p))
-    return list(impl.cut_sequential(data, p)), list(impl.pick_cuts(data, candidates, p))
+    return list(impl.cut_sequential(data, p)), chained(impl, data, p, segments)
 
 
 def test_gear_table_is_the_reference() -> None:
@@ -83,14 +112,15 @@ def test_twin_and_native_match_reference_small(avg: int, kind: str) -> None:
     for n in sizes:
         data = rng.randbytes(n) if kind == "random" else low_entropy(n, rng)
         expected = reference(data, avg)
-        for segments in (1, 2, 5):
-            if segments > 1 and n < 10 * segments:
-                continue
+        for segments in (1, 2, 5, 13):
             assert both_ways(_cdc_py, data, p, segments) == (expected, expected), (n, segments)
             assert both_ways(_cdc, data, p, segments) == (expected, expected), (n, segments)
-        assert list(_cdc_py.find_candidates(data, 0, n, p)) == list(
-            _cdc.find_candidates(data, 0, n, p)
-        )
+        for start, stop in ((0, n), (n // 3, n // 2), (n // 2, n // 2), (n, n), (1, n)):
+            if start <= stop:
+                chain = _cdc.cut_range(data, start, stop, p)
+                assert chain == _cdc_py.cut_range(data, start, stop, p), (n, start, stop)
+                for cut in {0, n // 2, n, *expected[:3]}:
+                    assert _cdc.resync(data, cut, chain, p) == _cdc_py.resync(data, cut, chain, p)
 
 
 def test_custom_min_max_and_odd_sizes() -> None:
@@ -111,15 +141,127 @@ def test_custom_min_max_and_odd_sizes() -> None:
     assert both_ways(_cdc_py, small, p, 3) == both_ways(_cdc, small, p, 3)
 
 
+@pytest.mark.parametrize("impl", [_cdc, _cdc_py], ids=["native", "twin"])
+def test_cut_range_and_resync_contract(impl: Any) -> None:
+    rng = random.Random(8)
+    data = rng.randbytes(20_000)
+    p = _cdc_py.params(256)
+    whole = list(impl.cut_sequential(data, p))
+    assert list(impl.cut_range(data, 0, len(data), p)) == whole
+    chain = impl.cut_range(data, 5000, 9000, p)
+    assert chain[0] > 5000 and chain[-2] < 9000 <= chain[-1]
+    assert list(impl.cut_range(data, 5000, 5000, p)) == []
+    # from a true cut, walk until the chains meet (nothing to walk from one they share)
+    shared = [c for c in whole if c in chain]
+    assert shared  # random data: they meet within the segment
+    first = shared[0]
+    assert impl.resync(data, first, chain, p) == (array("q"), list(chain).index(first))
+    before = max(c for c in whole if c < 5000)
+    walked, met = impl.resync(data, before, chain, p)
+    assert list(walked) == [c for c in whole if before < c <= first] and chain[met] == first
+    # a list never met (cuts are min_size apart): -1, the walk ends past its last entry
+    stranger = array("q", [c + 1 for c in whole[:5]])
+    assert impl.resync(data, 0, stranger, p) == (array("q", whole[:6]), -1)
+    assert impl.resync(data, 0, array("q"), p) == (array("q"), -1)
+    assert impl.resync(b"", 0, array("q", [0]), p) == (array("q"), 0)
+    for bad in ((-1, 10), (10, 5), (0, len(data) + 1)):
+        with pytest.raises(ValueError):
+            impl.cut_range(data, *bad, p)
+    for bad_cut in (-1, len(data) + 1):
+        with pytest.raises(ValueError):
+            impl.resync(data, bad_cut, chain, p)
+
+
+def test_resync_late_and_never_in_runs() -> None:
+    """A segment starting in a run of zeros cuts at max_size out of phase with the true
+    chain: the chains meet only after the run, or not at all inside the segment."""
+    rng = random.Random(4)
+    data = rng.randbytes(5001) + bytes(200_000) + rng.randbytes(100_000)
+    p = _cdc_py.params(1024)  # max_size 4096
+    whole = list(_cdc.cut_sequential(data, p))
+    assert whole == reference(data, 1024)
+    for impl in (_cdc, _cdc_py):
+        inside = impl.cut_range(data, 100_000, 150_000, p)
+        true = min(c for c in whole if c >= 100_000)
+        walked, met = impl.resync(data, true, inside, p)
+        assert met == -1 and list(walked) == [c for c in whole if true < c <= walked[-1]]
+        assert walked[-1] > inside[-1] >= 150_000
+        across = impl.cut_range(data, 100_000, 300_000, p)
+        walked, met = impl.resync(data, true, across, p)
+        assert met >= 0 and len(walked) > 20 and walked[-1] > 205_001
+        assert list(walked) + list(across[met + 1 :]) == [
+            c for c in whole if true < c <= across[-1]
+        ]
+    assert cdc._cut_array(memoryview(data), p, 2, segments=3).tolist() == whole
+
+
+STITCH_SEGMENTS = [2, 3, 4, 7, 16, 31, 64, 200, 1000]
+
+
+@pytest.mark.parametrize("avg", [256, 1024])
+@pytest.mark.parametrize("kind", ["random", "low", "zeros", "runs"])
+def test_stitching_at_many_segment_counts(
+    avg: int, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(avg * 7 + len(kind))
+    n = 150_001
+    if kind == "random":
+        data = rng.randbytes(n)
+    elif kind == "low":
+        data = low_entropy(n, rng)
+    elif kind == "zeros":
+        data = rng.randbytes(777) + bytes(n - 777 - 999) + rng.randbytes(999)
+    else:
+        data = runs(n, rng, 0)
+    p = _cdc_py.params(avg)
+    expected = reference(data, avg)
+    assert cdc._cut_array(memoryview(data), p, 1).tolist() == expected
+    for segments in STITCH_SEGMENTS:
+        for threads in (2, 3):
+            got = cdc._cut_array(memoryview(data), p, threads, segments=segments)
+            assert got.tolist() == expected, (segments, threads)
+    # the same stitching over the twin's kernels, on a smaller buffer
+    small = data[:30_011]
+    expected = reference(small, avg)
+    monkeypatch.setattr(cdc, "_impl", _cdc_py)
+    for segments in (2, 5, 16, 200):
+        assert cdc._cut_array(memoryview(small), p, 2, segments=segments).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("avg", "lo", "hi"),
+    [(256, None, None), (1024, None, None), (4096, 4096, 4096), (1000, 65, 1025), (300, 299, 9999)],
+)
+def test_runs_of_every_byte(avg: int, lo: int | None, hi: int | None) -> None:
+    """The kernel's shortcut for runs of one byte (whose hash is constant from 64 bytes
+    on) cuts as the reference does, whether or not that hash matches a mask."""
+    rng = random.Random(avg)
+    p = _cdc_py.params(avg, lo, hi)
+    for byte in range(256):
+        data = runs(60_000, rng, byte)
+        expected = reference(data, avg, lo, hi)
+        assert list(_cdc.cut_sequential(data, p)) == expected, byte
+        assert chained(_cdc, data, p, 9) == expected, byte
+        if byte in (0, 9, 57, 91, 255):  # 57, 9 and 91 hash to a match at avg 256 or 1024
+            assert list(_cdc_py.cut_sequential(data[:20_000], p)) == reference(
+                data[:20_000], avg, lo, hi
+            )
+
+
 @pytest.fixture(scope="module")
 def big() -> dict[str, bytes]:
     rng = random.Random(11)
     n = (6 << 20) + 4321
-    return {"random": rng.randbytes(n), "low": low_entropy(n, rng), "zeros": bytes(n)}
+    return {
+        "random": rng.randbytes(n),
+        "low": low_entropy(n, rng),
+        "zeros": bytes(n),
+        "runs": runs(n, rng, 0),
+    }
 
 
 @pytest.mark.parametrize("avg", [16 << 10, 64 << 10, 256 << 10])
-@pytest.mark.parametrize("kind", ["random", "low", "zeros"])
+@pytest.mark.parametrize("kind", ["random", "low", "zeros", "runs"])
 def test_cut_points_match_pyfastcdc(
     avg: int, kind: str, big: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,17 +4,23 @@ The cut points are those of fastcdc-rs ``v2020`` and pyfastcdc (normalization le
 their gear table and masks, ``min_size = avg_size // 4`` and ``max_size = avg_size * 4``
 by default), so that manifests agree with chunks stored by those tools.
 
-With ``threads > 1`` the buffer is cut into segments hashed in parallel, GIL released,
-each segment listing compactly (8 bytes per entry, about one every ``avg_size / 2`` bytes)
-where the gear hash could end a chunk; a sequential pass then picks the exact cut points
-from those lists. The result is identical to the sequential algorithm, which
-``threads=1`` runs directly.
+With ``threads > 1`` the buffer is cut into segments chunked in parallel, GIL released,
+each as if a chunk started at its start (speculatively; 8 bytes per chunk). Where a chunk
+ends depends only on where it starts, so once the true chain of cuts, known up to the end
+of one segment, meets a cut of the next segment's chain, usually within a chunk or two,
+the rest of that chain is true as well (see :mod:`fastpipe._native._cdc_py`). The result is
+identical to the sequential algorithm, which ``threads=1`` runs directly, and the parallel
+form hashes as little as it does (the first ``min_size`` bytes of each chunk are
+skipped), plus the chunk or two of each resynchronisation. Long runs where the cuts fall
+with a fixed period (one byte repeated over several ``max_size``) may keep the chains apart
+up to the end of a segment: that segment is then walked again sequentially, no slower in
+all than ``threads=1``.
 """
 
 from __future__ import annotations
 
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -37,28 +43,46 @@ def _byte_view(data: Any) -> memoryview:
 
 
 def _cut_array(
-    view: memoryview, p: Params, threads: int, executor: Executor | None = None
+    view: memoryview,
+    p: Params,
+    threads: int,
+    executor: Executor | None = None,
+    segments: int | None = None,
 ) -> array[int]:
-    """Chunk end offsets of ``view`` as ``array('q')``; the engine behind cut_points."""
+    """Chunk end offsets of ``view`` as ``array('q')``; the engine behind cut_points.
+
+    ``segments`` forces the number of segments whatever their size (for the tests).
+    """
     n = len(view)
-    segments = min(threads, n // MIN_SEGMENT) if threads > 1 else 1
+    if segments is None:
+        segments = min(threads, n // MIN_SEGMENT) if threads > 1 else 1
     if segments <= 1:
         return _impl.cut_sequential(view, p)  # type: ignore[no-any-return]
     bounds = [n * k // segments for k in range(segments + 1)]
 
-    def find(k: int) -> array[int]:
-        return _impl.find_candidates(view, bounds[k], bounds[k + 1], p)  # type: ignore[no-any-return]
+    def speculate(k: int) -> array[int]:
+        return _impl.cut_range(view, bounds[k], bounds[k + 1], p)  # type: ignore[no-any-return]
 
     if executor is None:
-        with ThreadPoolExecutor(max_workers=segments, thread_name_prefix="fastpipe-cdc") as ex:
-            parts = list(ex.map(find, range(segments)))
-    else:
-        parts = list(executor.map(find, range(segments)))
-    candidates = parts[0]
-    for part in parts[1:]:
-        candidates.extend(part)
-    del parts
-    return _impl.pick_cuts(view, candidates, p)  # type: ignore[no-any-return]
+        workers = min(threads, segments)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastpipe-cdc") as ex:
+            return _stitch(view, p, ex.map(speculate, range(segments)))
+    return _stitch(view, p, executor.map(speculate, range(segments)))
+
+
+def _stitch(view: memoryview, p: Params, chains: Iterator[array[int]]) -> array[int]:
+    """The true cuts from the speculative chains of consecutive segments, in order."""
+    ends = next(chains)  # the first segment starts at 0: its chain is true
+    for chain in chains:
+        last = ends[-1] if ends else 0
+        if not chain or chain[-1] <= last:
+            continue  # an empty segment, or one the true chain has already passed
+        walked, met = _impl.resync(view, last, chain, p)
+        ends += walked
+        if met >= 0:
+            del chain[: met + 1]
+            ends += chain
+    return ends
 
 
 def cut_points(
@@ -72,7 +96,7 @@ def cut_points(
     """Chunk end offsets of ``data`` in order (the last is ``len(data)``; ``[]`` if empty).
 
     ``data`` is any buffer (bytes, bytearray, mmap, memoryview); it is not copied.
-    Sizes out of the reference's ranges raise ValueError. ``threads > 1`` hashes segments
+    Sizes out of the reference's ranges raise ValueError. ``threads > 1`` chunks segments
     of at least 4 MiB in parallel with the same result.
     """
     p = params(avg_size, min_size, max_size)

@@ -16,14 +16,23 @@ def cut_sequential(buf: Buffer, p: Params) -> array[int]:
     """Chunk end offsets of the whole buffer, computed as the reference does (two bytes
     of gear hash a step, skipping the first ``min_size`` bytes of each chunk)."""
 
-def find_candidates(buf: Buffer, start: int, end: int, p: Params) -> array[int]:
-    """Positions ``i`` in ``[start, end)`` where the gear hash of the 64 bytes ending at
-    ``i`` has no bit of ``p.mask_s`` (entry ``i << 2 | 1``) or of ``p.mask_l`` (``| 2``).
+def cut_range(buf: Buffer, start: int, stop: int, p: Params) -> array[int]:
+    """Ends of the chunks of the chain that starts a chunk at ``start``, up to the first
+    end at or past ``stop`` (empty when ``start == stop``).
 
-    Segments of one buffer may be searched in parallel threads; their lists concatenated
-    in order feed :func:`pick_cuts`. About one entry per ``avg_size / 2`` bytes.
+    The chunks end where they would in a chunking of the whole buffer that had a cut at
+    ``start``: the end of the buffer, not ``stop``, limits them. Segments of one buffer
+    may be chunked so in parallel threads, speculatively, and joined by :func:`resync`.
+    ValueError unless ``0 <= start <= stop <= len(buf)``.
     """
 
-def pick_cuts(buf: Buffer, candidates: Buffer, p: Params) -> array[int]:
-    """Chunk end offsets of the whole buffer from the candidates of all of it (an
-    ``array('q')`` in order): the same offsets as :func:`cut_sequential`."""
+def resync(buf: Buffer, cut: int, ends: Buffer, p: Params) -> tuple[array[int], int]:
+    """Walk the chain from the cut ``cut`` until it meets ``ends`` (a chain from
+    :func:`cut_range`, an ``array('q')`` in order).
+
+    Returns the cuts walked past ``cut`` and the index in ``ends`` of the last of them (or
+    of ``cut`` itself when it is in ``ends``): every later entry of ``ends`` is a cut of
+    the walked chain too. The index is -1 when the walk passed ``ends[-1]`` without
+    meeting it; the walked cuts then end at the first one past ``ends[-1]``.
+    ValueError unless ``0 <= cut <= len(buf)``.
+    """

@@ -1,23 +1,23 @@
 # cython: language_level=3
 """FastCDC 2020 kernels, GIL released (docstrings live in ``_cdc.pyi``).
 
-The algorithm, its tables and the reasoning behind the parallel form are described in
-the plain-Python twin :mod:`fastpipe._native._cdc_py`, which holds the tables both use.
+The algorithm, its tables and the reasoning behind the parallel form (speculative
+segments, resynchronised) are described in the plain-Python twin
+:mod:`fastpipe._native._cdc_py`, which holds the tables both use.
 """
 
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp
 
 from array import array
 
 from ._cdc_py import GEAR as _GEAR_TABLE
-from ._cdc_py import WARMUP as _WARMUP_PY
 
 cdef uint64_t GEAR[256]
 cdef uint64_t GEAR_LS[256]          # GEAR[b] << 1: hashes two bytes a step
-cdef Py_ssize_t WARMUP = _WARMUP_PY
 
 for _b in range(256):
     GEAR[_b] = _GEAR_TABLE[_b]
@@ -88,6 +88,35 @@ cdef inline void _limits(const _Params* p, Py_ssize_t remaining, Py_ssize_t* sta
     end[0] = remaining & ~(<Py_ssize_t>1)
 
 
+cdef Py_ssize_t _cut_run(const uint8_t* buf, Py_ssize_t start, Py_ssize_t mid,
+                        Py_ssize_t end, uint64_t mask_s, uint64_t mask_l) noexcept nogil:
+    """Where :func:`_cut_one`'s search of ``[start, end)`` stops when those bytes are one
+    byte repeated (``end`` if no hash matches), or -1 when the bytes it reads are not.
+
+    Runs of one byte (zeros in sparse files) are common and hash slowly to a forced cut
+    at ``max_size``: the hash of a run is the same from 64 bytes on, so it is computed
+    once, and checking that the bytes are equal runs at memory speed."""
+    cdef uint64_t g = GEAR[buf[start]]
+    cdef uint64_t h = 0
+    cdef Py_ssize_t i = start
+    cdef Py_ssize_t found = end
+    while i < end and i < start + 64:
+        h = (h << 1) + g
+        if (h & (mask_s if i < mid else mask_l)) == 0:
+            found = i
+            break
+        i += 1
+    if found == end and i < end:  # h is now (h << 1) + g == h: the same at every i
+        if i < mid and (h & mask_s) == 0:
+            found = i
+        elif (h & mask_l) == 0:
+            found = i if i >= mid else mid
+    # bytes [start, found] decide the cut at found; [start, end) a cut at neither
+    if memcmp(buf + start, buf + start + 1, (found if found < end else end - 1) - start):
+        return -1
+    return found
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef Py_ssize_t _cut_one(const uint8_t* buf, Py_ssize_t remaining,
@@ -102,6 +131,10 @@ cdef Py_ssize_t _cut_one(const uint8_t* buf, Py_ssize_t remaining,
     if remaining <= p.min_size:
         return remaining
     _limits(p, remaining, &start, &mid, &end)
+    if end - start >= 128 and buf[start] == buf[start + 1] and buf[start] == buf[end - 1]:
+        i = _cut_run(buf, start, mid, end, mask_s, mask_l)
+        if i >= 0:
+            return i if i < end else (remaining if remaining < p.max_size else p.max_size)
     i = start
     while i < mid:
         h = (h << 2) + GEAR_LS[buf[i]]
@@ -122,88 +155,40 @@ cdef Py_ssize_t _cut_one(const uint8_t* buf, Py_ssize_t remaining,
     return remaining if remaining < p.max_size else p.max_size
 
 
-cdef void _cut_sequential(const uint8_t* buf, Py_ssize_t n, const _Params* p,
-                          _Vec* out) noexcept nogil:
-    cdef Py_ssize_t s = 0
-    while s < n:
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void _chain(const uint8_t* buf, Py_ssize_t n, Py_ssize_t start, Py_ssize_t stop,
+                 const _Params* p, _Vec* out) noexcept nogil:
+    """Ends of the chain of chunks from a cut at ``start`` up to the first end >= ``stop``."""
+    cdef Py_ssize_t s = start
+    while s < stop:
         s += _cut_one(buf + s, n - s, p)
         _push(out, s)
 
 
-cdef inline void _mark(_Vec* out, uint64_t h, uint64_t mask_s, uint64_t mask_l,
-                       Py_ssize_t i) noexcept nogil:
-    cdef int64_t flags = (1 if (h & mask_s) == 0 else 0) | (2 if (h & mask_l) == 0 else 0)
-    if flags:
-        _push(out, (<int64_t>i << 2) | flags)
-
-
 @cython.boundscheck(False)
 @cython.wraparound(False)
-cdef void _find_candidates(const uint8_t* buf, Py_ssize_t start, Py_ssize_t end,
-                           uint64_t mask_s, uint64_t mask_l, _Vec* out) noexcept nogil:
-    """Mark ``[start, end)``; two bytes a step as the sequential kernel (the first half
-    step gives twice the hash, tested against the masks shifted left once)."""
-    cdef uint64_t h = 0
-    cdef uint64_t both = mask_s & mask_l   # a hash with any of these bits matches neither
-    cdef uint64_t both_ls = both << 1
-    cdef uint64_t mask_s_ls = mask_s << 1
-    cdef uint64_t mask_l_ls = mask_l << 1
-    cdef Py_ssize_t i = start - 64 if start > 64 else 0
-    while i < start:
-        h = (h << 1) + GEAR[buf[i]]
-        i += 1
-    if (end - i) & 1:
-        h = (h << 1) + GEAR[buf[i]]
-        if (h & both) == 0:
-            _mark(out, h, mask_s, mask_l, i)
-        i += 1
-    while i < end:
-        h = (h << 2) + GEAR_LS[buf[i]]
-        if (h & both_ls) == 0:
-            _mark(out, h, mask_s_ls, mask_l_ls, i)
-        h = h + GEAR[buf[i + 1]]
-        if (h & both) == 0:
-            _mark(out, h, mask_s, mask_l, i + 1)
-        i += 2
+cdef Py_ssize_t _resync(const uint8_t* buf, Py_ssize_t n, Py_ssize_t cut, const int64_t* ends,
+                        Py_ssize_t count, const _Params* p, _Vec* walked) noexcept nogil:
+    """Walk the chain on from ``cut`` until it meets ``ends``: the index met, or -1."""
+    cdef Py_ssize_t j = 0
+    while True:
+        while j < count and ends[j] < cut:
+            j += 1
+        if j == count:
+            return -1
+        if ends[j] == cut:
+            return j
+        if cut == n:  # only when ``ends`` is not a chain of this buffer
+            return -1
+        cut += _cut_one(buf + cut, n - cut, p)
+        _push(walked, cut)
 
 
-@cython.boundscheck(False)
-@cython.wraparound(False)
-cdef void _pick_cuts(const uint8_t* buf, Py_ssize_t n, const int64_t* cand, Py_ssize_t nc,
-                     const _Params* p, _Vec* out) noexcept nogil:
-    cdef Py_ssize_t s = 0
-    cdef Py_ssize_t ci = 0
-    cdef Py_ssize_t remaining, start, mid, end, warm_end, cut, i, rel
-    cdef uint64_t h
-    while s < n:
-        remaining = n - s
-        if remaining <= p.min_size:
-            cut = remaining
-        else:
-            _limits(p, remaining, &start, &mid, &end)
-            cut = -1
-            h = 0
-            warm_end = start + WARMUP if start + WARMUP < end else end
-            i = start
-            while i < warm_end:
-                h = (h << 1) + GEAR[buf[s + i]]
-                if (h & (p.mask_s if i < mid else p.mask_l)) == 0:
-                    cut = i
-                    break
-                i += 1
-            if cut < 0:
-                while ci < nc and (cand[ci] >> 2) < s + warm_end:
-                    ci += 1
-                while ci < nc and (cand[ci] >> 2) < s + end:
-                    rel = <Py_ssize_t>(cand[ci] >> 2) - s
-                    if cand[ci] & (1 if rel < mid else 2):
-                        cut = rel
-                        break
-                    ci += 1
-            if cut < 0:
-                cut = remaining if remaining < p.max_size else p.max_size
-        s += cut
-        _push(out, s)
+cdef inline void _init(_Vec* v) noexcept nogil:
+    v.data = NULL
+    v.len = v.cap = 0
+    v.failed = False
 
 
 @cython.boundscheck(False)
@@ -212,43 +197,41 @@ def cut_sequential(const uint8_t[::1] buf not None, p):
     cdef _Params c = _unpack(p)
     cdef _Vec out
     cdef Py_ssize_t n = buf.shape[0]
-    out.data = NULL
-    out.len = out.cap = 0
-    out.failed = False
+    _init(&out)
     if n:
         with nogil:
-            _cut_sequential(&buf[0], n, &c, &out)
+            _chain(&buf[0], n, 0, n, &c, &out)
     return _to_array(&out)
 
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-def find_candidates(const uint8_t[::1] buf not None, Py_ssize_t start, Py_ssize_t end, p):
-    cdef _Params c = _unpack(p)
-    cdef _Vec out
-    if start < 0 or end > buf.shape[0] or start > end:
-        raise ValueError(f"segment [{start}, {end}) is outside the buffer of {buf.shape[0]}")
-    out.data = NULL
-    out.len = out.cap = 0
-    out.failed = False
-    if end > start:
-        with nogil:
-            _find_candidates(&buf[0], start, end, c.mask_s, c.mask_l, &out)
-    return _to_array(&out)
-
-
-@cython.boundscheck(False)
-@cython.wraparound(False)
-def pick_cuts(const uint8_t[::1] buf not None, const int64_t[::1] candidates not None, p):
+def cut_range(const uint8_t[::1] buf not None, Py_ssize_t start, Py_ssize_t stop, p):
     cdef _Params c = _unpack(p)
     cdef _Vec out
     cdef Py_ssize_t n = buf.shape[0]
-    cdef Py_ssize_t nc = candidates.shape[0]
-    cdef const int64_t* cand = &candidates[0] if nc else NULL
-    out.data = NULL
-    out.len = out.cap = 0
-    out.failed = False
-    if n:
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"range [{start}, {stop}) is outside the buffer of {n}")
+    _init(&out)
+    if start < stop:
         with nogil:
-            _pick_cuts(&buf[0], n, cand, nc, &c, &out)
+            _chain(&buf[0], n, start, stop, &c, &out)
     return _to_array(&out)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def resync(const uint8_t[::1] buf not None, Py_ssize_t cut, const int64_t[::1] ends not None, p):
+    cdef _Params c = _unpack(p)
+    cdef _Vec walked
+    cdef Py_ssize_t n = buf.shape[0]
+    cdef Py_ssize_t count = ends.shape[0]
+    cdef Py_ssize_t met = -1
+    cdef const uint8_t* data = &buf[0] if n else NULL
+    if not 0 <= cut <= n:
+        raise ValueError(f"cut {cut} is outside the buffer of {n}")
+    _init(&walked)
+    if count:
+        with nogil:
+            met = _resync(data, n, cut, &ends[0], count, &c, &walked)
+    return _to_array(&walked), met

@@ -12,12 +12,15 @@ the chunk's start. A chunk starting at ``s`` with ``r = len - s`` bytes left end
   of ``mask_l`` after it; the byte at ``p`` starts the next chunk;
 - else at ``s + min(r, max_size)``.
 
-Since the hash is shifted left each byte, a byte older than 64 positions has left the
-64-bit hash: ``h(i)`` from a restart at least 63 bytes before ``i`` equals the hash of the
-64 bytes ending at ``i`` (the "global" hash). That makes the parallel form exact:
-:func:`find_candidates` marks, per segment, the positions where the global hash matches
-``mask_s`` or ``mask_l``; :func:`pick_cuts` then walks the chunks in order, hashing only the
-first 64 positions after each restart itself and taking the rest from the candidates.
+Where a chunk ends depends only on where it starts (and on the data and its length), so
+two chains of chunks that share one cut share all the cuts after it. That makes the
+parallel form exact (speculative segments with resynchronisation): :func:`cut_range` chunks
+each segment of the buffer as if a chunk started at the segment's start, in parallel; the
+true chain, known up to the end of one segment, is walked on by :func:`resync` until it
+reaches a cut of the next segment's chain, usually within a chunk or two, and adopts the
+rest of that chain. In stretches where the cuts repeat with a fixed period (long runs of
+one byte, cut at ``max_size``) the two chains may not meet before the segment ends, and the
+walk continues, sequentially, into the next segment.
 
 This module is the oracle of the tests (slow: about a microsecond a byte);
 ``FASTPIPE_NO_EXTENSIONS=1`` makes fastpipe use it, for debugging only.
@@ -61,10 +64,6 @@ MASKS: dict[int, int] = {
     22: 0x0000_D937_6753_7000,
     23: 0x0000_D937_7753_7000,
 }
-
-#: Positions after a hash restart that :func:`pick_cuts` hashes itself (the global hash
-#: equals the chunk's own hash from 63 positions on).
-WARMUP = 64
 
 AVG_SIZE_RANGE = (256, 4 << 20)
 MIN_SIZE_RANGE = (64, 1 << 20)
@@ -136,64 +135,53 @@ def _cut_one(data: bytes, s: int, p: Params) -> int:
 def cut_sequential(buf: Any, p: Params) -> array[int]:
     """Chunk end offsets of the whole buffer, the reference's way."""
     data = _bytes(buf)
+    return _chain(data, 0, len(data), p)
+
+
+def _chain(data: bytes, start: int, stop: int, p: Params) -> array[int]:
     ends: array[int] = array("q")
-    s = 0
-    while s < len(data):
+    s = start
+    while s < stop:
         s += _cut_one(data, s, p)
         ends.append(s)
     return ends
 
 
-def find_candidates(buf: Any, start: int, end: int, p: Params) -> array[int]:
-    """Positions ``i`` in ``[start, end)`` where the global hash has no bit of a mask.
+def cut_range(buf: Any, start: int, stop: int, p: Params) -> array[int]:
+    """Ends of the chunks of the chain that starts a chunk at ``start``, up to the first
+    end at or past ``stop`` (empty when ``start == stop``).
 
-    Each entry is ``i << 2 | 1`` (matches ``mask_s``) ``| 2`` (matches ``mask_l``).
-    The hash is warmed up over the 64 bytes before ``start``.
+    The chunks end where they would in a chunking of the whole buffer that had a cut at
+    ``start``: the end of the buffer, not ``stop``, limits them.
     """
     data = _bytes(buf)
-    out: array[int] = array("q")
-    h = 0
-    for i in range(max(0, start - 64), end):
-        h = ((h << 1) + GEAR[data[i]]) & _U64
-        if i >= start:
-            flags = (0 if h & p.mask_s else 1) | (0 if h & p.mask_l else 2)
-            if flags:
-                out.append(i << 2 | flags)
-    return out
+    if not 0 <= start <= stop <= len(data):
+        raise ValueError(f"range [{start}, {stop}) is outside the buffer of {len(data)}")
+    return _chain(data, start, stop, p)
 
 
-def pick_cuts(buf: Any, candidates: Sequence[int], p: Params) -> array[int]:
-    """Chunk end offsets of the whole buffer from its candidates (same as sequential)."""
+def resync(buf: Any, cut: int, ends: Sequence[int], p: Params) -> tuple[array[int], int]:
+    """Walk the chain from the cut ``cut`` until it meets ``ends`` (a chain from
+    :func:`cut_range`, in order).
+
+    Returns the cuts walked past ``cut`` and the index in ``ends`` of the last of them (or
+    of ``cut`` itself when it is in ``ends``): every later entry of ``ends`` is a cut of
+    the walked chain too. The index is -1 when the walk passed ``ends[-1]`` without
+    meeting it; the walked cuts then end at the first one past ``ends[-1]``.
+    """
     data = _bytes(buf)
-    n = len(data)
-    ends: array[int] = array("q")
-    ci = 0
-    s = 0
-    while s < n:
-        remaining = n - s
-        if remaining <= p.min_size:
-            cut = remaining
-        else:
-            start, mid, end = _limits(p, remaining)
-            cut = -1
-            h = 0
-            warm_end = min(end, start + WARMUP)
-            for i in range(start, warm_end):
-                h = ((h << 1) + GEAR[data[s + i]]) & _U64
-                if not h & (p.mask_s if i < mid else p.mask_l):
-                    cut = i
-                    break
-            if cut < 0:
-                while ci < len(candidates) and candidates[ci] >> 2 < s + warm_end:
-                    ci += 1
-                while ci < len(candidates) and candidates[ci] >> 2 < s + end:
-                    rel = (candidates[ci] >> 2) - s
-                    if candidates[ci] & (1 if rel < mid else 2):
-                        cut = rel
-                        break
-                    ci += 1
-            if cut < 0:
-                cut = min(remaining, p.max_size)
-        s += cut
-        ends.append(s)
-    return ends
+    if not 0 <= cut <= len(data):
+        raise ValueError(f"cut {cut} is outside the buffer of {len(data)}")
+    walked: array[int] = array("q")
+    j = 0
+    while True:
+        while j < len(ends) and ends[j] < cut:
+            j += 1
+        if j == len(ends):
+            return walked, -1
+        if ends[j] == cut:
+            return walked, j
+        if cut == len(data):  # only when ``ends`` is not a chain of this buffer
+            return walked, -1
+        cut += _cut_one(data, cut, p)
+        walked.append(cut)
