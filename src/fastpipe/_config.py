@@ -59,7 +59,8 @@ class Config:
 
     ``part_size`` is raised so that an object has at most 10,000 parts.
     ``data_plane`` is ``"auto"`` (raw HTTP unless a proxy is configured), ``"raw"`` or
-    ``"botocore"`` (stream aiobotocore's response bodies).
+    ``"botocore"`` (stream aiobotocore's response bodies). ``early_file_stages`` lets a
+    file stage that reads in order overlap the download (see ``FileStage.reads_in_order``).
     """
 
     part_size: int = 8 * MiB
@@ -78,6 +79,8 @@ class Config:
     presign_expires: int = 3600
     resume: bool = False
     force: bool = False
+    #: Start an in-order file stage (``chunk``) while the download runs (still gated).
+    early_file_stages: bool = True
 
     def __post_init__(self) -> None:
         if self.part_size < 1:

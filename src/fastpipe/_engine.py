@@ -451,7 +451,9 @@ class Engine:
         when it could start early (:attr:`FileStage.reads_in_order`).
         """
         indices = [i for i, s in enumerate(stages) if isinstance(s, StreamStage)]
-        early = _EarlyRun.plan(stages, info, path, watermark)
+        early = (
+            _EarlyRun.plan(stages, info, path, watermark) if self.config.early_file_stages else None
+        )
         runner = StreamRunner(
             [stages[i] for i in indices],  # type: ignore[misc]
             [report.stages[i] for i in indices],

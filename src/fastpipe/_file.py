@@ -154,6 +154,8 @@ class Watermark:
         self.value = 0
         self.closed = False
         self._cond = threading.Condition()
+        self._waiting: list[int] = []  # targets of the readers blocked in wait()
+        self._wake_at = 0  # the smallest of them (0: nobody waits)
 
     def completed_parts(self) -> frozenset[int]:
         """Indices of the parts written in full."""
@@ -198,7 +200,10 @@ class Watermark:
                 if self.value < end:
                     break
                 self._first_open += 1
-            self._cond.notify_all()
+            # Wake readers only when one of them has what it waits for: a wake-up per
+            # receive-buffer flush made waiting threads fight the event loop for the GIL.
+            if self.value >= self._wake_at:
+                self._cond.notify_all()
 
     def complete_all(self) -> None:
         """Mark the whole object as present (a local source, or a resumed complete file)."""
@@ -219,7 +224,13 @@ class Watermark:
         target = min(self.size, position + min_bytes)
         with self._cond:
             if self.value < target and not self.closed:
-                self._cond.wait_for(lambda: self.value >= target or self.closed, timeout)
+                self._waiting.append(target)
+                self._wake_at = min(self._waiting)
+                try:
+                    self._cond.wait_for(lambda: self.value >= target or self.closed, timeout)
+                finally:
+                    self._waiting.remove(target)
+                    self._wake_at = min(self._waiting, default=0)
             return self.value
 
 
