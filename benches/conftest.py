@@ -68,19 +68,8 @@ class BenchObject:
 @pytest.fixture(scope="session")
 def local_s3() -> Iterator[LocalS3]:
     """A SeaweedFS server on free loopback ports; its env is exported for the session."""
-    server = LocalS3()
-    server.start()
-    saved = {k: os.environ.get(k) for k in server.client_env()}
-    os.environ.update(server.client_env())
-    try:
+    with LocalS3() as server, server.exported_env():
         yield server
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
 
 
 @pytest.fixture(scope="session")

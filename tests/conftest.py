@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,18 +15,8 @@ from fastpipe._locals3 import LocalS3
 def s3_server() -> Iterator[LocalS3]:
     """A SeaweedFS server on free loopback ports; its env is exported for the session."""
     server = LocalS3(extra_identities={"reader-denied": ("denied-secret", ["List"])})
-    server.start()
-    saved = {k: os.environ.get(k) for k in server.client_env()}
-    os.environ.update(server.client_env())
-    try:
+    with server, server.exported_env():
         yield server
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._config import Config, format_size, parse_size
+from ._config import Config, format_size
 from ._exceptions import FastpipeError, UsageError
 from ._report import Report
 
@@ -734,13 +734,9 @@ def tool_versions(server: str | None) -> dict[str, str | None]:
 
 
 def _size(text: str) -> int:
-    try:
-        value = parse_size(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 byte: {text!r}")
-    return value
+    from .cli import _size_arg
+
+    return _size_arg(text)
 
 
 def _sizes(text: str) -> list[int]:
@@ -758,13 +754,9 @@ def _variants(text: str) -> list[str]:
 
 
 def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
+    from .cli import _positive_int
+
+    return _positive_int(text)
 
 
 def register(subparsers: Any) -> None:
@@ -823,17 +815,9 @@ def _endpoint(
 
     with LocalS3() as server:
         env.update(server.client_env())
-        saved = {k: os.environ.get(k) for k in server.client_env()}
-        os.environ.update(server.client_env())
-        try:
+        with server.exported_env():
             pid = server._proc.pid if server._proc is not None else None
             yield server.endpoint_url, env, _version_of([find_weed(), "version"]), pid
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 def _say(*parts: object) -> None:

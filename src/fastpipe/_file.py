@@ -174,14 +174,18 @@ class Watermark:
             total += end - start
         with self._cond:
             self._first_open = 0
-            while self._first_open < self.parts:
-                start, end = self.part_range(self._first_open)
-                self.value = start + self.done[self._first_open]
-                if self.value < end:
-                    break
-                self._first_open += 1
+            self._move_up()
             self._cond.notify_all()
         return total
+
+    def _move_up(self) -> None:
+        """Advance ``value`` over the parts complete from ``_first_open`` on (lock held)."""
+        while self._first_open < self.parts:
+            start, end = self.part_range(self._first_open)
+            self.value = start + self.done[self._first_open]
+            if self.value < end:
+                break
+            self._first_open += 1
 
     def part_range(self, index: int) -> tuple[int, int]:
         """``(start, end)`` byte offsets of part ``index`` (end exclusive)."""
@@ -194,12 +198,7 @@ class Watermark:
         if index != self._first_open:
             return
         with self._cond:
-            while self._first_open < self.parts:
-                start, end = self.part_range(self._first_open)
-                self.value = start + self.done[self._first_open]
-                if self.value < end:
-                    break
-                self._first_open += 1
+            self._move_up()
             # Wake readers only when one of them has what it waits for: a wake-up per
             # receive-buffer flush made waiting threads fight the event loop for the GIL.
             if self.value >= self._wake_at:

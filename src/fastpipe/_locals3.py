@@ -7,6 +7,7 @@ lives in a temporary folder removed on stop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -214,6 +216,21 @@ class LocalS3:
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_EC2_METADATA_DISABLED": "true",
         }
+
+    @contextlib.contextmanager
+    def exported_env(self) -> Iterator[dict[str, str]]:
+        """Put :meth:`client_env` in ``os.environ`` for the block; restore it after."""
+        env = self.client_env()
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            yield env
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def __enter__(self) -> LocalS3:
         return self.start()
