@@ -150,6 +150,7 @@ class FaultProxy:
     requests: list[Request] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
     port: int = 0
+    connections: int = 0  # client connections accepted since the last reset()
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _server: asyncio.base_events.Server | None = None
@@ -210,6 +211,7 @@ class FaultProxy:
             self.plan = plan
             self.requests.clear()
             self.faults.clear()
+            self.connections = 0
             self._gets = 0
         if self._loop is not None:
             asyncio.run_coroutine_threadsafe(self._new_gate(), self._loop).result(10)
@@ -253,6 +255,8 @@ class FaultProxy:
         await self._server.wait_closed()
 
     async def _track(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with self._lock:
+            self.connections += 1
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)

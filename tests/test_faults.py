@@ -385,3 +385,16 @@ def test_expired_presigned_url_is_signed_again(
     assert urlsplit(again[0].target).query != urlsplit(held.target).query  # signed anew
     text = json.dumps(report.to_dict(), default=str)
     assert not any(marker in text for marker in SECRETS_MARKERS)
+
+
+@pytest.mark.parametrize("plane", PLANES)
+def test_connections_are_kept_alive(
+    proxy: FaultProxy, big_object: tuple[str, bytes], plane: str
+) -> None:
+    """Each fetcher reuses one connection for all its parts (plus one for HEAD)."""
+    uri, data = big_object
+    parts = -(-len(data) // PART)
+    report = fastpipe.run(uri, config=config(proxy, plane, max_concurrency=2))
+    assert report.passed
+    assert len(proxy.gets()) == parts
+    assert proxy.connections <= 2 + 1
