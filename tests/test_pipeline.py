@@ -301,3 +301,14 @@ def test_concurrency_recorded(put_object: Any) -> None:
         put_object(os.urandom(PART * 4)), config=Config(part_size=PART, max_concurrency=3)
     )
     assert report.download.concurrency == 3 and report.download.parts == 4
+
+
+def test_every_stage_takes_a_timeout_option(put_object: Any) -> None:
+    for name in ("checksum", "limits", "verify", "scan", "chunk"):
+        assert parse_spec(f"{name}:timeout=2.5").timeout == 2.5
+    command = parse_spec("command:cmd=true,timeout=3")  # the command's own timeout
+    assert command.timeout is None
+    with pytest.raises(fastpipe.UsageError, match="timeout"):
+        parse_spec("scan:timeout=-1")
+    result = _cli("run", put_object(b"x" * 1000), "--json", "--stage", "scan:timeout=60")
+    assert result.returncode == 0, result.stderr

@@ -180,11 +180,15 @@ def _summary(report: Report) -> str:
 
 def _cmd_stages() -> int:
     from .stages import builtin_stages
+    from .stages._registry import COMMON_OPTIONS
 
     for name, (cls, options, summary) in sorted(builtin_stages().items()):
         print(f"{name} ({cls.kind}): {summary}")
         for key, option in sorted(options.items()):
             print(f"    {key:14} {option.help}")
+    print("\nevery stage also takes:")
+    for key, option in sorted(COMMON_OPTIONS.items()):
+        print(f"    {key:14} {option.help}")
     return EXIT_OK
 
 

@@ -84,7 +84,8 @@ def parse_spec(spec: str) -> Stage:
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
         raise UsageError(f"unknown stage {name!r} in {spec!r}; built-in stages: {known}")
-    cls, options, _ = _REGISTRY[name]
+    cls, own_options, _ = _REGISTRY[name]
+    options = dict(COMMON_OPTIONS, **own_options)
     kwargs: dict[str, Any] = {}
     for item in _split_options(rest):
         key, eq, value = item.partition("=")
@@ -92,7 +93,7 @@ def parse_spec(spec: str) -> Stage:
         if not eq:
             raise UsageError(f"stage option {item!r} in {spec!r} is not key=value")
         if key not in options:
-            accepted = ", ".join(sorted(options)) or "(none)"
+            accepted = ", ".join(sorted(options))
             raise UsageError(f"unknown option {key!r} for stage {name!r}; accepted: {accepted}")
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] == '"':
@@ -101,9 +102,29 @@ def parse_spec(spec: str) -> Stage:
             kwargs[key] = options[key].convert(value)
         except (ValueError, UsageError) as exc:
             raise UsageError(f"bad value for {name}:{key}: {exc}") from None
+    # `timeout` is every stage's (Stage.timeout) unless the stage defines its own.
+    timeout = (
+        kwargs.pop("timeout") if "timeout" in kwargs and "timeout" not in own_options else None
+    )
     try:
-        return cls(**kwargs)
+        stage = cls(**kwargs)
     except UsageError:
         raise
     except (TypeError, ValueError) as exc:
         raise UsageError(f"bad options for stage {name!r}: {exc}") from None
+    if timeout is not None:
+        stage.timeout = timeout
+    return stage
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+#: Options every built-in stage takes besides its own.
+COMMON_OPTIONS: dict[str, Option] = {
+    "timeout": Option(_seconds, "seconds the stage may take in all; past that it fails"),
+}
