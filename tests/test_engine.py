@@ -240,3 +240,20 @@ def test_part_plan_stays_under_10000_parts() -> None:
     size = 100 << 30
     assert -(-size // config.plan_part_size(size)) <= 10_000
     assert config.plan_part_size(1 << 30) == 8 << 20
+
+
+def test_temp_dir_holds_the_temp_file(put_object: Any, tmp_path: Any) -> None:
+    seen: list[str] = []
+
+    class Where(FileStage):
+        name = "where"
+
+        def run(self, local: LocalFile) -> None:
+            seen.append(os.path.dirname(local.path))
+
+    report = fastpipe.run(
+        put_object(os.urandom(PART)), stages=[Where()], config=Config(temp_dir=str(tmp_path))
+    )
+    assert report.passed
+    assert seen == [str(tmp_path)]
+    assert list(tmp_path.iterdir()) == []  # removed after the run

@@ -81,6 +81,9 @@ class Config:
     force: bool = False
     #: Start an in-order file stage (``chunk``) while the download runs (still gated).
     early_file_stages: bool = True
+    #: Folder of the temp file when there is no destination (default: ``TMPDIR``/``/tmp``;
+    #: mind that a tmpfs there holds the whole object in RAM).
+    temp_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.part_size < 1:

@@ -327,7 +327,9 @@ class Engine:
             endpoint = config.resolved_endpoint() or "https://s3.amazonaws.com"
             plane = "botocore" if proxy_configured(endpoint) else "raw"
         dl = report.download
-        folder = os.path.dirname(dest_path) if dest_path else tempfile.gettempdir()
+        folder = (
+            os.path.dirname(dest_path) if dest_path else config.temp_dir or tempfile.gettempdir()
+        )
         stem = os.path.basename(dest_path) if dest_path else "download"
         journal: Journal | None = None
         reuse: set[int] = set()

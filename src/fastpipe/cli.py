@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-verify-tls", action="store_true", help="do not verify TLS certificates")
     run.add_argument("--force", action="store_true", help="replace an existing destination")
     run.add_argument(
+        "--temp-dir", help="folder of the temp file when there is no --dest (default: TMPDIR)"
+    )
+    run.add_argument(
         "--resume",
         action="store_true",
         help="with --dest: keep a journal so that an interrupted run continues where it stopped",
@@ -217,7 +220,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             data_plane=args.data_plane,
             force=args.force,
             resume=args.resume,
+            temp_dir=args.temp_dir,
         )
+        if args.temp_dir and not os.path.isdir(args.temp_dir):
+            raise UsageError(f"--temp-dir {args.temp_dir} is not a folder")
         if args.resume and not args.dest:
             raise UsageError("--resume needs --dest")
     except UsageError as exc:
