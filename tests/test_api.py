@@ -159,3 +159,29 @@ def test_console_script_exits_with_main_code(tmp_path: Path) -> None:
     assert result.returncode == 3
     assert '"error_type": "ObjectNotFound"' in result.stdout
     assert "no such file" in result.stderr
+
+
+def test_range_response_checks_run_before_the_body() -> None:
+    """Both data planes refuse a 2xx that is not the asked range of the HEAD'ed object."""
+    from fastpipe._s3 import check_range_response
+
+    loc = S3Location("bucket", "key")
+
+    def check(**kw: object) -> None:
+        args = dict(
+            status=206, content_length=10, content_range="bytes 10-19/100", response_etag='"abc"'
+        )
+        args.update(kw)
+        check_range_response(loc, 100, "abc", 10, 20, **args)  # type: ignore[arg-type]
+
+    check()
+    with pytest.raises(fastpipe.IntegrityError, match="another range"):
+        check(content_range="bytes 0-9/100")
+    with pytest.raises(fastpipe.IntegrityError, match="range length"):
+        check(content_length=11)
+    with pytest.raises(fastpipe.ObjectChanged, match="size 100 became 200"):
+        check(content_range="bytes 10-19/200")
+    with pytest.raises(fastpipe.ObjectChanged, match="ETag abc became def"):
+        check(response_etag='"def"')
+    with pytest.raises(fastpipe.IntegrityError, match="ignored the byte range"):
+        check(status=200)

@@ -10,24 +10,18 @@ from __future__ import annotations
 import random
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import anyio
 
 from ._config import Config
-from ._exceptions import (
-    AccessDenied,
-    FastpipeError,
-    IntegrityError,
-    LocalIOError,
-    ObjectChanged,
-    RetriesExhausted,
-)
+from ._exceptions import AccessDenied, LocalIOError, RetriesExhausted
 from ._file import TempFile, Watermark
 from ._groups import unwrap_groups
-from ._http import HTTPFault, RawConnection, Response, parse_content_range
-from ._s3 import ExpiredURL, S3Control, TransientError, map_s3_error
+from ._http import HTTPFault, RawConnection, Response
+from ._s3 import ExpiredURL, S3Control, TransientError, check_range_response, map_s3_error
 from ._source import S3Location
 from .stages._base import ObjectInfo
 
@@ -162,11 +156,12 @@ class Fetcher:
                 else:
                     await self.s3.stream_range(
                         self.location,
+                        self.info.size,
                         self.info.etag,
                         self.info.version_id,
                         position,
                         end,
-                        self._sink(index, position),
+                        self._sink(index),
                         self.config.receive_buffer,
                     )
             except ExpiredURL:
@@ -198,22 +193,20 @@ class Fetcher:
         cap = min(self.config.backoff_max, self.config.backoff_base * (2 ** (attempt - 1)))
         return random.uniform(0, cap)
 
-    def _sink(self, index: int, offset: int):  # type: ignore[no-untyped-def]
-        position = offset
+    def _sink(self, index: int) -> Callable[[memoryview], None]:
+        """Writes part ``index``'s next bytes where its written prefix ends."""
+        part_start = self.watermark.part_range(index)[0]
         tmp, watermark, stats = self.tmp, self.watermark, self.stats
 
         def write(data: memoryview) -> None:
-            nonlocal position
             try:
-                tmp.pwrite(data, position)
+                tmp.pwrite(data, part_start + watermark.done[index])
             except OSError as exc:
                 raise LocalIOError(
                     f"{self.location}: writing {tmp.path} failed: {exc.strerror or exc}"
                 ) from None
-            n = len(data)
-            position += n
-            stats.bytes += n
-            watermark.advance(index, n)
+            stats.bytes += len(data)
+            watermark.advance(index, len(data))
 
         return write
 
@@ -224,41 +217,39 @@ class Fetcher:
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
         if self.info.etag:
             headers["If-Match"] = f'"{self.info.etag}"'
-        response = await conn.get(target, headers, self._sink(index, start))
-        self._check_response(response, start, end)
 
-    def _check_response(self, response: Response, start: int, end: int) -> None:
-        status = response.status
-        if status in (200, 206):
-            if status == 200 and not (start == 0 and end == self.info.size):
-                raise IntegrityError(f"{self.location}: server ignored the byte range")
-            if status == 206:
-                parsed = parse_content_range(response.headers.get("content-range", ""))
-                if parsed is None or parsed[0] != start or parsed[1] != end - 1:
-                    raise IntegrityError(f"{self.location}: server sent another range than asked")
-                if parsed[2] is not None and parsed[2] != self.info.size:
-                    raise ObjectChanged(
-                        f"{self.location}: the object changed during the download "
-                        f"(size {self.info.size} became {parsed[2]})"
-                    )
-            etag = response.headers.get("etag", "").strip('"')
-            if self.info.etag and etag and etag != self.info.etag:
-                raise ObjectChanged(
-                    f"{self.location}: the object changed during the download "
-                    f"(ETag {self.info.etag} became {etag})"
-                )
+        def check_head(response: Response) -> None:
+            check_range_response(
+                self.location,
+                self.info.size,
+                self.info.etag,
+                start,
+                end,
+                status=response.status,
+                content_length=_int_or_none(response.headers.get("content-length")),
+                content_range=response.headers.get("content-range"),
+                response_etag=response.headers.get("etag"),
+            )
+
+        response = await conn.get(target, headers, self._sink(index), check_head)
+        if 200 <= response.status < 300:
             if response.body_bytes != end - start:
                 raise TransientError(
                     f"{self.location}: body cut short ({response.body_bytes} of {end - start})"
                 )
             return
         code, message = _s3_error_fields(response.error_body)
-        error = map_s3_error(
-            code or str(status), status, message or response.reason, self.location, self.info.etag
+        raise map_s3_error(
+            code or str(response.status),
+            response.status,
+            message or response.reason,
+            self.location,
+            self.info.etag,
         )
-        raise error
 
 
-def is_fatal(exc: BaseException) -> bool:
-    """Errors that end a download at once (everything fastpipe raises but transients)."""
-    return isinstance(exc, FastpipeError) and not isinstance(exc, (TransientError, HTTPFault))
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None

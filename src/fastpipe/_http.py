@@ -54,6 +54,7 @@ def parse_content_range(value: str) -> tuple[int, int, int | None] | None:
 @dataclass
 class _Request:
     sink: Callable[[memoryview], None]
+    check_head: Callable[[Response], None]
     future: asyncio.Future[Response]
     response: Response | None = None
     body_length: int = -1
@@ -112,7 +113,7 @@ class _ResponseProtocol(asyncio.BufferedProtocol):
             if req.response is None:
                 self._parse_head(req)
             else:
-                self._consume_body(req, final=False)
+                self._consume_body(req)
         except Exception as exc:  # the sink's LocalIOError, or broken HTTP
             self._fail(exc)
 
@@ -121,11 +122,13 @@ class _ResponseProtocol(asyncio.BufferedProtocol):
 
     # -- requests -----------------------------------------------------------------------
 
-    def start(self, sink: Callable[[memoryview], None]) -> asyncio.Future[Response]:
+    def start(
+        self, sink: Callable[[memoryview], None], check_head: Callable[[Response], None]
+    ) -> asyncio.Future[Response]:
         loop = asyncio.get_running_loop()
         self._fill = 0
         self._scan_from = 0
-        req = _Request(sink=sink, future=loop.create_future())
+        req = _Request(sink=sink, check_head=check_head, future=loop.create_future())
         self._request = req
         return req.future
 
@@ -184,12 +187,16 @@ class _ResponseProtocol(asyncio.BufferedProtocol):
         else:
             req.body_length = -1  # until the connection closes
             req.response.keep_alive = False
+        if 200 <= status < 300:
+            # Before any body byte reaches the sink: a wrong range or another object
+            # must never be written to the file.
+            req.check_head(req.response)
         body_start = end + 4
         rest = self._fill - body_start
         if rest:
             self._deliver(req, self._view[body_start : self._fill])
         self._fill = 0
-        self._consume_body(req, final=False)
+        self._consume_body(req)
 
     def _deliver(self, req: _Request, data: memoryview) -> None:
         assert req.response is not None
@@ -203,7 +210,7 @@ class _ResponseProtocol(asyncio.BufferedProtocol):
             req.error_body += data
         req.received += len(data)
 
-    def _consume_body(self, req: _Request, final: bool) -> None:
+    def _consume_body(self, req: _Request) -> None:
         assert req.response is not None
         remaining = req.body_length - req.received if req.body_length >= 0 else None
         if self._fill and (
@@ -291,12 +298,18 @@ class RawConnection:
         return protocol
 
     async def get(
-        self, target: str, headers: dict[str, str], sink: Callable[[memoryview], None]
+        self,
+        target: str,
+        headers: dict[str, str],
+        sink: Callable[[memoryview], None],
+        check_head: Callable[[Response], None],
     ) -> Response:
         """Send ``GET target`` and feed a 2xx body to ``sink``; return the response.
 
-        Raises :class:`HTTPFault` on a broken connection or an idle read timeout; bytes
-        fed to ``sink`` before the fault stay fed (the caller resumes after them).
+        ``check_head`` sees a 2xx response's status and headers before its body and may
+        raise to refuse it (the connection is then dropped). Raises :class:`HTTPFault` on
+        a broken connection or an idle read timeout; bytes fed to ``sink`` before the
+        fault stay fed (the caller resumes after them).
         """
         if self._protocol is None or self._protocol.lost:
             self.close()
@@ -306,7 +319,7 @@ class RawConnection:
         lines += [f"{k}: {v}" for k, v in headers.items()]
         lines.append("User-Agent: fastpipe")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        future = protocol.start(sink)
+        future = protocol.start(sink, check_head)
         if protocol.transport is None or protocol.lost:
             raise HTTPFault("connection closed before the request")
         protocol.transport.write(request)

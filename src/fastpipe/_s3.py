@@ -8,9 +8,7 @@ the largest fixed cost of a run.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -25,12 +23,12 @@ from ._exceptions import (
     ObjectNotFound,
     SourceError,
 )
+from ._http import parse_content_range
+from ._objectinfo import object_info_from_head, parts_from_etag, strip_etag
 from ._source import S3Location
 
 if TYPE_CHECKING:
     from .stages._base import ObjectInfo
-
-_MULTIPART_ETAG = re.compile(r"^[0-9a-fA-F]{32}-(\d+)$")
 
 #: S3 error codes that are worth another attempt.
 TRANSIENT_CODES = frozenset(
@@ -68,9 +66,7 @@ def map_s3_error(
     if code == "NoSuchBucket":
         return ObjectNotFound(f"{where}: no such bucket {location.bucket!r}")
     if code in ("PreconditionFailed", "412") or status == 412:
-        return ObjectChanged(
-            f"{where}: the object changed during the download (ETag {etag} no longer matches)"
-        )
+        return object_changed(location, f"ETag {etag} no longer matches")
     if code in ("InvalidRange", "416") or status == 416:
         return ObjectChanged(f"{where}: the object is shorter than when the download started")
     if status == 403 and "expired" in message.lower():
@@ -83,13 +79,38 @@ def map_s3_error(
     return SourceError(f"{where}: S3 error {code or status}: {message}".strip())
 
 
-def multipart_count(etag: str | None) -> int | None:
-    """The part count of a multipart ETag (``"<md5>-N"``), else None."""
-    if etag:
-        m = _MULTIPART_ETAG.match(etag.strip('"'))
-        if m:
-            return int(m.group(1))
-    return None
+def object_changed(location: S3Location, detail: str) -> ObjectChanged:
+    """The error for an object replaced while it was read (``detail`` says how)."""
+    return ObjectChanged(f"{location}: the object changed during the download ({detail})")
+
+
+def check_range_response(
+    location: S3Location,
+    size: int,
+    etag: str | None,
+    start: int,
+    end: int,
+    *,
+    status: int,
+    content_length: int | None,
+    content_range: str | None,
+    response_etag: str | None,
+) -> None:
+    """Refuse a 2xx answer to ``GET bytes=start..end-1`` that is not that range of the
+    object seen by HEAD (both data planes call this before writing a byte)."""
+    if status == 200 and not (start == 0 and end == size):
+        raise IntegrityError(f"{location}: server ignored the byte range")
+    if content_length is not None and content_length != end - start:
+        raise IntegrityError(f"{location}: server sent a different range length than asked")
+    if status == 206:
+        parsed = parse_content_range(content_range or "")
+        if parsed is None or parsed[0] != start or parsed[1] != end - 1:
+            raise IntegrityError(f"{location}: server sent another range than asked")
+        if parsed[2] is not None and parsed[2] != size:
+            raise object_changed(location, f"size {size} became {parsed[2]}")
+    got = strip_etag(response_etag)
+    if etag and got and got != etag:
+        raise object_changed(location, f"ETag {etag} became {got}")
 
 
 class S3Control:
@@ -170,6 +191,7 @@ class S3Control:
         fn: Callable[..., Any],
         *,
         network_transient: bool = False,
+        pinned_etag: str | None = None,
         **kwargs: Any,
     ) -> Any:
         """Call ``fn`` and map botocore's errors; with ``network_transient`` a broken or
@@ -201,7 +223,11 @@ class S3Control:
             err = exc.response.get("Error", {})
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             raise map_s3_error(
-                str(err.get("Code", "")), int(status or 0), str(err.get("Message", "")), location
+                str(err.get("Code", "")),
+                int(status or 0),
+                str(err.get("Message", "")),
+                location,
+                pinned_etag,
             ) from None
         except NoCredentialsError:
             raise AccessDenied(f"{location}: no AWS credentials found") from None
@@ -210,8 +236,6 @@ class S3Control:
 
     async def head(self, location: S3Location) -> ObjectInfo:
         """HEAD the object (checksums enabled); for multipart objects also part 1's size."""
-        from ._objectinfo import object_info_from_head
-
         client = await self.client()
         params: dict[str, Any] = {
             "Bucket": location.bucket,
@@ -226,14 +250,15 @@ class S3Control:
             await self._raise_missing_bucket(location)
             raise
         part1 = None
-        if multipart_count(head.get("ETag")) or head.get("ChecksumType") == "COMPOSITE":
+        if parts_from_etag(strip_etag(head.get("ETag"))) or head.get("ChecksumType") == "COMPOSITE":
             part_params = dict(params, PartNumber=1)
             if head.get("VersionId"):
                 part_params["VersionId"] = head["VersionId"]
             with contextlib.suppress(SourceError):
                 part1 = await self._call(location, client.head_object, **part_params)
-        info = object_info_from_head(head, part1, str(location))
-        return dataclasses.replace(info, bucket=location.bucket, key=location.key)
+        return object_info_from_head(
+            head, part1, str(location), bucket=location.bucket, key=location.key
+        )
 
     async def _raise_missing_bucket(self, location: S3Location) -> None:
         client = await self.client()
@@ -266,6 +291,7 @@ class S3Control:
     async def stream_range(
         self,
         location: S3Location,
+        size: int,
         etag: str | None,
         version_id: str | None,
         start: int,
@@ -287,30 +313,25 @@ class S3Control:
             params["IfMatch"] = f'"{etag}"'
         if version_id:
             params["VersionId"] = version_id
-        try:
-            response = await self._call(
-                location, client.get_object, network_transient=True, **params
-            )
-        except ObjectChanged:
-            raise ObjectChanged(
-                f"{location}: the object changed during the download "
-                f"(ETag {etag} no longer matches)"
-            ) from None
+        response = await self._call(
+            location, client.get_object, network_transient=True, pinned_etag=etag, **params
+        )
         expected = end - start
         body = response["Body"]
         received = 0
         try:
             async with body:
-                if int(response.get("ContentLength", -1)) != expected:
-                    raise IntegrityError(
-                        f"{location}: server sent a different range length than asked"
-                    )
-                got = str(response.get("ETag", "")).strip('"')
-                if etag and got and got != etag:
-                    raise ObjectChanged(
-                        f"{location}: the object changed during the download "
-                        f"(ETag {etag} became {got})"
-                    )
+                check_range_response(
+                    location,
+                    size,
+                    etag,
+                    start,
+                    end,
+                    status=int(response["ResponseMetadata"].get("HTTPStatusCode", 206)),
+                    content_length=response.get("ContentLength"),
+                    content_range=response.get("ContentRange"),
+                    response_etag=response.get("ETag"),
+                )
                 while received < expected:
                     chunk = await body.read(min(chunk_size, expected - received))
                     if not chunk:
