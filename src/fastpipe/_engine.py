@@ -347,7 +347,8 @@ class Engine:
         dl.part_size, dl.concurrency, dl.path = part_size, config.max_concurrency, plane
         watermark = Watermark(info.size, part_size)
         dl.parts = watermark.parts
-        tmp = TempFile(folder, stem, info.size, path=tmp_path)
+        # Preallocating (and later unlinking) a large file can take a while: not on the loop.
+        tmp = await anyio.to_thread.run_sync(partial(TempFile, folder, stem, info.size, tmp_path))
         dl.reused_bytes = watermark.preset(reuse) if reuse else 0
         kept = False
         keep_for_resume = False
@@ -378,18 +379,15 @@ class Engine:
             if not await self._file_stages(stages, info, tmp.path, report, progress, early):
                 return
             if dest_path is not None:
-                tmp.commit(dest_path, config.force)
+                await anyio.to_thread.run_sync(tmp.commit, dest_path, config.force)
                 kept = True
                 report.dest = dest_path
             report.passed = True
         finally:
-            if keep_for_resume:
-                tmp.close()
-            else:
-                if not kept:
-                    tmp.remove()
-                if journal is not None:
-                    journal.remove()
+            with anyio.CancelScope(shield=True):  # cleans up after a cancel too
+                await anyio.to_thread.run_sync(
+                    _clean_up, tmp, None if keep_for_resume else journal, kept or keep_for_resume
+                )
 
     @staticmethod
     def _resumable(
@@ -466,18 +464,9 @@ class Engine:
         )
         started = time.perf_counter()
 
-        async def stop_on_cancel() -> None:
-            try:
-                await anyio.sleep_forever()
-            finally:
-                runner.stop()  # a thread cannot be cancelled: ask it to return
-
         async def stream() -> None:
             try:
-                async with anyio.create_task_group() as watch:
-                    watch.start_soon(stop_on_cancel)
-                    await anyio.to_thread.run_sync(runner.run)
-                    watch.cancel_scope.cancel()
+                await _stoppable(partial(anyio.to_thread.run_sync, runner.run), runner.stop)
             finally:
                 if early is not None and (runner.failed or runner.position < info.size):
                     early.stop()
@@ -485,20 +474,6 @@ class Engine:
                     tg.cancel_scope.cancel()  # gating: no more bytes are fetched
                 elif early is not None and runner.position >= info.size:
                     early.stream_passed.set()  # the early stage may take its last window
-
-        async def stop_early_on_cancel() -> None:
-            assert early is not None
-            try:
-                await anyio.sleep_forever()
-            finally:
-                early.stop()  # its thread cannot be cancelled: its next wait raises
-
-        async def run_early() -> None:
-            assert early is not None
-            async with anyio.create_task_group() as watch:
-                watch.start_soon(stop_early_on_cancel)
-                await early.run()
-                watch.cancel_scope.cancel()
 
         async def download() -> None:
             assert fetcher is not None
@@ -536,7 +511,7 @@ class Engine:
         async def keep_journal() -> None:
             assert journal is not None
             while True:
-                journal.write(watermark.completed_parts())
+                await anyio.to_thread.run_sync(journal.write, watermark.completed_parts())
                 await anyio.sleep(0.5)
 
         with unwrap_groups():
@@ -551,7 +526,7 @@ class Engine:
                     elif early is not None:
                         early.stream_passed.set()  # no stream stage can fail
                     if early is not None:
-                        tg.start_soon(run_early)
+                        tg.start_soon(_stoppable, early.run, early.stop)
                     if fetcher is not None:
                         await download()
                 outer.cancel_scope.cancel()  # stops the progress and journal tasks
@@ -607,6 +582,34 @@ class Engine:
             stage_report.seconds = time.perf_counter() - started
             stage_report.status, stage_report.result = "passed", result
         return True
+
+
+def _clean_up(tmp: TempFile, journal: Journal | None, keep_file: bool) -> None:
+    """Close the temp file, remove it unless it is kept, and drop the journal if given."""
+    if keep_file:
+        tmp.close()
+    else:
+        tmp.remove()
+    if journal is not None:
+        journal.remove()
+
+
+async def _stoppable(work: Callable[[], Awaitable[Any]], stop: Callable[[], None]) -> None:
+    """Await ``work``; when the caller is cancelled, call ``stop`` meanwhile.
+
+    A worker thread cannot be cancelled, so it is asked to return (``stop``) and awaited.
+    """
+
+    async def stop_on_cancel() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            stop()
+
+    async with anyio.create_task_group() as watch:
+        watch.start_soon(stop_on_cancel)
+        await work()
+        watch.cancel_scope.cancel()
 
 
 def _estimate_seconds(size: int) -> float | None:

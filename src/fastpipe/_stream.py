@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from ._exceptions import StageFailed, StageTimeout
+from ._exceptions import LocalIOError, StageFailed, StageTimeout
 from ._file import Watermark, aligned_buffer
 from ._report import StageReport
 from .stages._base import ObjectInfo, StreamStage
@@ -62,13 +62,9 @@ class StreamRunner:
         return self.failed_index is not None
 
     def _fail(self, index: int, exc: BaseException) -> None:
+        # The engine writes the stage's report from these (as for every other failure).
         self.failed_index = index
         self.error = exc
-        report = self.reports[index]
-        report.status = "failed"
-        report.error = describe_exception(exc)
-        if isinstance(exc, StageFailed) and exc.result is not None:
-            report.result = exc.result
 
     def _timed(self, index: int, fn: object, *args: object) -> object:
         report = self.reports[index]
@@ -104,7 +100,7 @@ class StreamRunner:
                     continue
                 n = os.preadv(fd, [view[: min(available, self.buffer_size)]], self.position)
                 if n <= 0:
-                    raise OSError(f"short read at offset {self.position} of {self.path}")
+                    raise LocalIOError(f"short read at offset {self.position} of {self.path}")
                 chunk = view[:n].toreadonly()  # stages read, never write
                 for i, stage in enumerate(self.stages):
                     try:
