@@ -17,36 +17,6 @@ class _Hasher(Protocol):
     def hexdigest(self) -> str: ...
 
 
-class _Crc32:
-    """zlib.crc32 behind the hashlib interface (zlib releases the GIL on large inputs)."""
-
-    def __init__(self) -> None:
-        self._crc = 0
-
-    def update(self, data: memoryview) -> None:
-        import zlib
-
-        self._crc = zlib.crc32(data, self._crc)
-
-    def hexdigest(self) -> str:
-        return f"{self._crc:08x}"
-
-
-class _Crc32c:
-    """The ``crc32c`` package (hardware CRC32C, takes any buffer, releases the GIL)."""
-
-    def __init__(self) -> None:
-        self._crc = 0
-
-    def update(self, data: memoryview) -> None:
-        import crc32c
-
-        self._crc = crc32c.crc32c(data, self._crc)
-
-    def hexdigest(self) -> str:
-        return f"{self._crc:08x}"
-
-
 def new_hasher(algorithm: str) -> _Hasher:
     """Return a fresh hasher for one of :data:`ALGORITHMS`."""
     if algorithm in ("xxh3_64", "xxh3_128"):
@@ -55,10 +25,12 @@ def new_hasher(algorithm: str) -> _Hasher:
         return xxhash.xxh3_64() if algorithm == "xxh3_64" else xxhash.xxh3_128()
     if algorithm in ("sha256", "sha1", "md5"):
         return hashlib.new(algorithm)
-    if algorithm == "crc32c":
-        return _Crc32c()
-    if algorithm == "crc32":
-        return _Crc32()
+    if algorithm in ("crc32c", "crc32"):
+        from .verify import new_digest  # the CRCs S3 stores, computed the same way
+
+        digest = new_digest(algorithm.upper())
+        assert digest is not None  # CRC32 and CRC32C need no optional package
+        return digest  # type: ignore[return-value]
     raise UsageError(f"unknown checksum algorithm {algorithm!r}; accepted: {', '.join(ALGORITHMS)}")
 
 

@@ -50,7 +50,7 @@ class _Digest(Protocol):
     def digest(self) -> bytes: ...
 
 
-class _Crc:
+class Crc:
     """A CRC function ``f(data, previous) -> int`` behind the hashlib interface."""
 
     def __init__(self, function: Callable[[Any, int], int], width: int) -> None:
@@ -63,6 +63,9 @@ class _Crc:
 
     def digest(self) -> bytes:
         return self._crc.to_bytes(self._width, "big")
+
+    def hexdigest(self) -> str:
+        return self.digest().hex()
 
 
 def _awscrt_checksums() -> Any:
@@ -83,16 +86,16 @@ def new_digest(algorithm: str) -> _Digest | None:
     if algorithm in ("MD5", "SHA1", "SHA256"):
         return hashlib.new(algorithm.lower(), usedforsecurity=False)
     if algorithm == "CRC32":
-        return _Crc(zlib.crc32, 4)
+        return Crc(zlib.crc32, 4)
     crt = _awscrt_checksums()
     if algorithm == "CRC32C":
         if crt is not None:
-            return _Crc(crt.crc32c, 4)
+            return Crc(crt.crc32c, 4)
         import crc32c
 
-        return _Crc(crc32c.crc32c, 4)
+        return Crc(crc32c.crc32c, 4)
     if algorithm == "CRC64NVME" and crt is not None:
-        return _Crc(crt.crc64nvme, 8)
+        return Crc(crt.crc64nvme, 8)
     return None
 
 
