@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import fastpipe
-from fastpipe import _bench
+from fastpipe import _estimate
 from fastpipe.stages import StreamStage
 
 GiB = 1 << 30
@@ -33,18 +33,18 @@ def _results(path: Path, per_gib: float, intercept: float) -> None:
 
 
 def test_linear_fit_recovers_a_line() -> None:
-    fit = _bench.linear_fit([(GiB, 3.0), (2 * GiB, 5.0), (4 * GiB, 9.0)])
+    fit = _estimate.linear_fit([(GiB, 3.0), (2 * GiB, 5.0), (4 * GiB, 9.0)])
     assert fit is not None
     assert fit.per_gib == pytest.approx(2.0) and fit.intercept == pytest.approx(1.0)
     assert fit.r2 == pytest.approx(1.0)
-    assert _bench.linear_fit([(GiB, 1.0), (GiB, 2.0)]) is None  # one size: no line
+    assert _estimate.linear_fit([(GiB, 1.0), (GiB, 2.0)]) is None  # one size: no line
 
 
 def test_estimate_seconds_and_cli(tmp_path: Path) -> None:
     path = tmp_path / "results.json"
-    assert _bench.estimate_seconds(GiB, str(path)) is None
+    assert _estimate.estimate_seconds(GiB, str(path)) is None
     _results(path, per_gib=1.5, intercept=0.5)
-    assert _bench.estimate_seconds(10 * GiB, str(path)) == pytest.approx(15.5)
+    assert _estimate.estimate_seconds(10 * GiB, str(path)) == pytest.approx(15.5)
     out = subprocess.run(
         [sys.executable, "-m", "fastpipe.cli", "estimate", "10GiB", "--results", str(path)],
         capture_output=True,
@@ -56,7 +56,7 @@ def test_estimate_seconds_and_cli(tmp_path: Path) -> None:
 
 def test_progress_eta_uses_the_bench_prior(tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    results = Path(_bench.default_results_path())
+    results = Path(_estimate.default_results_path())
     results.parent.mkdir(parents=True)
     _results(results, per_gib=0.0, intercept=100.0)  # "100 s whatever the size"
     source = tmp_path / "f.bin"

@@ -19,8 +19,8 @@ Every run is its own process (wall seconds from spawn to exit, its own peak RSS 
 ``wait4``), preceded by ``os.sync()`` so that the writeback of a previous run's file does
 not land in the next one's time. Runs are interleaved across variants, ``--repeat`` times;
 the median is quoted. ``results.json`` keeps every run; ``time_vs_size.png`` plots seconds
-against size with a linear fit per variant, and :func:`estimate_seconds` reads the fit of
-the ``fastpipe`` variant back (``fastpipe estimate SIZE``).
+against size with a linear fit per variant, and ``_estimate.estimate_seconds`` reads the
+fit of the ``fastpipe`` variant back (``fastpipe estimate SIZE``).
 
 Run it without the CLI as ``python -m fastpipe._bench bench ...``.
 """
@@ -42,6 +42,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ._config import Config, format_size
+from ._estimate import (
+    GiB,
+    default_results_path,
+    fits,
+    load_results,
+)
 from ._exceptions import FastpipeError, UsageError
 from ._report import Report
 
@@ -63,7 +69,6 @@ DEFAULT_BUCKET = "fastpipe-bench"
 KEY_PREFIX = "fastpipe-bench/"
 #: Average chunk size of the chunk stage and of the pyfastcdc peer.
 CHUNK_AVG = 64 << 10
-GiB = 1 << 30
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -432,58 +437,6 @@ def delete_keys(config: Config, bucket: str, keys: Sequence[str]) -> None:
 # -- statistics -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Fit:
-    """``seconds = intercept + per_gib * size_in_GiB``, least squares over every run."""
-
-    per_gib: float
-    intercept: float
-    r2: float
-    points: int
-
-    def seconds(self, size: int) -> float:
-        return self.intercept + self.per_gib * size / GiB
-
-    def describe(self) -> str:
-        return (
-            f"{self.per_gib:.3f} s/GiB + {self.intercept:.3f} s (R²={self.r2:.4f}, n={self.points})"
-        )
-
-
-def linear_fit(points: Sequence[tuple[int, float]]) -> Fit | None:
-    """Fit ``(size_bytes, seconds)`` points; None with fewer than two distinct sizes."""
-    if len({size for size, _ in points}) < 2:
-        return None
-    xs = [size / GiB for size, _ in points]
-    ys = [seconds for _, seconds in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
-    b = sxy / sxx
-    a = my - b * mx
-    ss_res = sum((y - (a + b * x)) ** 2 for x, y in zip(xs, ys, strict=True))
-    ss_tot = sum((y - my) ** 2 for y in ys)
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
-    return Fit(per_gib=b, intercept=a, r2=r2, points=len(xs))
-
-
-def fits(runs: Sequence[dict[str, Any]]) -> dict[str, Fit]:
-    """One fit per variant over its runs on random objects."""
-    out: dict[str, Fit] = {}
-    for variant in dict.fromkeys(r["variant"] for r in runs):
-        pts = [
-            (r["size"], r["seconds"])
-            for r in runs
-            if r["variant"] == variant
-            and r.get("object", "random") == "random"
-            and r.get("exit_code", 0) == 0
-        ]
-        fit = linear_fit(pts)
-        if fit is not None:
-            out[variant] = fit
-    return out
-
-
 def _medians(runs: Sequence[dict[str, Any]]) -> dict[tuple[str, int, str], dict[str, float]]:
     groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for r in runs:
@@ -620,15 +573,6 @@ def plot(runs: Sequence[dict[str, Any]], path: str) -> None:
 # -- results on disk ------------------------------------------------------------------------
 
 
-def default_results_path() -> str:
-    """Where ``fastpipe bench`` leaves its last results for ``estimate``.
-
-    ``$XDG_CACHE_HOME/fastpipe/bench/results.json`` (``~/.cache`` by default).
-    """
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "fastpipe", "bench", "results.json")
-
-
 def _write_json_atomic(path: str, data: Any) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -641,46 +585,6 @@ def _write_json_atomic(path: str, data: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def load_results(path: str | None = None) -> dict[str, Any] | None:
-    """The results file at ``path`` (default: :func:`default_results_path`), or None."""
-    path = path or default_results_path()
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("runs"), list) else None
-
-
-_FIT_CACHE: dict[tuple[str, float], Fit | None] = {}
-
-
-def _fastpipe_fit(path: str | None) -> Fit | None:
-    path = path or default_results_path()
-    try:
-        mtime = os.stat(path).st_mtime
-    except OSError:
-        return None
-    key = (os.path.abspath(path), mtime)
-    if key not in _FIT_CACHE:
-        data = load_results(path)
-        _FIT_CACHE.clear()
-        _FIT_CACHE[key] = fits(data["runs"]).get("fastpipe") if data else None
-    return _FIT_CACHE[key]
-
-
-def estimate_seconds(size: int, results_path: str | None = None) -> float | None:
-    """Predicted end-to-end seconds of checksum + scan + chunk on an object of ``size`` bytes.
-
-    From the linear fit of the ``fastpipe`` variant in the last ``fastpipe bench`` results
-    (``results_path``, default :func:`default_results_path`); None when there are none, or
-    fewer than two sizes. Cheap to call repeatedly: the fit is cached until the file
-    changes. Never below zero.
-    """
-    fit = _fastpipe_fit(results_path)
-    return None if fit is None else max(0.0, fit.seconds(size))
 
 
 # -- versions -------------------------------------------------------------------------------

@@ -614,7 +614,7 @@ async def _stoppable(work: Callable[[], Awaitable[Any]], stop: Callable[[], None
 
 def _estimate_seconds(size: int) -> float | None:
     try:
-        from ._bench import estimate_seconds
+        from ._estimate import estimate_seconds
 
         return estimate_seconds(size)
     except Exception:  # noqa: BLE001 - an unreadable results file only loses the prior
