@@ -5,8 +5,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+from faultproxy import FaultProxy
 
 from fastpipe._locals3 import LocalS3
 
@@ -17,6 +19,22 @@ def s3_server() -> Iterator[LocalS3]:
     server = LocalS3(extra_identities={"reader-denied": ("denied-secret", ["List"])})
     with server, server.exported_env():
         yield server
+
+
+@pytest.fixture(scope="session")
+def proxy_server(s3_server: LocalS3) -> Iterator[FaultProxy]:
+    """The fault-injecting proxy (tests/faultproxy.py) in front of the session's server."""
+    upstream = urlsplit(s3_server.endpoint_url)
+    with FaultProxy(upstream.hostname or "127.0.0.1", upstream.port or 80) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def proxy(proxy_server: FaultProxy) -> Iterator[FaultProxy]:
+    """The proxy with an empty log and no faults; held requests released after the test."""
+    proxy_server.reset(None)
+    yield proxy_server
+    proxy_server.reset(None)
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import pytest
 from faultproxy import Fault, FaultProxy
 
 import fastpipe
@@ -20,11 +17,6 @@ from fastpipe.stages import Checksum, Chunk, FileStage, LocalFile, StreamStage
 PART = 256 << 10
 
 
-@pytest.fixture(scope="module")
-def proxy(s3_server: Any) -> Iterator[FaultProxy]:
-    upstream = urlsplit(s3_server.endpoint_url)
-    with FaultProxy(upstream.hostname or "127.0.0.1", upstream.port or 80) as proxy:
-        yield proxy
 
 
 class InOrder(FileStage):

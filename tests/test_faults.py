@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,21 +34,6 @@ PART = 256 * 1024
 PLANES = ["raw", "botocore"]
 SECRETS_MARKERS = ["X-Amz-Signature", "X-Amz-Credential", "Signature="]
 REPO_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-
-
-@pytest.fixture(scope="module")
-def proxy_server(s3_server: Any) -> Iterator[FaultProxy]:
-    upstream = urlsplit(s3_server.endpoint_url)
-    with FaultProxy(upstream.hostname or "127.0.0.1", upstream.port or 80) as proxy:
-        yield proxy
-
-
-@pytest.fixture
-def proxy(proxy_server: FaultProxy) -> Iterator[FaultProxy]:
-    """The module's proxy, with an empty log and no faults; released after the test."""
-    proxy_server.reset(None)
-    yield proxy_server
-    proxy_server.reset(None)
 
 
 def config(proxy: FaultProxy, plane: str, **kwargs: Any) -> Config:
@@ -70,6 +55,33 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.02)
+
+
+def while_held(
+    proxy: FaultProxy, work: Callable[[], Any], during: Callable[[], Any]
+) -> dict[str, Any]:
+    """Run ``work`` in a thread; once the proxy holds a GET, run ``during``, then release.
+
+    Returns ``{"result": ...}`` or ``{"error": exception}``.
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = work()
+        except BaseException as exc:  # noqa: BLE001 - examined by the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    try:
+        wait_until(lambda: proxy.held() >= 1)
+        during()
+    finally:
+        proxy.release()
+        thread.join(60)
+    assert not thread.is_alive()
+    return outcome
 
 
 def attempts_per_part(proxy: FaultProxy) -> Counter[int]:
@@ -231,23 +243,11 @@ def test_object_replaced_during_download(
     key = f"faults/replaced-{plane}.bin"
     s3_client.put_object(Bucket=bucket, Key=key, Body=os.urandom(2 << 20))
     proxy.reset(_hold_after_first)
-    outcome: dict[str, BaseException] = {}
-
-    def download() -> None:
-        try:
-            fastpipe.run(f"s3://{bucket}/{key}", dest=tmp_path, config=config(proxy, plane))
-        except BaseException as exc:  # noqa: BLE001 - examined below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=download)
-    thread.start()
-    try:
-        wait_until(lambda: proxy.held() >= 1)
-        s3_client.put_object(Bucket=bucket, Key=key, Body=os.urandom(2 << 20))  # same size
-    finally:
-        proxy.release()
-        thread.join(60)
-    assert not thread.is_alive()
+    outcome = while_held(
+        proxy,
+        lambda: fastpipe.run(f"s3://{bucket}/{key}", dest=tmp_path, config=config(proxy, plane)),
+        lambda: s3_client.put_object(Bucket=bucket, Key=key, Body=os.urandom(2 << 20)),
+    )
     error = outcome.get("error")
     assert isinstance(error, fastpipe.ObjectChanged), repr(error)
     assert key in str(error)
@@ -352,29 +352,18 @@ def test_expired_presigned_url_is_signed_again(
     again and retries that range; nothing is lost and the URL never shows in the report."""
     uri, data = big_object
     proxy.reset(lambda n, request: Fault("hold") if n == 2 else None)
-    outcome: dict[str, Any] = {}
-
-    def download() -> None:
-        try:
-            outcome["report"] = fastpipe.run(
-                uri,
-                stages=[Checksum("sha256")],
-                dest=tmp_path / "o.bin",
-                config=config(proxy, "raw", max_concurrency=1, presign_expires=1),
-            )
-        except BaseException as exc:  # noqa: BLE001 - examined below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=download)
-    thread.start()
-    try:
-        wait_until(lambda: proxy.held() >= 1)
-        time.sleep(2.5)  # let the held request's signature expire
-    finally:
-        proxy.release()
-        thread.join(60)
+    outcome = while_held(
+        proxy,
+        lambda: fastpipe.run(
+            uri,
+            stages=[Checksum("sha256")],
+            dest=tmp_path / "o.bin",
+            config=config(proxy, "raw", max_concurrency=1, presign_expires=1),
+        ),
+        lambda: time.sleep(2.5),  # let the held request's signature expire
+    )
     assert "error" not in outcome, repr(outcome.get("error"))
-    report = outcome["report"]
+    report = outcome["result"]
     assert report.passed
     assert report.stage("checksum").result["hexdigest"] == hashlib.sha256(data).hexdigest()
     assert (tmp_path / "o.bin").read_bytes() == data

@@ -9,10 +9,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from faultproxy import Fault, FaultProxy
@@ -26,11 +24,6 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "fastpipe.cli", *args]
 
 
-@pytest.fixture(scope="module")
-def proxy(s3_server: Any) -> Iterator[FaultProxy]:
-    upstream = urlsplit(s3_server.endpoint_url)
-    with FaultProxy(upstream.hostname or "127.0.0.1", upstream.port or 80) as proxy:
-        yield proxy
 
 
 def _start_and_kill(uri: str, dest: Path, proxy: FaultProxy) -> None:

@@ -425,12 +425,9 @@ def test_verify_short_body_fails() -> None:
 
 
 @pytest.fixture(scope="module")
-def s3() -> Iterator[Any]:
-    pytest.importorskip("boto3")
-    from fastpipe._locals3 import LocalS3
-
-    with LocalS3() as server:
-        yield server
+def s3(s3_server: Any) -> Any:
+    """The session's server (tests/conftest.py)."""
+    return s3_server
 
 
 def client(server: Any, checksums: str = "when_supported") -> Any:

@@ -97,10 +97,9 @@ class TempFile:
 
     def pwrite(self, data: memoryview, offset: int) -> None:
         """Write all of ``data`` at ``offset`` (loops over short writes)."""
-        while data:
-            written = os.pwrite(self.fd, data, offset)
-            data = data[written:]
-            offset += written
+        written = os.pwrite(self.fd, data, offset)
+        while written < len(data):  # short writes are rare: no slice on the usual path
+            written += os.pwrite(self.fd, data[written:], offset + written)
 
     def close(self) -> None:
         """Close the descriptor (idempotent)."""
