@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Any
 
 from ._config import Config, format_size
+from ._console import printable
 from ._engine import Engine, run_async
 from ._exceptions import FastpipeError
 from ._locals3 import LocalS3
@@ -114,10 +116,18 @@ def run_demo(size: int, as_json: bool = False) -> int:
         try:
             report: Report = run_async(main)
         except FastpipeError as exc:
-            print(f"fastpipe demo: error: {exc}")
-            return int(exc.exit_code)
+            report = getattr(exc, "report", None) or Report(
+                source=f"s3://{DEMO_BUCKET}/{DEMO_KEY}",
+                error=str(exc),
+                error_type=type(exc).__name__,
+            )
+            print(f"fastpipe demo: error: {printable(exc)}", file=sys.stderr)
+            if not as_json:
+                return int(exc.exit_code)
         if as_json:
-            print(json.dumps(report.to_dict(), default=str))
+            data = report.to_dict()
+            data["exit_code"] = report.exit_code
+            print(json.dumps(data, default=str))
         else:
             print(_summary(report))
         return report.exit_code

@@ -17,19 +17,72 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from . import __version__
 from ._config import Config, format_size, parse_size
+from ._console import printable
 from ._exceptions import FastpipeError, UsageError
 from ._report import Progress, Report
+from ._source import parse_source
 
 EXIT_OK, EXIT_STAGE, EXIT_USAGE, EXIT_SOURCE, EXIT_INTEGRITY, EXIT_LOCAL_IO = 0, 1, 2, 3, 4, 5
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
+class _UsageExit(SystemExit):
+    """argparse refused the command line; ``message`` says why."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_USAGE)
+        self.message = message
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse exits 2 too; keep our wording
         self.print_usage(sys.stderr)
-        print(f"fastpipe: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
+        print(f"fastpipe: error: {printable(message)}", file=sys.stderr)
+        raise _UsageExit(message)
+
+
+class _StdoutFailed(Exception):
+    """Writing to stdout failed (a full disk, ``> /dev/full``): exit 5, one line."""
+
+
+def _out(text: str) -> None:
+    """Print ``text`` on stdout now; a failed write raises :class:`_StdoutFailed`.
+
+    A closed pipe (``| head``) is not an error: :func:`main` ends quietly then.
+    """
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise _StdoutFailed(f"cannot write to stdout: {exc.strerror or exc}") from None
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """Whether ``--json`` (or a prefix argparse accepts) is among the options."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    return any(len(a) >= 3 and "--json".startswith(a) for a in options if a.startswith("--j"))
+
+
+def _source_for_report(source: str | None) -> str | None:
+    """The report's ``source``: as the engine writes it when ``source`` parses."""
+    if source is None:
+        return None
+    try:
+        return str(parse_source(source))
+    except UsageError:
+        return source
+
+
+def _error_json(source: str | None, message: str, error_type: str, code: int) -> str:
+    """A JSON report for a run that never produced one (usage error, interrupt)."""
+    data = Report(source="", error=message, error_type=error_type).to_dict()
+    data["source"] = _source_for_report(source)
+    data["exit_code"] = code
+    return json.dumps(data, default=str)
 
 
 def _size_arg(text: str) -> int:
@@ -61,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 passed, 1 a stage failed, 2 usage, 3 source missing/denied/"
         "unreachable, 4 integrity, 5 local I/O, 130 SIGINT, 143 SIGTERM.",
     )
+    parser.add_argument("--version", action="version", version=f"fastpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
 
     run = sub.add_parser("run", help="process one object (s3://bucket/key or a local path)")
@@ -74,9 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="name or name:key=value,... (repeatable; default: checksum)",
     )
     run.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
-    run.add_argument("--region")
+    run.add_argument("--region", help="S3 region (default: the AWS profile's, else us-east-1)")
     run.add_argument("--part-size", type=_size_arg, default=8 << 20, help="e.g. 8MiB")
-    run.add_argument("--concurrency", type=_positive_int, default=16)
+    run.add_argument(
+        "--concurrency", type=_positive_int, default=16, help="ranged GETs in flight (default 16)"
+    )
     run.add_argument("--max-attempts", type=_positive_int, default=5)
     run.add_argument("--data-plane", choices=["auto", "raw", "botocore"], default="auto")
     run.add_argument("--no-verify-tls", action="store_true", help="do not verify TLS certificates")
@@ -90,13 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --dest: keep a journal so that an interrupted run continues where it stopped",
     )
     run.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar on stderr (there is none when stderr is not a terminal)",
+    )
 
     sub.add_parser("stages", help="list the built-in stages and their options")
 
     demo = sub.add_parser("demo", help="run the main job on an embedded local S3 server")
     demo.add_argument("--size", type=_size_arg, default=256 << 20)
-    demo.add_argument("--json", action="store_true")
+    demo.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
     from ._bench import register as register_bench
 
@@ -116,7 +176,7 @@ class ProgressBar:
         now = time.monotonic()
         if event.phase not in ("download", "stream"):
             # A file stage: the bytes are all there; say which stage runs.
-            self._write(f"{'stage':>8} {event.phase} running on the local file")
+            self._write(f"{'stage':>8} {printable(event.phase)} running on the local file")
             return
         if now - self._last < 0.2 and event.bytes_done < event.total:
             return
@@ -128,7 +188,7 @@ class ProgressBar:
         rate = event.bytes_done / event.seconds if event.seconds > 0 else 0.0
         eta = f"ETA {event.eta_seconds:5.1f}s" if event.eta_seconds is not None else "ETA -"
         self._write(
-            f"{event.phase:>8} [{bar}] {format_size(event.bytes_done)} / "
+            f"{printable(event.phase):>8} [{bar}] {format_size(event.bytes_done)} / "
             f"{format_size(event.total)}  {format_size(rate)}/s  {eta}"
         )
 
@@ -178,28 +238,37 @@ def _summary(report: Report) -> str:
         lines.append(f"  kept at {report.dest}")
     if report.error and not report.failed_stage:
         lines.append(f"  error: {report.error}")
-    return "\n".join(lines)
+    # Keys, paths and messages may hold control characters: escape them, line by line.
+    return "\n".join(printable(line) for line in lines)
 
 
 def _cmd_stages() -> int:
     from .stages import builtin_stages
     from .stages._registry import COMMON_OPTIONS
 
+    lines = []
     for name, (cls, options, summary) in sorted(builtin_stages().items()):
-        print(f"{name} ({cls.kind}): {summary}")
-        for key, option in sorted(options.items()):
-            print(f"    {key:14} {option.help}")
-    print("\nevery stage also takes:")
-    for key, option in sorted(COMMON_OPTIONS.items()):
-        print(f"    {key:14} {option.help}")
+        lines.append(f"{name} ({cls.kind}): {summary}")
+        lines.extend(f"    {key:14} {option.help}" for key, option in sorted(options.items()))
+    lines.append("\nevery stage also takes:")
+    lines.extend(f"    {key:14} {option.help}" for key, option in sorted(COMMON_OPTIONS.items()))
+    _out("\n".join(lines))
     return EXIT_OK
 
 
-def _print_report(report: Report, as_json: bool) -> None:
+def _print_report(report: Report, as_json: bool, code: int | None = None) -> None:
+    """The report on stdout: one JSON object (with the exit code) or the summary."""
     if as_json:
-        print(json.dumps(report.to_dict(), default=str))
+        data = report.to_dict()
+        data["exit_code"] = report.exit_code if code is None else code
+        _out(json.dumps(data, default=str))
     else:
-        print(_summary(report))
+        _out(_summary(report))
+
+
+def _error(message: object) -> None:
+    """One ``fastpipe: error:`` line on stderr, control characters escaped."""
+    print(f"fastpipe: error: {printable(message)}", file=sys.stderr)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -227,7 +296,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.resume and not args.dest:
             raise UsageError("--resume needs --dest")
     except UsageError as exc:
-        print(f"fastpipe: error: {exc}", file=sys.stderr)
+        if args.json:
+            _out(_error_json(args.source, str(exc), type(exc).__name__, EXIT_USAGE))
+        _error(exc)
         return EXIT_USAGE
     show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
     bar = ProgressBar(sys.stderr) if show_progress else None
@@ -257,22 +328,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     if "signal" in outcome:
-        print("fastpipe: interrupted", file=sys.stderr)
-        return EXIT_SIGINT if outcome["signal"] == signal.SIGINT else EXIT_SIGTERM
+        return _interrupted(args, outcome["signal"])
     if "error" in outcome:
         error: FastpipeError = outcome["error"]
         failed: Report = getattr(error, "report", None) or Report(
-            source=args.source, error=str(error), error_type=type(error).__name__
+            source=_source_for_report(args.source) or args.source,
+            error=str(error),
+            error_type=type(error).__name__,
         )
+        _error(error)
         if args.json:
-            _print_report(failed, True)
-        print(f"fastpipe: error: {error}", file=sys.stderr)
+            _print_report(failed, True, error.exit_code)
         return error.exit_code
     report: Report = outcome["report"]
     _print_report(report, args.json)
     if not report.passed and not args.json:
-        print(f"fastpipe: {report.error}", file=sys.stderr)
+        print(f"fastpipe: {printable(report.error)}", file=sys.stderr)
     return report.exit_code
+
+
+def _interrupted(args: argparse.Namespace, signum: int) -> int:
+    """Say that a signal stopped the run (and print its JSON report with ``--json``)."""
+    code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+    name = signal.Signals(signum).name
+    if getattr(args, "json", False):
+        source = getattr(args, "source", None)
+        _out(_error_json(source, f"interrupted by {name}", "Interrupted", code))
+    print("fastpipe: interrupted", file=sys.stderr)
+    return code
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -282,22 +365,51 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fastpipe`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``fastpipe`` console script; returns the exit code.
+
+    With ``--json`` stdout holds exactly one JSON report whatever happens (a usage error,
+    an interrupt), unless stdout itself cannot be written.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args: argparse.Namespace | None = None
     try:
-        if args.command == "run":
-            return _cmd_run(args)
-        if args.command == "stages":
-            return _cmd_stages()
-        if args.command == "demo":
-            return _cmd_demo(args)
-        if args.command in ("bench", "estimate"):
-            return int(args.func(args))
+        try:
+            args = build_parser().parse_args(argv)
+        except _UsageExit as exc:
+            if _wants_json(argv):
+                _out(_error_json(None, exc.message, "UsageError", EXIT_USAGE))
+            return EXIT_USAGE
+        except SystemExit as exc:  # --help, --version
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        return _dispatch(args)
     except KeyboardInterrupt:
-        return EXIT_SIGINT
+        try:
+            return _interrupted(args or argparse.Namespace(json=_wants_json(argv)), signal.SIGINT)
+        except _StdoutFailed:
+            return EXIT_SIGINT
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_stdout()
         return EXIT_OK
+    except _StdoutFailed as exc:
+        _drop_stdout()
+        _error(exc)
+        return EXIT_LOCAL_IO
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is left cannot fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _cmd_run(args)
+    if args.command == "stages":
+        return _cmd_stages()
+    if args.command == "demo":
+        return _cmd_demo(args)
+    if args.command in ("bench", "estimate"):
+        return int(args.func(args))
     raise AssertionError(args.command)
 
 
@@ -311,8 +423,14 @@ def entry() -> None:
     code = main()
     try:
         sys.stdout.flush()
-        sys.stderr.flush()
     except BrokenPipeError:
+        pass
+    except OSError as exc:
+        _error(f"cannot write to stdout: {exc.strerror or exc}")
+        code = code or EXIT_LOCAL_IO
+    try:
+        sys.stderr.flush()
+    except OSError:
         pass
     os._exit(code)
 
