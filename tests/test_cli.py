@@ -22,7 +22,7 @@ from faultproxy import Fault, FaultProxy, always
 
 import fastpipe
 from fastpipe._console import printable
-from fastpipe._locals3 import free_ports
+from fastpipe.tools.locals3 import free_ports
 
 REPO_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 #: What a terminal would act on: ESC, BEL, a newline inside a line, CSI (C1).

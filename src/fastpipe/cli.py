@@ -13,15 +13,23 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any
 
 from . import __version__
-from ._config import Config, format_size, parse_size
-from ._console import printable
+from ._config import Config
+from ._console import (
+    ProgressBar,
+    StdoutFailed,
+    positive_int,
+    printable,
+    report_json,
+    size_arg,
+    summary,
+    write_stdout,
+)
 from ._exceptions import FastpipeError, UsageError
-from ._report import Progress, Report
+from ._report import Report
 from ._source import parse_source
 
 EXIT_OK, EXIT_STAGE, EXIT_USAGE, EXIT_SOURCE, EXIT_INTEGRITY, EXIT_LOCAL_IO = 0, 1, 2, 3, 4, 5
@@ -41,24 +49,6 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         print(f"fastpipe: error: {printable(message)}", file=sys.stderr)
         raise _UsageExit(message)
-
-
-class _StdoutFailed(Exception):
-    """Writing to stdout failed (a full disk, ``> /dev/full``): exit 5, one line."""
-
-
-def _out(text: str) -> None:
-    """Print ``text`` on stdout now; a failed write raises :class:`_StdoutFailed`.
-
-    A closed pipe (``| head``) is not an error: :func:`main` ends quietly then.
-    """
-    try:
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        raise _StdoutFailed(f"cannot write to stdout: {exc.strerror or exc}") from None
 
 
 def _wants_json(argv: Sequence[str]) -> bool:
@@ -85,26 +75,6 @@ def _error_json(source: str | None, message: str, error_type: str, code: int) ->
     return json.dumps(data, default=str)
 
 
-def _size_arg(text: str) -> int:
-    try:
-        value = parse_size(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 byte: {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = _ArgumentParser(
@@ -129,11 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     run.add_argument("--region", help="S3 region (default: the AWS profile's, else us-east-1)")
-    run.add_argument("--part-size", type=_size_arg, default=8 << 20, help="e.g. 8MiB")
+    run.add_argument("--part-size", type=size_arg, default=8 << 20, help="e.g. 8MiB")
     run.add_argument(
-        "--concurrency", type=_positive_int, default=16, help="ranged GETs in flight (default 16)"
+        "--concurrency", type=positive_int, default=16, help="ranged GETs in flight (default 16)"
     )
-    run.add_argument("--max-attempts", type=_positive_int, default=5)
+    run.add_argument("--max-attempts", type=positive_int, default=5)
     run.add_argument("--data-plane", choices=["auto", "raw", "botocore"], default="auto")
     run.add_argument("--no-verify-tls", action="store_true", help="do not verify TLS certificates")
     run.add_argument("--force", action="store_true", help="replace an existing destination")
@@ -154,92 +124,65 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("stages", help="list the built-in stages and their options")
 
-    demo = sub.add_parser("demo", help="run the main job on an embedded local S3 server")
-    demo.add_argument("--size", type=_size_arg, default=256 << 20)
-    demo.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-
-    from ._bench import register as register_bench
-
-    register_bench(sub)
+    _add_tool_parsers(sub)
     return parser
 
 
-class ProgressBar:
-    """A one-line progress bar on a terminal stream (bytes, rate, ETA)."""
+def _add_tool_parsers(sub: Any) -> None:
+    """``demo``, ``bench`` and ``estimate``: their code lives in :mod:`fastpipe.tools`,
+    imported only when one of them runs (``fastpipe run`` never loads it)."""
+    demo = sub.add_parser("demo", help="run the main job on an embedded local S3 server")
+    demo.add_argument("--size", type=size_arg, default=256 << 20, help="default 256MiB")
+    demo.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    demo.set_defaults(tool="demo")
 
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self._last = 0.0
-        self._shown = False
+    bench = sub.add_parser(
+        "bench",
+        help="time fastpipe against sequential, three-services and peer tools by size",
+        description=(
+            "Upload objects of each size and time checksum + scan + chunk done by fastpipe "
+            "in one pass, sequentially, and as three services, plus download-only and "
+            "chunk-only peers. Writes DIR/results.json and DIR/time_vs_size.png."
+        ),
+    )
+    bench.add_argument(
+        "--sizes", type=_sizes, default=None, help="comma-separated (default 64MiB,256MiB,1GiB)"
+    )
+    bench.add_argument("--repeat", type=positive_int, default=3, help="runs per variant (median)")
+    bench.add_argument("--warmup", type=int, default=1, help="unrecorded rounds first (default 1)")
+    bench.add_argument(
+        "--endpoint-url", help="use this S3 endpoint (credentials from the environment)"
+    )
+    bench.add_argument("--bucket", help="bucket for the objects (default fastpipe-bench)")
+    bench.add_argument("--out", default="bench-out", help="output folder (default bench-out)")
+    bench.add_argument(
+        "--variants",
+        type=_names,
+        default=None,
+        help="comma-separated subset of: fastpipe, sequential, three-services, "
+        "fastpipe-download, s5cmd, boto3, fastpipe-chunk, pyfastcdc",
+    )
+    bench.add_argument("--no-low-entropy", action="store_true", help="skip the low-entropy object")
+    bench.set_defaults(tool="bench")
 
-    def __call__(self, event: Progress) -> None:
-        now = time.monotonic()
-        if event.phase not in ("download", "stream"):
-            # A file stage: the bytes are all there; say which stage runs.
-            self._write(f"{'stage':>8} {printable(event.phase)} running on the local file")
-            return
-        if now - self._last < 0.2 and event.bytes_done < event.total:
-            return
-        self._last = now
-        total = max(event.total, 1)
-        fraction = min(1.0, event.bytes_done / total)
-        width = 24
-        bar = "#" * int(fraction * width) + "-" * (width - int(fraction * width))
-        rate = event.bytes_done / event.seconds if event.seconds > 0 else 0.0
-        eta = f"ETA {event.eta_seconds:5.1f}s" if event.eta_seconds is not None else "ETA -"
-        self._write(
-            f"{printable(event.phase):>8} [{bar}] {format_size(event.bytes_done)} / "
-            f"{format_size(event.total)}  {format_size(rate)}/s  {eta}"
-        )
-
-    def _write(self, line: str) -> None:
-        # \r back to the line's start, \x1b[K clears what a longer line left behind.
-        self.stream.write("\r" + line[:120] + "\x1b[K")
-        self.stream.flush()
-        self._shown = True
-
-    def close(self) -> None:
-        if self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _short(value: Any) -> str:
-    """A result value for the one-line summary (floats rounded, dicts flattened)."""
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
-    return str(value)
+    estimate = sub.add_parser(
+        "estimate",
+        help="predict the end-to-end seconds for an object size from the last bench",
+    )
+    estimate.add_argument("size", type=size_arg, help="object size, e.g. 10GiB")
+    estimate.add_argument(
+        "--results",
+        help="results.json to read (default $XDG_CACHE_HOME/fastpipe/bench/results.json)",
+    )
+    estimate.set_defaults(tool="estimate")
 
 
-def _summary(report: Report) -> str:
-    lines = []
-    verdict = "PASSED" if report.passed else "FAILED"
-    size = format_size(report.size) if report.size is not None else "?"
-    lines.append(f"{verdict}  {report.source}  {size}  in {report.seconds:.2f}s")
-    dl = report.download
-    if dl.seconds > 0 and dl.bytes:
-        lines.append(
-            f"  download  {format_size(dl.bytes)} in {dl.seconds:.2f}s "
-            f"({format_size(dl.bytes / dl.seconds)}/s, {dl.parts} parts of "
-            f"{format_size(dl.part_size)}, concurrency {dl.concurrency}, "
-            f"retries {dl.retries}, path {dl.path})"
-        )
-    for stage in report.stages:
-        detail = ""
-        if stage.status == "failed":
-            detail = f"  {stage.error}"
-        elif isinstance(stage.result, dict):
-            keys = [k for k in stage.result if k != "histogram"][:4]
-            detail = "  " + ", ".join(f"{k}={_short(stage.result[k])}" for k in keys)
-        lines.append(f"  {stage.status:8} {stage.name:10} {stage.seconds:7.2f}s{detail}")
-    if report.dest:
-        lines.append(f"  kept at {report.dest}")
-    if report.error and not report.failed_stage:
-        lines.append(f"  error: {report.error}")
-    # Keys, paths and messages may hold control characters: escape them, line by line.
-    return "\n".join(printable(line) for line in lines)
+def _sizes(text: str) -> list[int]:
+    return [size_arg(part) for part in text.split(",") if part.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _cmd_stages() -> int:
@@ -247,23 +190,21 @@ def _cmd_stages() -> int:
     from .stages._registry import COMMON_OPTIONS
 
     lines = []
-    for name, (cls, options, summary) in sorted(builtin_stages().items()):
-        lines.append(f"{name} ({cls.kind}): {summary}")
+    for name, (cls, options, about) in sorted(builtin_stages().items()):
+        lines.append(f"{name} ({cls.kind}): {about}")
         lines.extend(f"    {key:14} {option.help}" for key, option in sorted(options.items()))
     lines.append("\nevery stage also takes:")
     lines.extend(f"    {key:14} {option.help}" for key, option in sorted(COMMON_OPTIONS.items()))
-    _out("\n".join(lines))
+    write_stdout("\n".join(lines))
     return EXIT_OK
 
 
 def _print_report(report: Report, as_json: bool, code: int | None = None) -> None:
     """The report on stdout: one JSON object (with the exit code) or the summary."""
     if as_json:
-        data = report.to_dict()
-        data["exit_code"] = report.exit_code if code is None else code
-        _out(json.dumps(data, default=str))
+        write_stdout(report_json(report, code))
     else:
-        _out(_summary(report))
+        write_stdout(summary(report))
 
 
 def _error(message: object) -> None:
@@ -297,7 +238,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise UsageError("--resume needs --dest")
     except UsageError as exc:
         if args.json:
-            _out(_error_json(args.source, str(exc), type(exc).__name__, EXIT_USAGE))
+            write_stdout(_error_json(args.source, str(exc), type(exc).__name__, EXIT_USAGE))
         _error(exc)
         return EXIT_USAGE
     show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
@@ -353,15 +294,20 @@ def _interrupted(args: argparse.Namespace, signum: int) -> int:
     name = signal.Signals(signum).name
     if getattr(args, "json", False):
         source = getattr(args, "source", None)
-        _out(_error_json(source, f"interrupted by {name}", "Interrupted", code))
+        write_stdout(_error_json(source, f"interrupted by {name}", "Interrupted", code))
     print("fastpipe: interrupted", file=sys.stderr)
     return code
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from ._demo import run_demo
+def _cmd_tool(args: argparse.Namespace) -> int:
+    """``demo``, ``bench``, ``estimate``: the tools are imported here, not before."""
+    if args.tool == "demo":
+        from .tools.demo import run_demo
 
-    return run_demo(args.size, as_json=args.json)
+        return run_demo(args.size, as_json=args.json)
+    from .tools import bench
+
+    return bench.cmd_bench(args) if args.tool == "bench" else bench.cmd_estimate(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -377,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
         except _UsageExit as exc:
             if _wants_json(argv):
-                _out(_error_json(None, exc.message, "UsageError", EXIT_USAGE))
+                write_stdout(_error_json(None, exc.message, "UsageError", EXIT_USAGE))
             return EXIT_USAGE
         except SystemExit as exc:  # --help, --version
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE
@@ -385,12 +331,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         try:
             return _interrupted(args or argparse.Namespace(json=_wants_json(argv)), signal.SIGINT)
-        except _StdoutFailed:
+        except StdoutFailed:
             return EXIT_SIGINT
     except BrokenPipeError:
         _drop_stdout()
         return EXIT_OK
-    except _StdoutFailed as exc:
+    except StdoutFailed as exc:
         _drop_stdout()
         _error(exc)
         return EXIT_LOCAL_IO
@@ -406,10 +352,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cmd_run(args)
     if args.command == "stages":
         return _cmd_stages()
-    if args.command == "demo":
-        return _cmd_demo(args)
-    if args.command in ("bench", "estimate"):
-        return int(args.func(args))
+    if args.command in ("demo", "bench", "estimate"):
+        return _cmd_tool(args)
     raise AssertionError(args.command)
 
 
