@@ -72,6 +72,8 @@ _CLEAN = {
     "AWS_PROFILE": None,
     "AWS_DEFAULT_PROFILE": None,
     "AWS_ENDPOINT_URL": None,
+    "AWS_ENDPOINT_URL_S3": None,
+    "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": None,
     "AWS_REGION": None,
     "AWS_DEFAULT_REGION": None,
     "AWS_CONFIG_FILE": "/nonexistent/fastpipe-test-config",
@@ -92,11 +94,20 @@ def _profile_file(tmp_path: Path) -> str:
     return str(path)
 
 
+def _endpoint_profile(tmp_path: Path) -> str:
+    path = tmp_path / "config-with-endpoint"
+    path.write_text("[default]\nendpoint_url = localhost:18433\n")
+    return str(path)
+
+
 # (id, extra argv, environment changes (callables get tmp_path), exit code, words of the line)
 SETUP_CASES: list[tuple[str, list[str], dict[str, Any], int, str]] = [
     ("endpoint-no-scheme", ["--endpoint-url", "127.0.0.1:18433"], {}, 2, "127.0.0.1:18433"),
     ("endpoint-env-no-scheme", [], {"AWS_ENDPOINT_URL": "127.0.0.1:18433"}, 2, "AWS_ENDPOINT_URL"),
     ("endpoint-ftp", ["--endpoint-url", "ftp://127.0.0.1/"], {}, 2, "endpoint"),
+    # Endpoints botocore finds itself (service variable, profile) are refused by it.
+    ("endpoint-s3-env", [], {"AWS_ENDPOINT_URL_S3": "127.0.0.1:18433"}, 2, "127.0.0.1:18433"),
+    ("endpoint-in-profile", [], {"AWS_CONFIG_FILE": _endpoint_profile}, 2, "localhost:18433"),
     ("missing-profile", [], {"AWS_PROFILE": "no-such-profile"}, 3, "no-such-profile"),
     (
         "missing-profile-with-region",
@@ -128,7 +139,8 @@ def test_bad_setup_is_one_line(
     env_changes = dict(_CLEAN)
     env_changes.update({k: (v(tmp_path) if callable(v) else v) for k, v in changes.items()})
     args = ["run", "s3://fastpipe-setup/key.bin", "--no-progress"]
-    if "--endpoint-url" not in argv and "AWS_ENDPOINT_URL" not in changes:
+    endpoint_set = "--endpoint-url" in argv or any(k.startswith("AWS_ENDPOINT") for k in changes)
+    if not endpoint_set and changes.get("AWS_CONFIG_FILE") is not _endpoint_profile:
         args += ["--endpoint-url", f"http://127.0.0.1:{port}"]
     proc = run_cli(*args, *argv, *(["--json"] if as_json else []), env=cli_env(**env_changes))
     assert "Traceback" not in proc.stderr

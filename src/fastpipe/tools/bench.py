@@ -783,14 +783,15 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     data = load_results(path)
     if data is None:
         print(
-            f"fastpipe estimate: no benchmark results at {path}; run `fastpipe bench` first",
+            f"fastpipe estimate: no benchmark results at {printable(path)}; "
+            "run `fastpipe bench` first",
             file=sys.stderr,
         )
         return EXIT_USAGE
     fit = fits(data["runs"]).get("fastpipe")
     if fit is None:
         print(
-            f"fastpipe estimate: {path} has no fastpipe runs over two sizes or more",
+            f"fastpipe estimate: {printable(path)} has no fastpipe runs over two sizes or more",
             file=sys.stderr,
         )
         return EXIT_USAGE
@@ -801,7 +802,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     machine = data.get("machine", {})
     print(
         f"  from {fit.points} runs of {', '.join(format_size(s) for s in sizes)} "
-        f"on {machine.get('cpu_count', '?')} cores, {data.get('created', '?')} ({path})"
+        f"on {machine.get('cpu_count', '?')} cores, {data.get('created', '?')} ({printable(path)})"
     )
     if sizes and args.size > 4 * max(sizes):
         print(f"  note: {format_size(args.size)} is far beyond the largest size measured")
