@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 import fastpipe
-from fastpipe._bench import find_s5cmd, remove_and_sync
 from fastpipe.stages import Checksum
+from fastpipe.tools.bench import find_s5cmd, remove_and_sync
 
 pytestmark = pytest.mark.benchmark(group="download")
 

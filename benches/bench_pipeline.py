@@ -7,7 +7,7 @@
 local file). ``sequential``: fastpipe downloads to a file, then each stage runs over it in
 turn. ``three_services``: each stage downloads the object itself (queue latency left
 out, so a lower bound of that design). All three run in this process through the library
-(:mod:`fastpipe._bench`, the functions ``fastpipe bench`` runs in a process each).
+(:mod:`fastpipe.tools.bench`, the functions ``fastpipe bench`` runs in a process each).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from fastpipe._bench import run_overlapped, run_sequential, run_three_services
+from fastpipe.tools.bench import run_overlapped, run_sequential, run_three_services
 
 pytestmark = pytest.mark.benchmark(group="pipeline")
 

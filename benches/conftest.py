@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 
 from fastpipe import Config, parse_size
-from fastpipe._bench import remove_and_sync, upload_targets, write_random
-from fastpipe._config import format_size
-from fastpipe._locals3 import LocalS3
+from fastpipe._console import format_size
+from fastpipe.tools.bench import remove_and_sync, upload_targets, write_random
+from fastpipe.tools.locals3 import LocalS3
 
 SMALL = os.environ.get("FASTPIPE_BENCH_SMALL") == "1"
 SIZE = (8 << 20) if SMALL else parse_size(os.environ.get("FASTPIPE_BENCH_SIZE", "1GiB"))
@@ -74,7 +74,7 @@ def local_s3() -> Iterator[LocalS3]:
 
 @pytest.fixture(scope="session")
 def bench_bucket(local_s3: LocalS3) -> str:
-    upload_targets(Config(endpoint_url=local_s3.endpoint_url), BUCKET, [])
+    upload_targets(local_s3.endpoint_url, BUCKET, [])
     return BUCKET
 
 
@@ -86,7 +86,7 @@ def bench_object(
     local = str(tmp_path_factory.mktemp("bench-object") / f"random-{SIZE}.bin")
     write_random(local, SIZE)
     key = f"benches/random-{SIZE}.bin"
-    upload_targets(Config(endpoint_url=local_s3.endpoint_url), bench_bucket, [(local, key)], False)
+    upload_targets(local_s3.endpoint_url, bench_bucket, [(local, key)], False)
     return BenchObject(bench_bucket, key, SIZE, local, local_s3.endpoint_url)
 
 

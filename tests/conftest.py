@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 from faultproxy import FaultProxy
 
-from fastpipe._locals3 import LocalS3
+from fastpipe.tools.locals3 import LocalS3
 
 
 @pytest.fixture(scope="session")

@@ -87,11 +87,26 @@ def test_parse_size_rejects(text: str) -> None:
         {"data_plane": "carrier-pigeon"},
         {"receive_buffer": 10},
         {"read_timeout": 0},
+        {"endpoint_url": "127.0.0.1:9000"},
+        {"endpoint_url": "localhost:9000"},
+        {"endpoint_url": "http://"},
+        {"endpoint_url": "http://user:secret@127.0.0.1:9000"},
+        {"region": "bad region"},
+        {"region": ""},
     ],
 )
 def test_config_validates_itself(kwargs: dict[str, object]) -> None:
     with pytest.raises(UsageError):
         Config(**kwargs)  # type: ignore[arg-type]
+
+
+def test_endpoint_from_the_environment_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "127.0.0.1:9000")
+    with pytest.raises(UsageError, match="AWS_ENDPOINT_URL"):
+        Config().resolved_endpoint()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    assert Config().resolved_endpoint() == "http://127.0.0.1:9000"
+    assert Config(region="eu-west-1", endpoint_url="https://s3.example.com").region
 
 
 def test_config_is_frozen() -> None:
@@ -105,6 +120,10 @@ def test_parse_source() -> None:
     assert parse_source("s3://bucket/k?versionId=v1") == S3Location("bucket", "k", "v1")
     assert parse_source("/tmp/x") == LocalLocation("/tmp/x")
     assert parse_source(Path("rel")) == LocalLocation("rel")
+    # str() is what reports carry: absolute paths, and the version when one was given.
+    assert str(parse_source("rel")) == os.path.join(os.getcwd(), "rel")
+    assert str(parse_source("s3://bucket/k?versionId=v1")) == "s3://bucket/k?versionId=v1"
+    assert str(parse_source("s3://bucket/k")) == "s3://bucket/k"
     for bad in ("s3:/x", "s3://", "s3://bucket", "s3://bucket/", "s3:///key", "gs://b/k", ""):
         with pytest.raises(UsageError):
             parse_source(bad)

@@ -22,7 +22,7 @@ import fastpipe
 import fastpipe.cli
 from fastpipe import Config
 from fastpipe._file import TEMP_SUFFIX, TempFile, local_name_for_key, resolve_dest
-from fastpipe._locals3 import DEFAULT_SECRET_KEY, free_ports
+from fastpipe.tools.locals3 import DEFAULT_SECRET_KEY, free_ports
 
 REPO_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 LEAK_MARKERS = [

@@ -113,7 +113,7 @@ def temp_leftovers(folder: Any) -> list[str]:
 
 
 def assert_no_secrets(*texts: str, extra: tuple[str, ...] = ()) -> None:
-    from fastpipe._locals3 import DEFAULT_SECRET_KEY
+    from fastpipe.tools.locals3 import DEFAULT_SECRET_KEY
 
     for text in texts:
         for marker in (*SECRETS_MARKERS, DEFAULT_SECRET_KEY, *extra):

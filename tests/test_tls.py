@@ -13,8 +13,8 @@ import pytest
 
 import fastpipe
 from fastpipe import Config
-from fastpipe._locals3 import LocalS3
 from fastpipe.stages import Checksum
+from fastpipe.tools.locals3 import LocalS3
 
 trustme = pytest.importorskip("trustme")
 

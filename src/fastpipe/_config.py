@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from ._exceptions import UsageError
 
@@ -44,6 +45,29 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+#: What botocore accepts as a region name: one DNS label, not all digits.
+_REGION_RE = re.compile(r"^(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)$")
+
+
+def check_endpoint_url(url: str, what: str) -> None:
+    """Refuse an endpoint that botocore would reject with a traceback (``what`` names its
+    origin in the message): it needs an http(s) scheme and a host."""
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        parts, port_ok = urlsplit(""), False
+    if parts.username or parts.password:
+        raise UsageError(f"{what} must not hold credentials (user:password@)")
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise UsageError(f"{what} holds spaces or control characters: {url!r}")
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or not port_ok:
+        raise UsageError(
+            f"{what} {url!r} is not an endpoint URL: expected http://HOST[:PORT] or "
+            "https://HOST[:PORT]"
+        )
 
 
 @dataclass(frozen=True)
@@ -98,10 +122,25 @@ class Config:
             raise UsageError("receive_buffer and stream_buffer must be at least 4 KiB")
         if self.connect_timeout <= 0 or self.read_timeout <= 0:
             raise UsageError("timeouts must be positive")
+        if self.endpoint_url:
+            check_endpoint_url(self.endpoint_url, "endpoint_url")
+        if self.region is not None and not _REGION_RE.match(self.region):
+            raise UsageError(
+                f"region {self.region!r} is not a region name (letters, digits and '-', "
+                "e.g. us-east-1)"
+            )
 
     def resolved_endpoint(self) -> str | None:
-        """The endpoint URL: this config's, else ``AWS_ENDPOINT_URL``, else botocore's."""
-        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        """The endpoint URL: this config's, else ``AWS_ENDPOINT_URL``, else botocore's.
+
+        Raises :class:`UsageError` when ``AWS_ENDPOINT_URL`` is not an http(s) URL.
+        """
+        if self.endpoint_url:
+            return self.endpoint_url
+        from_env = os.environ.get("AWS_ENDPOINT_URL")
+        if from_env:
+            check_endpoint_url(from_env, "AWS_ENDPOINT_URL")
+        return from_env or None
 
     def plan_part_size(self, size: int) -> int:
         """Part size for an object of ``size`` bytes: at most MAX_PARTS parts."""

@@ -488,9 +488,6 @@ class Engine:
 
         async def report_progress() -> None:
             assert progress is not None
-            # Before the first bytes there is no rate yet: the last `fastpipe bench` fit
-            # for this machine gives a prior (None when there are no results).
-            prior = await anyio.to_thread.run_sync(_estimate_seconds, info.size)
             while True:
                 done = (
                     fetcher.stats.bytes + report.download.reused_bytes
@@ -499,10 +496,8 @@ class Engine:
                 )
                 elapsed = time.perf_counter() - started
                 rate = done / elapsed if elapsed > 0 else 0.0
-                if rate > 0:
-                    eta: float | None = (info.size - done) / rate
-                else:
-                    eta = None if prior is None else max(0.0, prior - elapsed)
+                # No ETA before the first bytes: there is no rate yet.
+                eta = (info.size - done) / rate if rate > 0 else None
                 progress(
                     Progress(done, info.size, elapsed, eta, "download" if fetcher else "stream")
                 )
@@ -610,15 +605,6 @@ async def _stoppable(work: Callable[[], Awaitable[Any]], stop: Callable[[], None
         watch.start_soon(stop_on_cancel)
         await work()
         watch.cancel_scope.cancel()
-
-
-def _estimate_seconds(size: int) -> float | None:
-    try:
-        from ._estimate import estimate_seconds
-
-        return estimate_seconds(size)
-    except Exception:  # noqa: BLE001 - an unreadable results file only loses the prior
-        return None
 
 
 async def _call_file_stage(stage: FileStage, local: LocalFile) -> Any:

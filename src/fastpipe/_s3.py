@@ -22,6 +22,7 @@ from ._exceptions import (
     ObjectChanged,
     ObjectNotFound,
     SourceError,
+    UsageError,
 )
 from ._http import parse_content_range
 from ._objectinfo import object_info_from_head, parts_from_etag, strip_etag
@@ -150,6 +151,32 @@ class S3Control:
         return self._data_client
 
     async def _create_client(self, retries: dict[str, Any]) -> Any:
+        """Create a client; a bad setup (profile, config file, credentials, region,
+        endpoint) becomes a one-line :class:`FastpipeError` instead of botocore's own."""
+        from botocore.exceptions import (
+            BotoCoreError,
+            ConfigParseError,
+            InvalidRegionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+            ProfileNotFound,
+        )
+
+        try:
+            return await self._new_client(retries)
+        except FastpipeError:
+            raise
+        except (InvalidRegionError, ValueError) as exc:
+            # botocore says "Invalid endpoint: URL" with a ValueError.
+            raise UsageError(f"S3 client setup: {exc}") from None
+        except (NoCredentialsError, PartialCredentialsError) as exc:
+            raise AccessDenied(f"AWS credentials: {exc}") from None
+        except (ProfileNotFound, ConfigParseError) as exc:
+            raise SourceError(f"AWS configuration: {exc}") from None
+        except BotoCoreError as exc:
+            raise SourceError(f"S3 client setup: {exc}") from None
+
+    async def _new_client(self, retries: dict[str, Any]) -> Any:
         from aiobotocore.config import AioConfig
         from aiobotocore.session import get_session
 

@@ -17,7 +17,9 @@ class S3Location:
     version_id: str | None = None
 
     def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
+        """The URI, with ``?versionId=`` when a version was given (the report's source)."""
+        uri = f"s3://{self.bucket}/{self.key}"
+        return f"{uri}?versionId={self.version_id}" if self.version_id else uri
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,8 @@ class LocalLocation:
     path: str
 
     def __str__(self) -> str:
-        return self.path
+        """The absolute path (the report's source); ``path`` keeps it as given."""
+        return os.path.abspath(self.path)
 
 
 Location = S3Location | LocalLocation

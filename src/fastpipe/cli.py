@@ -13,43 +13,66 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any
 
-from ._config import Config, format_size, parse_size
+from . import __version__
+from ._config import Config
+from ._console import (
+    ProgressBar,
+    StdoutFailed,
+    positive_int,
+    printable,
+    report_json,
+    size_arg,
+    summary,
+    write_stdout,
+)
 from ._exceptions import FastpipeError, UsageError
-from ._report import Progress, Report
+from ._report import Report
+from ._source import parse_source
 
 EXIT_OK, EXIT_STAGE, EXIT_USAGE, EXIT_SOURCE, EXIT_INTEGRITY, EXIT_LOCAL_IO = 0, 1, 2, 3, 4, 5
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
+class _UsageExit(SystemExit):
+    """argparse refused the command line; ``message`` says why."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_USAGE)
+        self.message = message
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse exits 2 too; keep our wording
         self.print_usage(sys.stderr)
-        print(f"fastpipe: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
+        print(f"fastpipe: error: {printable(message)}", file=sys.stderr)
+        raise _UsageExit(message)
 
 
-def _size_arg(text: str) -> int:
+def _wants_json(argv: Sequence[str]) -> bool:
+    """Whether ``--json`` (or a prefix argparse accepts) is among the options."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    return any(len(a) >= 3 and "--json".startswith(a) for a in options if a.startswith("--j"))
+
+
+def _source_for_report(source: str | None) -> str | None:
+    """The report's ``source``: as the engine writes it when ``source`` parses."""
+    if source is None:
+        return None
     try:
-        value = parse_size(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 byte: {text!r}")
-    return value
+        return str(parse_source(source))
+    except UsageError:
+        return source
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
+def _error_json(source: str | None, message: str, error_type: str, code: int) -> str:
+    """A JSON report for a run that never produced one (usage error, interrupt)."""
+    data = Report(source="", error=message, error_type=error_type).to_dict()
+    data["source"] = _source_for_report(source)
+    data["exit_code"] = code
+    return json.dumps(data, default=str)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 passed, 1 a stage failed, 2 usage, 3 source missing/denied/"
         "unreachable, 4 integrity, 5 local I/O, 130 SIGINT, 143 SIGTERM.",
     )
+    parser.add_argument("--version", action="version", version=f"fastpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
 
     run = sub.add_parser("run", help="process one object (s3://bucket/key or a local path)")
@@ -74,10 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="name or name:key=value,... (repeatable; default: checksum)",
     )
     run.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
-    run.add_argument("--region")
-    run.add_argument("--part-size", type=_size_arg, default=8 << 20, help="e.g. 8MiB")
-    run.add_argument("--concurrency", type=_positive_int, default=16)
-    run.add_argument("--max-attempts", type=_positive_int, default=5)
+    run.add_argument("--region", help="S3 region (default: the AWS profile's, else us-east-1)")
+    run.add_argument("--part-size", type=size_arg, default=8 << 20, help="e.g. 8MiB")
+    run.add_argument(
+        "--concurrency", type=positive_int, default=16, help="ranged GETs in flight (default 16)"
+    )
+    run.add_argument("--max-attempts", type=positive_int, default=5)
     run.add_argument("--data-plane", choices=["auto", "raw", "botocore"], default="auto")
     run.add_argument("--no-verify-tls", action="store_true", help="do not verify TLS certificates")
     run.add_argument("--force", action="store_true", help="replace an existing destination")
@@ -90,116 +116,100 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --dest: keep a journal so that an interrupted run continues where it stopped",
     )
     run.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar on stderr (there is none when stderr is not a terminal)",
+    )
 
     sub.add_parser("stages", help="list the built-in stages and their options")
 
-    demo = sub.add_parser("demo", help="run the main job on an embedded local S3 server")
-    demo.add_argument("--size", type=_size_arg, default=256 << 20)
-    demo.add_argument("--json", action="store_true")
-
-    from ._bench import register as register_bench
-
-    register_bench(sub)
+    _add_tool_parsers(sub)
     return parser
 
 
-class ProgressBar:
-    """A one-line progress bar on a terminal stream (bytes, rate, ETA)."""
+def _add_tool_parsers(sub: Any) -> None:
+    """``demo``, ``bench`` and ``estimate``: their code lives in :mod:`fastpipe.tools`,
+    imported only when one of them runs (``fastpipe run`` never loads it)."""
+    demo = sub.add_parser("demo", help="run the main job on an embedded local S3 server")
+    demo.add_argument("--size", type=size_arg, default=256 << 20, help="default 256MiB")
+    demo.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    demo.set_defaults(tool="demo")
 
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self._last = 0.0
-        self._shown = False
+    bench = sub.add_parser(
+        "bench",
+        help="time fastpipe against sequential, three-services and peer tools by size",
+        description=(
+            "Upload objects of each size and time checksum + scan + chunk done by fastpipe "
+            "in one pass, sequentially, and as three services, plus download-only and "
+            "chunk-only peers. Writes DIR/results.json and DIR/time_vs_size.png."
+        ),
+    )
+    bench.add_argument(
+        "--sizes", type=_sizes, default=None, help="comma-separated (default 64MiB,256MiB,1GiB)"
+    )
+    bench.add_argument("--repeat", type=positive_int, default=3, help="runs per variant (median)")
+    bench.add_argument("--warmup", type=int, default=1, help="unrecorded rounds first (default 1)")
+    bench.add_argument(
+        "--endpoint-url", help="use this S3 endpoint (credentials from the environment)"
+    )
+    bench.add_argument("--bucket", help="bucket for the objects (default fastpipe-bench)")
+    bench.add_argument("--out", default="bench-out", help="output folder (default bench-out)")
+    bench.add_argument(
+        "--variants",
+        type=_names,
+        default=None,
+        help="comma-separated subset of: fastpipe, sequential, three-services, "
+        "fastpipe-download, s5cmd, boto3, fastpipe-chunk, pyfastcdc",
+    )
+    bench.add_argument("--no-low-entropy", action="store_true", help="skip the low-entropy object")
+    bench.set_defaults(tool="bench")
 
-    def __call__(self, event: Progress) -> None:
-        now = time.monotonic()
-        if event.phase not in ("download", "stream"):
-            # A file stage: the bytes are all there; say which stage runs.
-            self._write(f"{'stage':>8} {event.phase} running on the local file")
-            return
-        if now - self._last < 0.2 and event.bytes_done < event.total:
-            return
-        self._last = now
-        total = max(event.total, 1)
-        fraction = min(1.0, event.bytes_done / total)
-        width = 24
-        bar = "#" * int(fraction * width) + "-" * (width - int(fraction * width))
-        rate = event.bytes_done / event.seconds if event.seconds > 0 else 0.0
-        eta = f"ETA {event.eta_seconds:5.1f}s" if event.eta_seconds is not None else "ETA -"
-        self._write(
-            f"{event.phase:>8} [{bar}] {format_size(event.bytes_done)} / "
-            f"{format_size(event.total)}  {format_size(rate)}/s  {eta}"
-        )
-
-    def _write(self, line: str) -> None:
-        # \r back to the line's start, \x1b[K clears what a longer line left behind.
-        self.stream.write("\r" + line[:120] + "\x1b[K")
-        self.stream.flush()
-        self._shown = True
-
-    def close(self) -> None:
-        if self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _short(value: Any) -> str:
-    """A result value for the one-line summary (floats rounded, dicts flattened)."""
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
-    return str(value)
+    estimate = sub.add_parser(
+        "estimate",
+        help="predict the end-to-end seconds for an object size from the last bench",
+    )
+    estimate.add_argument("size", type=size_arg, help="object size, e.g. 10GiB")
+    estimate.add_argument(
+        "--results",
+        help="results.json to read (default $XDG_CACHE_HOME/fastpipe/bench/results.json)",
+    )
+    estimate.set_defaults(tool="estimate")
 
 
-def _summary(report: Report) -> str:
-    lines = []
-    verdict = "PASSED" if report.passed else "FAILED"
-    size = format_size(report.size) if report.size is not None else "?"
-    lines.append(f"{verdict}  {report.source}  {size}  in {report.seconds:.2f}s")
-    dl = report.download
-    if dl.seconds > 0 and dl.bytes:
-        lines.append(
-            f"  download  {format_size(dl.bytes)} in {dl.seconds:.2f}s "
-            f"({format_size(dl.bytes / dl.seconds)}/s, {dl.parts} parts of "
-            f"{format_size(dl.part_size)}, concurrency {dl.concurrency}, "
-            f"retries {dl.retries}, path {dl.path})"
-        )
-    for stage in report.stages:
-        detail = ""
-        if stage.status == "failed":
-            detail = f"  {stage.error}"
-        elif isinstance(stage.result, dict):
-            keys = [k for k in stage.result if k != "histogram"][:4]
-            detail = "  " + ", ".join(f"{k}={_short(stage.result[k])}" for k in keys)
-        lines.append(f"  {stage.status:8} {stage.name:10} {stage.seconds:7.2f}s{detail}")
-    if report.dest:
-        lines.append(f"  kept at {report.dest}")
-    if report.error and not report.failed_stage:
-        lines.append(f"  error: {report.error}")
-    return "\n".join(lines)
+def _sizes(text: str) -> list[int]:
+    return [size_arg(part) for part in text.split(",") if part.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _cmd_stages() -> int:
     from .stages import builtin_stages
     from .stages._registry import COMMON_OPTIONS
 
-    for name, (cls, options, summary) in sorted(builtin_stages().items()):
-        print(f"{name} ({cls.kind}): {summary}")
-        for key, option in sorted(options.items()):
-            print(f"    {key:14} {option.help}")
-    print("\nevery stage also takes:")
-    for key, option in sorted(COMMON_OPTIONS.items()):
-        print(f"    {key:14} {option.help}")
+    lines = []
+    for name, (cls, options, about) in sorted(builtin_stages().items()):
+        lines.append(f"{name} ({cls.kind}): {about}")
+        lines.extend(f"    {key:14} {option.help}" for key, option in sorted(options.items()))
+    lines.append("\nevery stage also takes:")
+    lines.extend(f"    {key:14} {option.help}" for key, option in sorted(COMMON_OPTIONS.items()))
+    write_stdout("\n".join(lines))
     return EXIT_OK
 
 
-def _print_report(report: Report, as_json: bool) -> None:
+def _print_report(report: Report, as_json: bool, code: int | None = None) -> None:
+    """The report on stdout: one JSON object (with the exit code) or the summary."""
     if as_json:
-        print(json.dumps(report.to_dict(), default=str))
+        write_stdout(report_json(report, code))
     else:
-        print(_summary(report))
+        write_stdout(summary(report))
+
+
+def _error(message: object) -> None:
+    """One ``fastpipe: error:`` line on stderr, control characters escaped."""
+    print(f"fastpipe: error: {printable(message)}", file=sys.stderr)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -227,7 +237,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.resume and not args.dest:
             raise UsageError("--resume needs --dest")
     except UsageError as exc:
-        print(f"fastpipe: error: {exc}", file=sys.stderr)
+        if args.json:
+            write_stdout(_error_json(args.source, str(exc), type(exc).__name__, EXIT_USAGE))
+        _error(exc)
         return EXIT_USAGE
     show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
     bar = ProgressBar(sys.stderr) if show_progress else None
@@ -257,47 +269,91 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     if "signal" in outcome:
-        print("fastpipe: interrupted", file=sys.stderr)
-        return EXIT_SIGINT if outcome["signal"] == signal.SIGINT else EXIT_SIGTERM
+        return _interrupted(args, outcome["signal"])
     if "error" in outcome:
         error: FastpipeError = outcome["error"]
         failed: Report = getattr(error, "report", None) or Report(
-            source=args.source, error=str(error), error_type=type(error).__name__
+            source=_source_for_report(args.source) or args.source,
+            error=str(error),
+            error_type=type(error).__name__,
         )
+        _error(error)
         if args.json:
-            _print_report(failed, True)
-        print(f"fastpipe: error: {error}", file=sys.stderr)
+            _print_report(failed, True, error.exit_code)
         return error.exit_code
     report: Report = outcome["report"]
     _print_report(report, args.json)
     if not report.passed and not args.json:
-        print(f"fastpipe: {report.error}", file=sys.stderr)
+        print(f"fastpipe: {printable(report.error)}", file=sys.stderr)
     return report.exit_code
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from ._demo import run_demo
+def _interrupted(args: argparse.Namespace, signum: int) -> int:
+    """Say that a signal stopped the run (and print its JSON report with ``--json``)."""
+    code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+    name = signal.Signals(signum).name
+    if getattr(args, "json", False):
+        source = getattr(args, "source", None)
+        write_stdout(_error_json(source, f"interrupted by {name}", "Interrupted", code))
+    print("fastpipe: interrupted", file=sys.stderr)
+    return code
 
-    return run_demo(args.size, as_json=args.json)
+
+def _cmd_tool(args: argparse.Namespace) -> int:
+    """``demo``, ``bench``, ``estimate``: the tools are imported here, not before."""
+    if args.tool == "demo":
+        from .tools.demo import run_demo
+
+        return run_demo(args.size, as_json=args.json)
+    from .tools import bench
+
+    return bench.cmd_bench(args) if args.tool == "bench" else bench.cmd_estimate(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fastpipe`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``fastpipe`` console script; returns the exit code.
+
+    With ``--json`` stdout holds exactly one JSON report whatever happens (a usage error,
+    an interrupt), unless stdout itself cannot be written.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args: argparse.Namespace | None = None
     try:
-        if args.command == "run":
-            return _cmd_run(args)
-        if args.command == "stages":
-            return _cmd_stages()
-        if args.command == "demo":
-            return _cmd_demo(args)
-        if args.command in ("bench", "estimate"):
-            return int(args.func(args))
+        try:
+            args = build_parser().parse_args(argv)
+        except _UsageExit as exc:
+            if _wants_json(argv):
+                write_stdout(_error_json(None, exc.message, "UsageError", EXIT_USAGE))
+            return EXIT_USAGE
+        except SystemExit as exc:  # --help, --version
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        return _dispatch(args)
     except KeyboardInterrupt:
-        return EXIT_SIGINT
+        try:
+            return _interrupted(args or argparse.Namespace(json=_wants_json(argv)), signal.SIGINT)
+        except StdoutFailed:
+            return EXIT_SIGINT
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_stdout()
         return EXIT_OK
+    except StdoutFailed as exc:
+        _drop_stdout()
+        _error(exc)
+        return EXIT_LOCAL_IO
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is left cannot fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _cmd_run(args)
+    if args.command == "stages":
+        return _cmd_stages()
+    if args.command in ("demo", "bench", "estimate"):
+        return _cmd_tool(args)
     raise AssertionError(args.command)
 
 
@@ -311,8 +367,14 @@ def entry() -> None:
     code = main()
     try:
         sys.stdout.flush()
-        sys.stderr.flush()
     except BrokenPipeError:
+        pass
+    except OSError as exc:
+        _error(f"cannot write to stdout: {exc.strerror or exc}")
+        code = code or EXIT_LOCAL_IO
+    try:
+        sys.stderr.flush()
+    except OSError:
         pass
     os._exit(code)
 

