@@ -267,7 +267,7 @@ def test_local_name_for_key_stays_inside(tmp_path: Any, key: str) -> None:
     assert os.path.dirname(path) == str(tmp_path)
     # The file system accepts the name, and the temp name beside it.
     open(path, "wb").close()  # noqa: SIM115
-    tmp = TempFile(str(tmp_path), os.path.basename(path), 0)
+    tmp = TempFile.create(str(tmp_path), 0)
     tmp.remove()
     assert os.listdir(tmp_path) == [os.path.basename(path)]
 

@@ -25,7 +25,6 @@ from ._exceptions import (
     FastpipeError,
     IntegrityError,
     LocalIOError,
-    ObjectChanged,
     ObjectNotFound,
     SourceError,
     StageFailed,
@@ -33,7 +32,7 @@ from ._exceptions import (
     UsageError,
 )
 from ._fetch import Fetcher, proxy_configured
-from ._file import Journal, TempFile, Watermark, resolve_dest, resume_paths
+from ._file import Journal, ResumeState, TempFile, Watermark, resolve_dest
 from ._groups import unwrap_groups
 from ._report import Progress, Report, StageReport
 from ._s3 import S3Control
@@ -299,22 +298,36 @@ class Engine:
     ) -> None:
         config = self.config
         dest_path = resolve_dest(dest, location.key, config.force) if dest is not None else None
-        if gate is None:
-            await self._fetch_and_check(location, stages, dest_path, report, progress, None)
-            return
-        # process_many: one object downloads at a time (at full concurrency) while the
-        # file stages of the one before run; the gate is released when the bytes are in.
-        async with _HeldOnce(gate) as held:
-            await self._fetch_and_check(location, stages, dest_path, report, progress, held)
+        resume: ResumeState | None = None
+        if config.resume:
+            if dest_path is None:
+                raise UsageError("resume needs a destination (--dest)")
+            resume = ResumeState(dest_path)
+            # Before HEAD: a second run to the same destination is refused at once.
+            await anyio.to_thread.run_sync(resume.lock)
+        try:
+            if gate is None:
+                await self._fetch_and_check(location, stages, dest_path, resume, report, progress)
+                return
+            # process_many: one object downloads at a time (at full concurrency) while the
+            # file stages of the one before run; the gate is released when the bytes are in.
+            async with _HeldOnce(gate) as held:
+                await self._fetch_and_check(
+                    location, stages, dest_path, resume, report, progress, held
+                )
+        finally:
+            if resume is not None:
+                resume.unlock()
 
     async def _fetch_and_check(
         self,
         location: S3Location,
         stages: list[Stage],
         dest_path: str | None,
+        resume: ResumeState | None,
         report: Report,
         progress: ProgressCallback | None,
-        gate: _HeldOnce | None,
+        gate: _HeldOnce | None = None,
     ) -> None:
         config = self.config
         info = await self._s3.head(location)
@@ -327,28 +340,24 @@ class Engine:
             endpoint = config.resolved_endpoint() or "https://s3.amazonaws.com"
             plane = "botocore" if proxy_configured(endpoint) else "raw"
         dl = report.download
-        folder = (
-            os.path.dirname(dest_path) if dest_path else config.temp_dir or tempfile.gettempdir()
-        )
-        stem = os.path.basename(dest_path) if dest_path else "download"
         journal: Journal | None = None
         reuse: set[int] = set()
-        tmp_path: str | None = None
-        if config.resume:
-            if dest_path is None:
-                raise UsageError("resume needs a destination (--dest)")
-            tmp_path, journal_path = resume_paths(dest_path)
-            previous = Journal.load(journal_path)
-            if previous is not None and os.path.exists(tmp_path):
-                part_size, reuse = self._resumable(previous, location, info, part_size)
-            journal = Journal(
-                journal_path, str(location), info.etag, info.version_id, info.size, part_size
+        # Preallocating (and later unlinking) a large file can take a while: not on the loop.
+        if resume is not None:
+            plan = await anyio.to_thread.run_sync(
+                resume.plan, str(location), info.etag, info.version_id, info.size, part_size
             )
+            tmp, journal, part_size, reuse = plan.temp, plan.journal, plan.part_size, plan.reuse
+        else:
+            folder = (
+                os.path.dirname(dest_path)
+                if dest_path
+                else config.temp_dir or tempfile.gettempdir()
+            )
+            tmp = await anyio.to_thread.run_sync(TempFile.create, folder, info.size)
         dl.part_size, dl.concurrency, dl.path = part_size, config.max_concurrency, plane
         watermark = Watermark(info.size, part_size)
         dl.parts = watermark.parts
-        # Preallocating (and later unlinking) a large file can take a while: not on the loop.
-        tmp = await anyio.to_thread.run_sync(partial(TempFile, folder, stem, info.size, tmp_path))
         dl.reused_bytes = watermark.preset(reuse) if reuse else 0
         kept = False
         keep_for_resume = False
@@ -388,29 +397,6 @@ class Engine:
                 await anyio.to_thread.run_sync(
                     _clean_up, tmp, None if keep_for_resume else journal, kept or keep_for_resume
                 )
-
-    @staticmethod
-    def _resumable(
-        previous: dict[str, object], location: S3Location, info: ObjectInfo, part_size: int
-    ) -> tuple[int, set[int]]:
-        """The part size and whole parts an earlier run left, or raise if it was another object."""
-        if (
-            previous.get("etag") != info.etag
-            or previous.get("version_id") != info.version_id
-            or previous.get("size") != info.size
-            or previous.get("source") != str(location)
-        ):
-            raise ObjectChanged(
-                f"{location}: refusing to resume: the object changed since the interrupted run "
-                f"(ETag {previous.get('etag')} is now {info.etag}); run without --resume to "
-                "start over"
-            )
-        old_part = previous.get("part_size")
-        done = previous.get("done")
-        if not isinstance(old_part, int) or old_part < 1 or not isinstance(done, list):
-            return part_size, set()
-        parts = -(-info.size // old_part) if info.size else 0
-        return old_part, {i for i in done if isinstance(i, int) and 0 <= i < parts}
 
     # -- phases ---------------------------------------------------------------------------
 
