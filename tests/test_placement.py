@@ -89,6 +89,19 @@ def test_symlink_at_the_journal_new_name_is_not_followed(
     assert os.listdir(dest_dir) == ["out.bin"]
 
 
+def test_hard_link_at_the_temp_name_is_refused(
+    put_object: Callable[..., str], dest_dir: Path, victim: Path
+) -> None:
+    uri = put_object(os.urandom(len(VICTIM)))
+    dest = dest_dir / "out.bin"
+    temp = ResumeState(str(dest)).temp_path
+    os.link(victim, temp)
+    with pytest.raises(fastpipe.DestinationError, match="hard links"):
+        _resume(uri, dest)
+    _check_victim(victim)
+    assert os.listdir(dest_dir) == [os.path.basename(temp)]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user")
 def test_temp_file_of_another_user_is_refused(
     put_object: Callable[..., str], dest_dir: Path

@@ -133,8 +133,8 @@ def open_private(path: str, flags: int) -> int:
     """Open ``path`` never through a symlink, and only if it is a regular file of ours.
 
     ``O_NONBLOCK`` keeps a FIFO planted there from blocking the open (it has no effect on
-    a regular file). Raises :class:`DestinationError` for a symlink, another kind of file
-    or another owner; ``FileNotFoundError`` (and ``FileExistsError`` with ``O_EXCL``)
+    a regular file). Raises :class:`DestinationError` for a symlink, another kind of file,
+    another owner or a file with other hard links; ``FileNotFoundError`` (and ``FileExistsError`` with ``O_EXCL``)
     pass through for the caller to decide.
     """
     flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -154,6 +154,8 @@ def open_private(path: str, flags: int) -> int:
             raise DestinationError(
                 f"{path} is not a regular file of this user: refusing to use it (remove it)"
             )
+        if st.st_nlink != 1:  # a hard link planted there would make us write elsewhere
+            raise DestinationError(f"{path} has other hard links: refusing to use it (remove it)")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
