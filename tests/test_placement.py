@@ -3,6 +3,7 @@ nothing planted there, nor a bad place, turns into a write elsewhere or a traceb
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -92,14 +93,20 @@ def test_symlink_at_the_journal_new_name_is_not_followed(
 def test_hard_link_at_the_temp_name_is_refused(
     put_object: Callable[..., str], dest_dir: Path, victim: Path
 ) -> None:
+    """With a journal that matches the object (so that the temp file would be reused)."""
     uri = put_object(os.urandom(len(VICTIM)))
     dest = dest_dir / "out.bin"
-    temp = ResumeState(str(dest)).temp_path
-    os.link(victim, temp)
+    state = ResumeState(str(dest))
+    head = fastpipe.run(uri, stages=[])
+    journal = {"version": 1, "source": uri, "etag": head.etag, "version_id": head.version_id}
+    journal.update(size=len(VICTIM), part_size=PART, done=[])
+    Path(state.journal_path).write_text(json.dumps(journal))
+    os.link(victim, state.temp_path)
     with pytest.raises(fastpipe.DestinationError, match="hard links"):
         _resume(uri, dest)
     _check_victim(victim)
-    assert os.listdir(dest_dir) == [os.path.basename(temp)]
+    names = sorted(os.path.basename(p) for p in (state.temp_path, state.journal_path))
+    assert sorted(os.listdir(dest_dir)) == names
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user")
