@@ -3,6 +3,7 @@ nothing planted there, nor a bad place, turns into a write elsewhere or a traceb
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import pytest
 
 import fastpipe
 from fastpipe import Config
-from fastpipe._file import ResumeState
+from fastpipe._placement import Placement, ResumeState
 from fastpipe.stages import FileStage, LocalFile
 
 PART = 256 << 10
@@ -31,7 +32,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _resume(uri: str, dest: Path, **kwargs: Any) -> fastpipe.Report:
-    return fastpipe.run(uri, stages=[], dest=dest, config=Config(resume=True, **kwargs))
+    return fastpipe.run(uri, stages=[], dest=dest, config=Config(**kwargs), resume=True)
 
 
 @pytest.fixture
@@ -141,9 +142,7 @@ def test_symlink_at_dest_is_replaced_not_followed(
     dest = dest_dir / "out.bin"
     os.symlink(victim, dest)
     for resume in (False, True):
-        report = fastpipe.run(
-            put_object(data), stages=[], dest=dest, config=Config(force=True, resume=resume)
-        )
+        report = fastpipe.run(put_object(data), stages=[], dest=dest, force=True, resume=resume)
         assert report.passed
         assert not dest.is_symlink() and dest.read_bytes() == data
         _check_victim(victim)
@@ -168,9 +167,7 @@ def test_temp_name_does_not_hold_the_key(
         def run(self, local: LocalFile) -> None:
             seen.append(os.path.basename(local.path))
 
-    report = fastpipe.run(
-        f"s3://{bucket}/{key}", stages=[Where()], dest=dest_dir, config=Config(resume=resume)
-    )
+    report = fastpipe.run(f"s3://{bucket}/{key}", stages=[Where()], dest=dest_dir, resume=resume)
     assert report.passed
     (name,) = seen
     assert re.fullmatch(r"\.fastpipe-[A-Za-z0-9_]+\.fastpipe-tmp", name), name
@@ -235,8 +232,60 @@ def test_long_utf8_name_that_fits_is_kept(put_object: Callable[..., str], tmp_pa
     data = os.urandom(1000)
     dest = tmp_path / ("日" * 80)
     for resume in (False, True):
-        report = fastpipe.run(
-            put_object(data), stages=[], dest=dest, config=Config(resume=resume, force=True)
-        )
+        report = fastpipe.run(put_object(data), stages=[], dest=dest, resume=resume, force=True)
         assert report.passed and dest.read_bytes() == data
     assert os.listdir(tmp_path) == [dest.name]
+
+
+# -- placement is per call, validated in one place ----------------------------------------
+
+
+def test_placement_is_validated_once_for_library_and_cli(tmp_path: Path) -> None:
+    cases: list[tuple[dict[str, Any], list[str], str]] = [
+        ({"resume": True}, ["--resume"], "resume needs a destination (--dest)"),
+        ({"dest": ""}, ["--dest", ""], "dest must not be empty"),
+        ({"temp_dir": str(tmp_path / "nope")}, ["--temp-dir", str(tmp_path / "nope")], "nope"),
+    ]
+    for kwargs, args, message in cases:
+        with pytest.raises(fastpipe.UsageError, match=re.escape(message)):
+            Placement(**kwargs)
+        with pytest.raises(fastpipe.UsageError, match=re.escape(message)):
+            fastpipe.run("s3://bucket/key", stages=[], **kwargs)
+        result = _cli("run", "s3://bucket/key", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr
+    assert Placement(dest=tmp_path).dest == str(tmp_path)  # PathLike accepted, kept as str
+    for name in ("force", "resume", "temp_dir"):
+        assert name not in {f.name for f in dataclasses.fields(Config)}
+
+
+@pytest.mark.anyio
+async def test_one_engine_places_each_call_its_own_way(
+    put_object: Callable[..., str], tmp_path: Path
+) -> None:
+    """force, resume and temp_dir are per call: one engine (one S3 client) serves all."""
+    data = os.urandom(PART + 3)
+    uri = put_object(data)
+    dest = tmp_path / "out.bin"
+    async with fastpipe.Engine(Config(part_size=PART)) as engine:
+        first = await engine.process(uri, [], dest, resume=True)
+        assert first.passed and dest.read_bytes() == data
+        with pytest.raises(fastpipe.DestinationError, match="already exists"):
+            await engine.process(uri, [], dest)
+        again = await engine.process(uri, [], dest, force=True)
+        assert again.passed
+        seen: list[str] = []
+
+        class Where(FileStage):
+            name = "where"
+
+            def run(self, local: LocalFile) -> None:
+                seen.append(os.path.dirname(local.path))
+
+        scratch = tmp_path / "scratch"
+        scratch.mkdir()
+        assert (await engine.process(uri, [Where()], temp_dir=scratch)).passed
+        assert seen == [str(scratch)] and os.listdir(scratch) == []
+        many = await engine.process_many([uri], lambda: [], tmp_path, force=True)
+        assert many[0].passed
+    assert sorted(os.listdir(tmp_path)) == sorted(["out.bin", "scratch", uri.rsplit("/", 1)[1]])

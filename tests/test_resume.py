@@ -23,7 +23,7 @@ from faultproxy import Fault, FaultProxy, internal_error
 
 import fastpipe
 from fastpipe import Config
-from fastpipe._file import ResumeState
+from fastpipe._placement import ResumeState
 
 SIZE = 8 << 20
 PART = 256 << 10
@@ -232,7 +232,7 @@ def test_stale_longer_temp_file_is_cut(put_object: Callable[..., str], tmp_path:
     data = os.urandom(3 * PART + 5)
     uri = put_object(data)
     dest = tmp_path / "out.bin"
-    config = Config(resume=True, part_size=PART)
+    config = Config(part_size=PART)
     state = state_of(dest)
     head = fastpipe.run(uri, stages=[], config=Config(part_size=PART))
     journal = {
@@ -246,7 +246,7 @@ def test_stale_longer_temp_file_is_cut(put_object: Callable[..., str], tmp_path:
     }
     Path(state.journal_path).write_text(json.dumps(journal))
     Path(state.temp_path).write_bytes(data[:PART] + os.urandom(2 * len(data)))
-    report = fastpipe.run(uri, stages=[], dest=dest, config=config)
+    report = fastpipe.run(uri, stages=[], dest=dest, config=config, resume=True)
     assert report.passed
     assert report.download.reused_bytes == 0  # the file had the wrong size: not trusted
     assert dest.read_bytes() == data
@@ -254,7 +254,7 @@ def test_stale_longer_temp_file_is_cut(put_object: Callable[..., str], tmp_path:
     dest.unlink()
     Path(state.journal_path).write_text(json.dumps(journal))
     Path(state.temp_path).write_bytes(data[:PART] + bytes(len(data) - PART))
-    report = fastpipe.run(uri, stages=[], dest=dest, config=config)
+    report = fastpipe.run(uri, stages=[], dest=dest, config=config, resume=True)
     assert report.download.reused_bytes == PART
     assert dest.read_bytes() == data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
@@ -269,7 +269,7 @@ def test_temp_file_without_journal_is_not_kept_long(
     uri = put_object(data)
     dest = tmp_path / "out.bin"
     Path(state_of(dest).temp_path).write_bytes(os.urandom(10 * PART))
-    report = fastpipe.run(uri, stages=[], dest=dest, config=Config(resume=True))
+    report = fastpipe.run(uri, stages=[], dest=dest, resume=True)
     assert report.passed
     assert dest.read_bytes() == data
 
@@ -299,7 +299,7 @@ def test_second_resumable_run_is_refused(
         assert sorted(os.listdir(tmp_path)) == before
         assert os.path.getsize(state.temp_path) == SIZE
         with pytest.raises(fastpipe.DestinationError, match="in use"):
-            fastpipe.run(uri, dest=dest, config=Config(resume=True, force=True))
+            fastpipe.run(uri, dest=dest, resume=True, force=True)
     finally:
         proxy.reset(None)  # the first run goes on
         _, err = first.communicate(timeout=60)
@@ -329,4 +329,5 @@ def test_resume_needs_dest(bucket: str) -> None:
         _cli("run", f"s3://{bucket}/x", "--resume"), capture_output=True, text=True
     )
     assert result.returncode == 2
-    assert "--resume needs --dest" in result.stderr
+    assert "resume needs a destination (--dest)" in result.stderr
+    assert "Traceback" not in result.stderr

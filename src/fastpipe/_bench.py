@@ -102,7 +102,7 @@ def run_download(
     """fastpipe's download of ``uri`` to ``dest`` (no stages unless given)."""
     from ._engine import run
 
-    return _passed(run(uri, list(stages), dest=dest, config=config))
+    return _passed(run(uri, list(stages), dest=dest, config=config, force=True))
 
 
 def run_local_stages(path: str, stages: Sequence[Any]) -> list[Report]:
@@ -147,7 +147,7 @@ def _chunk_detail(reports: Sequence[Report]) -> dict[str, Any]:
 
 def _variant_main(args: argparse.Namespace) -> int:
     """One variant's work in this process (``python -m fastpipe._bench variant NAME``)."""
-    config = Config(endpoint_url=args.endpoint_url or None, force=True)
+    config = Config(endpoint_url=args.endpoint_url or None)
     name = args.name
     reports: list[Report]
     if name == "sequential":
