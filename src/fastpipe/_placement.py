@@ -459,6 +459,9 @@ class ResumeState:
                     f"destination {self.dest} is in use by another --resume run "
                     f"(it holds {self.lock_path})"
                 ) from None
+            except OSError as exc:  # a file system without flock (ENOLCK)
+                os.close(fd)
+                raise local_io_error(f"cannot lock {self.lock_path}", exc) from exc
             # The run that held the lock removed the file before letting go: only a
             # lock on the file still under the name counts.
             held = os.fstat(fd)
