@@ -109,27 +109,8 @@ def resolve_dest(dest: str | os.PathLike[str], key: str | None, force: bool) -> 
     file system, and an existing file is refused unless ``force``. An empty ``dest`` is a
     :class:`UsageError` (it would silently mean the current folder).
     """
-    text = os.fspath(dest)
-    if not text:
-        raise UsageError("dest must not be empty (give a file path or a folder)")
-    path = os.path.abspath(text)
-    if os.path.isdir(path):
-        if key is None:
-            raise DestinationError(f"destination {path} is a folder")
-        path = os.path.join(path, local_name_for_key(key))
-    elif text.endswith(("/", os.sep)):
-        raise DestinationError(f"destination folder {path} does not exist")
-    folder, name = os.path.split(path)
-    if not os.path.isdir(folder):
-        raise DestinationError(f"destination folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise DestinationError(f"destination folder {folder} is not writable")
-    limit = _name_max(folder)
-    if len(os.fsencode(name)) > limit:
-        raise DestinationError(
-            f"destination name is too long for the file system ({len(os.fsencode(name))} "
-            f"bytes, at most {limit}): {path}"
-        )
+    path = _dest_file(os.fspath(dest), key)
+    _check_folder(*os.path.split(path))
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -141,6 +122,34 @@ def resolve_dest(dest: str | os.PathLike[str], key: str | None, force: bool) -> 
     if not force:
         raise DestinationError(f"destination {path} already exists (use --force to replace it)")
     return path
+
+
+def _dest_file(text: str, key: str | None) -> str:
+    """The file path ``dest`` names: itself, or a name made from ``key`` in a folder."""
+    if not text:
+        raise UsageError("dest must not be empty (give a file path or a folder)")
+    path = os.path.abspath(text)
+    if os.path.isdir(path):
+        if key is None:
+            raise DestinationError(f"destination {path} is a folder")
+        return os.path.join(path, local_name_for_key(key))
+    if text.endswith(("/", os.sep)):  # a trailing separator means a folder
+        raise DestinationError(f"destination folder {path} does not exist")
+    return path
+
+
+def _check_folder(folder: str, name: str) -> None:
+    """The destination's folder exists, is writable and takes a name that long."""
+    if not os.path.isdir(folder):
+        raise DestinationError(f"destination folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DestinationError(f"destination folder {folder} is not writable")
+    size, limit = len(os.fsencode(name)), _name_max(folder)
+    if size > limit:
+        raise DestinationError(
+            f"destination name is too long for the file system ({size} bytes, at most "
+            f"{limit}): {os.path.join(folder, name)}"
+        )
 
 
 def open_private(path: str, flags: int) -> int:
@@ -508,25 +517,31 @@ class ResumeState:
                         found,
                     )
                 found = (part_size, set())
-                if fd >= 0:
-                    os.close(fd)
-                    fd = -1
-                # The journal goes first: it must never describe a file it did not see.
-                for path in (self.journal_path, self.journal_path + ".new", self.temp_path):
-                    _unlink(path)
-                fd = open_private(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
-        except BaseException as exc:
+                fd = self._start_over(fd)
+        except BaseException:
             if fd >= 0:
                 os.close(fd)
-            if isinstance(exc, FileExistsError):
-                raise DestinationError(f"{self.temp_path} appeared while it was replaced") from None
-            if isinstance(exc, OSError) and not isinstance(exc, FastpipeError):
-                raise local_io_error(f"cannot open {self.temp_path}", exc) from exc
             raise
         temp = TempFile(fd, self.temp_path, size)  # owns fd; cuts a longer file to the size
         part, reuse = found
         journal = Journal(self.journal_path, source, etag, version_id, size, part)
         return ResumePlan(temp, journal, part, reuse)
+
+    def _start_over(self, fd: int) -> int:
+        """Drop the old state (closing ``fd`` if open); return a new, empty temp file."""
+        if fd >= 0:
+            os.close(fd)
+        try:
+            # The journal goes first: it must never describe a file it did not see.
+            for path in (self.journal_path, self.journal_path + ".new", self.temp_path):
+                _unlink(path)
+            return open_private(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            raise DestinationError(f"{self.temp_path} appeared while it was replaced") from None
+        except FastpipeError:
+            raise
+        except OSError as exc:
+            raise local_io_error(f"cannot replace {self.temp_path}", exc) from exc
 
     def _load_journal(self) -> dict[str, object] | str | None:
         """The journal's content, None when there is none, or why it cannot be read."""
