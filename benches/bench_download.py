@@ -27,7 +27,7 @@ pytestmark = pytest.mark.benchmark(group="download")
 def test_download_fastpipe_checksum(bench: Any, bench_object: Any, dest_file: str) -> None:
     def download() -> fastpipe.Report:
         return fastpipe.run(
-            bench_object.uri, [Checksum()], dest=dest_file, config=bench_object.config
+            bench_object.uri, [Checksum()], dest=dest_file, config=bench_object.config, force=True
         )
 
     report = bench(download, setup=lambda: remove_and_sync(dest_file), baseline=True)

@@ -62,7 +62,7 @@ class BenchObject:
 
     @property
     def config(self) -> Config:
-        return Config(endpoint_url=self.endpoint_url, force=True)
+        return Config(endpoint_url=self.endpoint_url)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,8 @@ import pytest
 import fastpipe
 import fastpipe.stages
 from fastpipe import Config, FastpipeError, UsageError, parse_size
-from fastpipe._file import TempFile, Watermark
+from fastpipe._file import Watermark
+from fastpipe._placement import new_temp_file
 from fastpipe._source import LocalLocation, S3Location, parse_source
 
 
@@ -130,7 +131,7 @@ def test_parse_source() -> None:
 
 
 def test_temp_file_is_private_and_removed(tmp_path: Path) -> None:
-    tmp = TempFile(str(tmp_path), "name", 1000)
+    tmp = new_temp_file(str(tmp_path), 1000)
     assert stat.S_IMODE(os.stat(tmp.path).st_mode) == 0o600
     assert os.path.getsize(tmp.path) == 1000
     tmp.pwrite(memoryview(b"abc"), 10)

@@ -251,9 +251,7 @@ def test_temp_dir_holds_the_temp_file(put_object: Any, tmp_path: Any) -> None:
         def run(self, local: LocalFile) -> None:
             seen.append(os.path.dirname(local.path))
 
-    report = fastpipe.run(
-        put_object(os.urandom(PART)), stages=[Where()], config=Config(temp_dir=str(tmp_path))
-    )
+    report = fastpipe.run(put_object(os.urandom(PART)), stages=[Where()], temp_dir=tmp_path)
     assert report.passed
     assert seen == [str(tmp_path)]
     assert list(tmp_path.iterdir()) == []  # removed after the run

@@ -21,7 +21,8 @@ import pytest
 import fastpipe
 import fastpipe.cli
 from fastpipe import Config
-from fastpipe._file import TEMP_SUFFIX, TempFile, local_name_for_key, resolve_dest
+from fastpipe._file import TempFile
+from fastpipe._placement import TEMP_SUFFIX, local_name_for_key, new_temp_file, resolve_dest
 from fastpipe.tools.locals3 import DEFAULT_SECRET_KEY, free_ports
 
 REPO_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
@@ -267,7 +268,7 @@ def test_local_name_for_key_stays_inside(tmp_path: Any, key: str) -> None:
     assert os.path.dirname(path) == str(tmp_path)
     # The file system accepts the name, and the temp name beside it.
     open(path, "wb").close()  # noqa: SIM115
-    tmp = TempFile(str(tmp_path), os.path.basename(path), 0)
+    tmp = new_temp_file(str(tmp_path), 0)
     tmp.remove()
     assert os.listdir(tmp_path) == [os.path.basename(path)]
 

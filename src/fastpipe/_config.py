@@ -72,7 +72,11 @@ def check_endpoint_url(url: str, what: str) -> None:
 
 @dataclass(frozen=True)
 class Config:
-    """How the engine reads one object.
+    """How the engine reads objects: transport settings and engine-wide limits.
+
+    Where each object's bytes go (``dest``, ``force``, ``resume``, ``temp_dir``) is not
+    here: it is per call (:func:`fastpipe.process`), so one engine and its S3 client serve
+    calls that place their objects differently.
 
     Memory bound: about ``max_concurrency * receive_buffer + stream_buffer`` bytes of
     buffers (16 x 256 KiB + 1 MiB by default), whatever the object's size; parts are
@@ -101,13 +105,8 @@ class Config:
     backoff_base: float = 0.1
     backoff_max: float = 5.0
     presign_expires: int = 3600
-    resume: bool = False
-    force: bool = False
     #: Start an in-order file stage (``chunk``) while the download runs (still gated).
     early_file_stages: bool = True
-    #: Folder of the temp file when there is no destination (default: ``TMPDIR``/``/tmp``;
-    #: mind that a tmpfs there holds the whole object in RAM).
-    temp_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.part_size < 1:

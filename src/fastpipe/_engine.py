@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -23,9 +22,6 @@ import anyio
 from ._config import Config
 from ._exceptions import (
     FastpipeError,
-    IntegrityError,
-    LocalIOError,
-    ObjectChanged,
     ObjectNotFound,
     SourceError,
     StageFailed,
@@ -33,8 +29,9 @@ from ._exceptions import (
     UsageError,
 )
 from ._fetch import Fetcher, proxy_configured
-from ._file import Journal, TempFile, Watermark, resolve_dest, resume_paths
+from ._file import Watermark
 from ._groups import unwrap_groups
+from ._placement import Journal, ObjectPlacement, Placement
 from ._report import Progress, Report, StageReport
 from ._s3 import S3Control
 from ._source import LocalLocation, S3Location, parse_source
@@ -181,10 +178,14 @@ class Engine:
         dest: str | os.PathLike[str] | None = None,
         progress: ProgressCallback | None = None,
         *,
+        force: bool = False,
+        resume: bool = False,
+        temp_dir: str | os.PathLike[str] | None = None,
         _download_gate: anyio.Lock | None = None,
     ) -> Report:
         """Process one object; see :func:`fastpipe.process`."""
         location = parse_source(source)
+        placement = Placement(dest, force=force, resume=resume, temp_dir=temp_dir)
         stage_list = list(default_stages() if stages is None else stages)
         for stage in stage_list:
             if not isinstance(stage, (StreamStage, FileStage)):
@@ -194,13 +195,12 @@ class Engine:
         started = time.perf_counter()
         try:
             if isinstance(location, LocalLocation):
-                if dest is not None:
-                    raise UsageError(
-                        "dest applies to S3 sources; a local file is processed in place"
-                    )
+                placement.check_local_source()
                 await self._process_local(location, stage_list, report, progress)
             else:
-                await self._process_s3(location, stage_list, dest, report, progress, _download_gate)
+                await self._process_s3(
+                    location, stage_list, placement, report, progress, _download_gate
+                )
         except FastpipeError as exc:
             if isinstance(exc, StageFailed):
                 raise  # internal invariant: stage failures are recorded, not raised
@@ -216,6 +216,10 @@ class Engine:
         dest: str | os.PathLike[str] | None = None,
         max_in_flight: int = 2,
         progress: ProgressCallback | None = None,
+        *,
+        force: bool = False,
+        resume: bool = False,
+        temp_dir: str | os.PathLike[str] | None = None,
     ) -> list[Report]:
         """Process many objects, pipelined; return their reports in the order given.
 
@@ -224,13 +228,13 @@ class Engine:
         ``max_in_flight`` objects are in progress, which bounds the disk used by temp files
         to about ``max_in_flight`` objects. ``stages`` is a factory called once per object
         (stages keep per-object state); ``dest``, if given, is a folder that receives each
-        object under a name made from its key. An object that fails with an error (missing,
+        object under a name made from its key; ``force``, ``resume`` and ``temp_dir`` apply
+        to each object as in :meth:`process`. An object that fails with an error (missing,
         denied, changed) does not stop the others: its report carries the error.
         """
         if max_in_flight < 1:
             raise UsageError(f"max_in_flight must be at least 1, got {max_in_flight}")
-        if dest is not None and not os.path.isdir(dest):
-            raise UsageError(f"process_many needs a destination folder, got {os.fspath(dest)}")
+        Placement(dest, force=force, resume=resume, temp_dir=temp_dir).check_many()
         items = list(sources)
         reports: list[Report | None] = [None] * len(items)
         download_gate = anyio.Lock()
@@ -240,7 +244,14 @@ class Engine:
             try:
                 stage_list = None if stages is None else list(stages())
                 reports[index] = await self.process(
-                    source, stage_list, dest, progress, _download_gate=download_gate
+                    source,
+                    stage_list,
+                    dest,
+                    progress,
+                    force=force,
+                    resume=resume,
+                    temp_dir=temp_dir,
+                    _download_gate=download_gate,
                 )
             except FastpipeError as exc:
                 failed = getattr(exc, "report", None)
@@ -292,125 +303,76 @@ class Engine:
         self,
         location: S3Location,
         stages: list[Stage],
-        dest: str | os.PathLike[str] | None,
+        placement: Placement,
         report: Report,
         progress: ProgressCallback | None,
         gate: anyio.Lock | None = None,
     ) -> None:
-        config = self.config
-        dest_path = resolve_dest(dest, location.key, config.force) if dest is not None else None
-        if gate is None:
-            await self._fetch_and_check(location, stages, dest_path, report, progress, None)
-            return
-        # process_many: one object downloads at a time (at full concurrency) while the
-        # file stages of the one before run; the gate is released when the bytes are in.
-        async with _HeldOnce(gate) as held:
-            await self._fetch_and_check(location, stages, dest_path, report, progress, held)
+        # Before HEAD: a bad destination, or one another resumable run holds, fails at once.
+        placed = ObjectPlacement(placement, location.key)
+        try:
+            if gate is None:
+                await self._fetch_and_check(location, stages, placed, report, progress)
+                return
+            # process_many: one object downloads at a time (at full concurrency) while the
+            # file stages of the one before run; the gate is released when the bytes are in.
+            async with _HeldOnce(gate) as held:
+                await self._fetch_and_check(location, stages, placed, report, progress, held)
+        finally:
+            with anyio.CancelScope(shield=True):  # cleans up after a cancel too
+                await anyio.to_thread.run_sync(placed.close)
 
     async def _fetch_and_check(
         self,
         location: S3Location,
         stages: list[Stage],
-        dest_path: str | None,
+        placed: ObjectPlacement,
         report: Report,
         progress: ProgressCallback | None,
-        gate: _HeldOnce | None,
+        gate: _HeldOnce | None = None,
     ) -> None:
         config = self.config
         info = await self._s3.head(location)
         report.size, report.etag, report.version_id = info.size, info.etag, info.version_id
         if not self._check_info(stages, info, report):
             return
-        part_size = config.plan_part_size(info.size)
         plane = config.data_plane
         if plane == "auto":
             endpoint = config.resolved_endpoint() or "https://s3.amazonaws.com"
             plane = "botocore" if proxy_configured(endpoint) else "raw"
-        dl = report.download
-        folder = (
-            os.path.dirname(dest_path) if dest_path else config.temp_dir or tempfile.gettempdir()
+        # Preallocating (and later unlinking) a large file can take a while: not on the loop.
+        part_size, reuse = await anyio.to_thread.run_sync(
+            placed.open_temp, str(location), info, config.plan_part_size(info.size)
         )
-        stem = os.path.basename(dest_path) if dest_path else "download"
-        journal: Journal | None = None
-        reuse: set[int] = set()
-        tmp_path: str | None = None
-        if config.resume:
-            if dest_path is None:
-                raise UsageError("resume needs a destination (--dest)")
-            tmp_path, journal_path = resume_paths(dest_path)
-            previous = Journal.load(journal_path)
-            if previous is not None and os.path.exists(tmp_path):
-                part_size, reuse = self._resumable(previous, location, info, part_size)
-            journal = Journal(
-                journal_path, str(location), info.etag, info.version_id, info.size, part_size
-            )
+        tmp = placed.temp
+        assert tmp is not None
+        dl = report.download
         dl.part_size, dl.concurrency, dl.path = part_size, config.max_concurrency, plane
         watermark = Watermark(info.size, part_size)
         dl.parts = watermark.parts
-        # Preallocating (and later unlinking) a large file can take a while: not on the loop.
-        tmp = await anyio.to_thread.run_sync(partial(TempFile, folder, stem, info.size, tmp_path))
         dl.reused_bytes = watermark.preset(reuse) if reuse else 0
-        kept = False
-        keep_for_resume = False
+        fetcher = Fetcher(self._s3, config, location, info, tmp, watermark, plane)
         try:
-            fetcher = Fetcher(self._s3, config, location, info, tmp, watermark, plane)
-            try:
-                ok, early = await self._stream(
-                    stages, info, tmp.path, watermark, report, fetcher, progress, journal
-                )
-            except BaseException as exc:
-                # With --resume a broken or interrupted download keeps what it has; an
-                # object that changed or a local error starts over.
-                keep_for_resume = journal is not None and not isinstance(
-                    exc, (IntegrityError, LocalIOError, UsageError)
-                )
-                raise
-            finally:
-                dl.bytes, dl.retries = fetcher.stats.bytes, fetcher.stats.retries
-                if fetcher.stats.finished:
-                    dl.seconds = fetcher.stats.finished - fetcher.stats.started
-                if journal is not None:
-                    journal.write(watermark.completed_parts())
-            tmp.close()
-            if gate is not None:
-                gate.release()  # the next object may download while the file stages run
-            if not ok:
-                return
-            if not await self._file_stages(stages, info, tmp.path, report, progress, early):
-                return
-            if dest_path is not None:
-                await anyio.to_thread.run_sync(tmp.commit, dest_path, config.force)
-                kept = True
-                report.dest = dest_path
-            report.passed = True
-        finally:
-            with anyio.CancelScope(shield=True):  # cleans up after a cancel too
-                await anyio.to_thread.run_sync(
-                    _clean_up, tmp, None if keep_for_resume else journal, kept or keep_for_resume
-                )
-
-    @staticmethod
-    def _resumable(
-        previous: dict[str, object], location: S3Location, info: ObjectInfo, part_size: int
-    ) -> tuple[int, set[int]]:
-        """The part size and whole parts an earlier run left, or raise if it was another object."""
-        if (
-            previous.get("etag") != info.etag
-            or previous.get("version_id") != info.version_id
-            or previous.get("size") != info.size
-            or previous.get("source") != str(location)
-        ):
-            raise ObjectChanged(
-                f"{location}: refusing to resume: the object changed since the interrupted run "
-                f"(ETag {previous.get('etag')} is now {info.etag}); run without --resume to "
-                "start over"
+            ok, early = await self._stream(
+                stages, info, tmp.path, watermark, report, fetcher, progress, placed.journal
             )
-        old_part = previous.get("part_size")
-        done = previous.get("done")
-        if not isinstance(old_part, int) or old_part < 1 or not isinstance(done, list):
-            return part_size, set()
-        parts = -(-info.size // old_part) if info.size else 0
-        return old_part, {i for i in done if isinstance(i, int) and 0 <= i < parts}
+        except BaseException as exc:
+            placed.interrupted(exc)
+            raise
+        finally:
+            dl.bytes, dl.retries = fetcher.stats.bytes, fetcher.stats.retries
+            if fetcher.stats.finished:
+                dl.seconds = fetcher.stats.finished - fetcher.stats.started
+            placed.record(watermark.completed_parts())
+        tmp.close()
+        if gate is not None:
+            gate.release()  # the next object may download while the file stages run
+        if not ok:
+            return
+        if not await self._file_stages(stages, info, tmp.path, report, progress, early):
+            return
+        report.dest = await anyio.to_thread.run_sync(placed.commit)
+        report.passed = True
 
     # -- phases ---------------------------------------------------------------------------
 
@@ -579,16 +541,6 @@ class Engine:
         return True
 
 
-def _clean_up(tmp: TempFile, journal: Journal | None, keep_file: bool) -> None:
-    """Close the temp file, remove it unless it is kept, and drop the journal if given."""
-    if keep_file:
-        tmp.close()
-    else:
-        tmp.remove()
-    if journal is not None:
-        journal.remove()
-
-
 async def _stoppable(work: Callable[[], Awaitable[Any]], stop: Callable[[], None]) -> None:
     """Await ``work``; when the caller is cancelled, call ``stop`` meanwhile.
 
@@ -620,18 +572,27 @@ async def process(
     dest: str | os.PathLike[str] | None = None,
     config: Config | None = None,
     progress: ProgressCallback | None = None,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    temp_dir: str | os.PathLike[str] | None = None,
 ) -> Report:
     """Process one object in one pass and return its :class:`Report`.
 
     ``source`` is ``s3://bucket/key`` or a local path. ``stages`` run in order (default:
     ``[Checksum()]``); a failed stage is reported (``report.passed`` False) and skips the
-    rest. With ``dest`` the object is kept there (atomically, only when every stage
-    passed). Errors that are not a stage's verdict (missing object, access denied, object
-    changed mid-download, ...) raise a :class:`FastpipeError` whose ``report`` attribute
-    holds what was known.
+    rest. Where the bytes go is decided per call: with ``dest`` (a file path, or a folder
+    that receives the object under a name made from its key) the object is kept there,
+    atomically and only when every stage passed; ``force`` replaces an existing file;
+    ``resume`` (needs ``dest``) continues an interrupted run from its journal;
+    ``temp_dir`` holds the temp file when there is no ``dest``. Errors that are not a
+    stage's verdict (missing object, access denied, object changed mid-download, ...)
+    raise a :class:`FastpipeError` whose ``report`` attribute holds what was known.
     """
     async with Engine(config) as engine:
-        return await engine.process(source, stages, dest, progress)
+        return await engine.process(
+            source, stages, dest, progress, force=force, resume=resume, temp_dir=temp_dir
+        )
 
 
 async def process_many(
@@ -641,10 +602,23 @@ async def process_many(
     config: Config | None = None,
     max_in_flight: int = 2,
     progress: ProgressCallback | None = None,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    temp_dir: str | os.PathLike[str] | None = None,
 ) -> list[Report]:
     """Process many objects with one engine, pipelined; see :meth:`Engine.process_many`."""
     async with Engine(config) as engine:
-        return await engine.process_many(sources, stages, dest, max_in_flight, progress)
+        return await engine.process_many(
+            sources,
+            stages,
+            dest,
+            max_in_flight,
+            progress,
+            force=force,
+            resume=resume,
+            temp_dir=temp_dir,
+        )
 
 
 def run_async(fn: Callable[[], Awaitable[Any]]) -> Any:
@@ -665,10 +639,15 @@ def run_many(
     config: Config | None = None,
     max_in_flight: int = 2,
     progress: ProgressCallback | None = None,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    temp_dir: str | os.PathLike[str] | None = None,
 ) -> list[Report]:
     """Synchronous :func:`process_many`."""
+    many = partial(process_many, force=force, resume=resume, temp_dir=temp_dir)
     return run_async(  # type: ignore[no-any-return]
-        partial(process_many, sources, stages, dest, config, max_in_flight, progress)
+        partial(many, sources, stages, dest, config, max_in_flight, progress)
     )
 
 
@@ -678,9 +657,14 @@ def run(
     dest: str | os.PathLike[str] | None = None,
     config: Config | None = None,
     progress: ProgressCallback | None = None,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    temp_dir: str | os.PathLike[str] | None = None,
 ) -> Report:
     """Synchronous :func:`process` (runs its own event loop; uvloop when installed)."""
-    return run_async(partial(process, source, stages, dest, config, progress))  # type: ignore[no-any-return]
+    one = partial(process, force=force, resume=resume, temp_dir=temp_dir)
+    return run_async(partial(one, source, stages, dest, config, progress))  # type: ignore[no-any-return]
 
 
 __all__ = ["Engine", "process", "process_many", "run", "run_many"]

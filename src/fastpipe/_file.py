@@ -1,96 +1,40 @@
-"""The local side: temp file (0600, preallocated), pwrite, watermark, atomic rename.
+"""The local file: a 0600 temp file written with pwrite, the watermark, aligned buffers.
 
-Nothing is ever left under the destination name unless it is complete and every stage
-passed: bytes go to a hidden temp file in the destination's folder, which is renamed at
-the end or removed on any failure.
+Where that file lives, what it is named and where it goes at the end is placement's job
+(:mod:`fastpipe._placement`).
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import mmap
 import os
-import re
-import tempfile
 import threading
-import unicodedata
 
-from ._exceptions import DestinationError, LocalIOError
-
-TEMP_SUFFIX = ".fastpipe-tmp"
-_MAX_NAME_BYTES = 255
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
-
-
-def local_name_for_key(key: str) -> str:
-    """A safe file name for an S3 key: its last path segment, cleaned.
-
-    The result never contains a separator, NUL or control character, is never ``.``,
-    ``..`` or empty, and fits in 255 bytes (long names keep a hash of the key), so that
-    joining it to a folder can never leave that folder.
-    """
-    segment = key.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-    segment = unicodedata.normalize("NFC", segment)
-    segment = _UNSAFE.sub("_", segment).strip()
-    if segment in ("", ".", ".."):
-        segment = "object"
-    if segment.startswith("."):
-        segment = "_" + segment[1:]  # no hidden files, no clash with our temp names
-    encoded = segment.encode("utf-8", "surrogatepass")
-    if len(encoded) > _MAX_NAME_BYTES - len(TEMP_SUFFIX) - 16:
-        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        keep = _MAX_NAME_BYTES - len(TEMP_SUFFIX) - 16 - len(digest) - 1
-        head = encoded[:keep].decode("utf-8", "ignore")
-        segment = f"{head}-{digest}"
-    return segment
-
-
-def resolve_dest(dest: str | os.PathLike[str], key: str | None, force: bool) -> str:
-    """Return the absolute destination file path, or raise :class:`DestinationError`.
-
-    A ``dest`` that is an existing folder receives the object under a name made from its
-    key (:func:`local_name_for_key`). The destination's folder must exist and be writable,
-    and an existing file is refused unless ``force``.
-    """
-    path = os.path.abspath(os.fspath(dest))
-    if os.path.isdir(path):
-        if key is None:
-            raise DestinationError(f"destination {path} is a folder")
-        path = os.path.join(path, local_name_for_key(key))
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise DestinationError(f"destination folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise DestinationError(f"destination folder {folder} is not writable")
-    if os.path.lexists(path) and not force:
-        raise DestinationError(f"destination {path} already exists (use --force to replace it)")
-    if os.path.isdir(path):
-        raise DestinationError(f"destination {path} is a folder")
-    return path
+from ._exceptions import LocalIOError
 
 
 class TempFile:
-    """A hidden 0600 temp file, preallocated to the object's size, written with pwrite."""
+    """A hidden 0600 temp file, sized to the object, written with pwrite.
 
-    def __init__(self, folder: str, stem: str, size: int, path: str | None = None) -> None:
-        """Create a fresh temp file in ``folder``, or open ``path`` (a resumed one)."""
+    Allocation cuts the file to the object's size (a reused file that was longer keeps no
+    tail) and preallocates it, so that a full disk shows before the first byte.
+    """
+
+    def __init__(self, fd: int, path: str, size: int) -> None:
+        """Take over ``fd`` (open on ``path``), size it to ``size`` bytes; closes it on error."""
         self.size = size
-        if path is None:
-            fd, path = tempfile.mkstemp(prefix=f".{stem[:64]}.", suffix=TEMP_SUFFIX, dir=folder)
-        else:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.path = path
         self.fd = fd
         try:
             os.fchmod(fd, 0o600)
+            os.ftruncate(fd, size)
             if size:
                 try:
                     os.posix_fallocate(fd, 0, size)
                 except OSError as exc:
                     if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                         raise
-                    os.ftruncate(fd, size)
         except OSError as exc:
             self.remove()
             raise LocalIOError(f"cannot allocate {size} bytes for {path}: {exc.strerror}") from exc
@@ -114,28 +58,6 @@ class TempFile:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-    def commit(self, dest: str, force: bool) -> None:
-        """Move the complete file to ``dest`` atomically.
-
-        Without ``force`` a file that appeared at ``dest`` meanwhile is not replaced: a
-        hard link fails if the name exists, and only then the temp name is dropped.
-        """
-        self.close()
-        if force:
-            os.replace(self.path, dest)
-            return
-        try:
-            os.link(self.path, dest)
-        except FileExistsError:
-            raise DestinationError(f"destination {dest} already exists") from None
-        except OSError:
-            # Filesystems without hard links: a checked rename is the best left.
-            if os.path.lexists(dest):
-                raise DestinationError(f"destination {dest} already exists") from None
-            os.rename(self.path, dest)
-            return
-        os.unlink(self.path)
 
 
 class Watermark:
@@ -235,80 +157,3 @@ class Watermark:
 def aligned_buffer(size: int) -> mmap.mmap:
     """A page-aligned anonymous buffer (reading into it costs less kernel time)."""
     return mmap.mmap(-1, size)
-
-
-JOURNAL_SUFFIX = ".fastpipe-journal"
-
-
-def resume_paths(dest: str) -> tuple[str, str]:
-    """The fixed temp-file and journal paths that ``--resume`` uses for ``dest``."""
-    folder, name = os.path.split(dest)
-    return (
-        os.path.join(folder, f".{name}{TEMP_SUFFIX}"),
-        os.path.join(folder, f".{name}{JOURNAL_SUFFIX}"),
-    )
-
-
-class Journal:
-    """A small JSON record beside a resumable temp file: which whole parts are written.
-
-    Only parts complete in the file are listed, and the journal is replaced atomically,
-    so after a crash (even SIGKILL) it never claims bytes that are not there. It pins the
-    object (ETag, VersionId, size) and the part size: a resume against anything else is
-    refused.
-    """
-
-    VERSION = 1
-
-    def __init__(
-        self,
-        path: str,
-        source: str,
-        etag: str | None,
-        version_id: str | None,
-        size: int,
-        part_size: int,
-    ) -> None:
-        self.path = path
-        self.fields = {
-            "version": self.VERSION,
-            "source": source,
-            "etag": etag,
-            "version_id": version_id,
-            "size": size,
-            "part_size": part_size,
-        }
-        self._written: frozenset[int] = frozenset()
-
-    @staticmethod
-    def load(path: str) -> dict[str, object] | None:
-        """The journal's content, or None when there is none (or it is unreadable)."""
-        import json
-
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-
-    def write(self, done_parts: frozenset[int]) -> None:
-        """Record ``done_parts`` (atomically; skipped when nothing changed)."""
-        import json
-
-        if done_parts == self._written and os.path.exists(self.path):
-            return
-        tmp = self.path + ".new"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(dict(self.fields, done=sorted(done_parts)), f)
-        os.replace(tmp, self.path)
-        self._written = done_parts
-
-    def remove(self) -> None:
-        """Delete the journal (idempotent)."""
-        for path in (self.path, self.path + ".new"):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass

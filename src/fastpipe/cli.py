@@ -228,14 +228,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             region=args.region,
             verify_tls=not args.no_verify_tls,
             data_plane=args.data_plane,
-            force=args.force,
-            resume=args.resume,
-            temp_dir=args.temp_dir,
         )
-        if args.temp_dir and not os.path.isdir(args.temp_dir):
-            raise UsageError(f"--temp-dir {args.temp_dir} is not a folder")
-        if args.resume and not args.dest:
-            raise UsageError("--resume needs --dest")
     except UsageError as exc:
         if args.json:
             write_stdout(_error_json(args.source, str(exc), type(exc).__name__, EXIT_USAGE))
@@ -257,8 +250,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
             tg.start_soon(watch_signals)
             try:
+                # Placement is per call, validated by the library (a UsageError, exit 2).
                 outcome["report"] = await process(
-                    args.source, stages, args.dest, config, progress=bar
+                    args.source,
+                    stages,
+                    args.dest,
+                    config,
+                    progress=bar,
+                    force=args.force,
+                    resume=args.resume,
+                    temp_dir=args.temp_dir,
                 )
             except FastpipeError as exc:
                 outcome["error"] = exc

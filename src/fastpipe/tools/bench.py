@@ -95,7 +95,7 @@ def run_download(
     uri: str, dest: str, config: Config | None = None, stages: Sequence[Any] = ()
 ) -> Report:
     """fastpipe's download of ``uri`` to ``dest`` (no stages unless given)."""
-    return _passed(run(uri, list(stages), dest=dest, config=config))
+    return _passed(run(uri, list(stages), dest=dest, config=config, force=True))
 
 
 def run_local_stages(path: str, stages: Sequence[Any]) -> list[Report]:
@@ -136,7 +136,7 @@ def _chunk_detail(reports: Sequence[Report]) -> dict[str, Any]:
 
 def _variant_main(args: argparse.Namespace) -> int:
     """One variant's work in this process (``python -m fastpipe.tools.bench variant NAME``)."""
-    config = Config(endpoint_url=args.endpoint_url or None, force=True)
+    config = Config(endpoint_url=args.endpoint_url or None)
     name = args.name
     reports: list[Report]
     if name == "sequential":
