@@ -44,6 +44,21 @@ from .stages._base import FileStage, LocalFile, ObjectInfo, Stage, StreamStage
 ProgressCallback = Callable[[Progress], None]
 
 
+class _ObjectProgress:
+    """The caller's progress callback, with the clock of one object (file-stage events
+    carry the seconds since the object started)."""
+
+    def __init__(self, callback: ProgressCallback, started: float) -> None:
+        self.callback = callback
+        self.started = started
+
+    def __call__(self, event: Progress) -> None:
+        self.callback(event)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
 class _EarlyStopped(Exception):
     """Raised inside an early file stage's window when its run is called off. Internal."""
 
@@ -192,6 +207,8 @@ class Engine:
         report = Report(source=str(location))
         report.stages = [StageReport(s.name, s.kind) for s in stage_list]
         started = time.perf_counter()
+        if progress is not None:
+            progress = _ObjectProgress(progress, started)
         try:
             if isinstance(location, LocalLocation):
                 if dest is not None:
@@ -486,26 +503,28 @@ class Engine:
                 raise
             watermark.close()
 
+        def progress_event(prior: float | None) -> Progress:
+            if fetcher is not None:
+                done = fetcher.stats.bytes + report.download.reused_bytes
+            else:
+                done = runner.position
+            elapsed = time.perf_counter() - started
+            rate = done / elapsed if elapsed > 0 else 0.0
+            if done >= info.size:
+                eta: float | None = 0.0
+            elif rate > 0:
+                eta = (info.size - done) / rate
+            else:
+                eta = None if prior is None else max(0.0, prior - elapsed)
+            return Progress(done, info.size, elapsed, eta, "download" if fetcher else "stream")
+
         async def report_progress() -> None:
             assert progress is not None
             # Before the first bytes there is no rate yet: the last `fastpipe bench` fit
             # for this machine gives a prior (None when there are no results).
             prior = await anyio.to_thread.run_sync(_estimate_seconds, info.size)
             while True:
-                done = (
-                    fetcher.stats.bytes + report.download.reused_bytes
-                    if fetcher
-                    else runner.position
-                )
-                elapsed = time.perf_counter() - started
-                rate = done / elapsed if elapsed > 0 else 0.0
-                if rate > 0:
-                    eta: float | None = (info.size - done) / rate
-                else:
-                    eta = None if prior is None else max(0.0, prior - elapsed)
-                progress(
-                    Progress(done, info.size, elapsed, eta, "download" if fetcher else "stream")
-                )
+                progress(progress_event(prior))
                 await anyio.sleep(0.2)
 
         async def keep_journal() -> None:
@@ -530,6 +549,8 @@ class Engine:
                     if fetcher is not None:
                         await download()
                 outer.cancel_scope.cancel()  # stops the progress and journal tasks
+        if progress is not None:
+            progress(progress_event(None))  # the phase's true end (all bytes, unless gated)
         if runner.failed:
             assert runner.failed_index is not None and runner.error is not None
             self._record_failure(report, indices[runner.failed_index], runner.error)
@@ -561,9 +582,9 @@ class Engine:
                     self._record_failure(report, i, early.error)
                     return False
                 stage_report.status, stage_report.result = "passed", early.result
+                self._file_progress(progress, info, stage.name)  # it ran during the download
                 continue
-            if progress is not None:
-                progress(Progress(info.size, info.size, report.seconds, None, stage.name))
+            self._file_progress(progress, info, stage.name)
             started = time.perf_counter()
             try:
                 with anyio.fail_after(stage.timeout):
@@ -581,7 +602,15 @@ class Engine:
                 return False
             stage_report.seconds = time.perf_counter() - started
             stage_report.status, stage_report.result = "passed", result
+            self._file_progress(progress, info, stage.name)
         return True
+
+    @staticmethod
+    def _file_progress(progress: ProgressCallback | None, info: ObjectInfo, phase: str) -> None:
+        """A file stage's event (at its start and its end): all bytes are in."""
+        if progress is not None:
+            elapsed = progress.elapsed() if isinstance(progress, _ObjectProgress) else 0.0
+            progress(Progress(info.size, info.size, elapsed, None, phase))
 
 
 def _clean_up(tmp: TempFile, journal: Journal | None, keep_file: bool) -> None:
