@@ -7,6 +7,7 @@ not from the start of its part.
 
 from __future__ import annotations
 
+import logging
 import random
 import ssl
 import time
@@ -24,6 +25,8 @@ from ._http import HTTPFault, RawConnection, Response
 from ._s3 import ExpiredURL, S3Control, TransientError, check_range_response, map_s3_error
 from ._source import S3Location
 from .stages._base import ObjectInfo
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -131,6 +134,7 @@ class Fetcher:
             connect_timeout=self.config.connect_timeout,
             read_timeout=self.config.read_timeout,
             ssl_context=self._ssl,
+            name=str(self.location),
         )
 
     async def _signed_url(self, renew: bool = False) -> str:
@@ -186,7 +190,18 @@ class Fetcher:
                         exc,
                     ) from exc
                 self.stats.retries += 1
-                await anyio.sleep(self._backoff(attempts))
+                backoff = self._backoff(attempts)
+                logger.debug(
+                    "%s: part %d (bytes %d-%d) attempt %d failed: %s; retrying in %.3fs",
+                    self.location,
+                    index,
+                    start,
+                    end - 1,
+                    attempts,
+                    exc,  # a FastpipeError: its message holds no signature
+                    backoff,
+                )
+                await anyio.sleep(backoff)
 
     def _backoff(self, attempt: int) -> float:
         """Full-jitter exponential backoff."""
