@@ -8,6 +8,10 @@ each family to one exit code (``exit_code`` on the class).
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._report import Report
 
 # Query strings of presigned URLs, and the values that sign a request wherever they show
 # (a query string, an echoed Authorization header, a request line quoted by a server).
@@ -43,6 +47,11 @@ class FastpipeError(Exception):
     """
 
     exit_code: int = 1
+    #: What was known about the object when the error ended its processing (set by the
+    #: engine on the errors that :func:`fastpipe.process` raises), else None.
+    report: Report | None = None
+    #: S3's request id of the answer that caused the error, when S3 gave one.
+    request_id: str | None = None
 
     def __init__(self, message: object = "", *args: object) -> None:
         super().__init__(redact_secrets(str(message)), *args)
@@ -84,6 +93,8 @@ class RetriesExhausted(SourceError):
     def __init__(self, message: str, last_error: BaseException | None = None) -> None:
         super().__init__(message)
         self.last_error = last_error
+        if isinstance(last_error, FastpipeError):
+            self.request_id = last_error.request_id
 
 
 class IntegrityError(FastpipeError):

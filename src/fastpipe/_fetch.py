@@ -22,7 +22,15 @@ from ._exceptions import AccessDenied, LocalIOError, RetriesExhausted
 from ._file import TempFile, Watermark
 from ._groups import unwrap_groups
 from ._http import HTTPFault, RawConnection, Response
-from ._s3 import ExpiredURL, S3Control, TransientError, check_range_response, map_s3_error
+from ._s3 import S3Control, check_range_response
+from ._s3meta import (
+    ExpiredURL,
+    TransientError,
+    map_s3_error,
+    parse_error_body,
+    quoted_etag,
+    request_id_from_headers,
+)
 from ._source import S3Location
 from .stages._base import ObjectInfo
 
@@ -48,17 +56,6 @@ def proxy_configured(endpoint: str) -> bool:
     if parts.scheme not in proxies:
         return False
     return not urllib.request.proxy_bypass_environment(parts.hostname or "")  # type: ignore[attr-defined]
-
-
-def _s3_error_fields(body: bytes) -> tuple[str, str]:
-    """``(Code, Message)`` of an S3 XML error body (empty strings if none)."""
-    from xml.etree import ElementTree
-
-    try:
-        root = ElementTree.fromstring(body)
-    except ElementTree.ParseError:
-        return "", ""
-    return (root.findtext("Code") or ""), (root.findtext("Message") or "")
 
 
 class Fetcher:
@@ -174,6 +171,7 @@ class Fetcher:
                 attempts -= 1
                 if expired_retries > 3:
                     # Fresh signatures keep being refused as expired: a clock far off.
+                    # from None: the cause is one more "expired" answer, pure noise.
                     raise AccessDenied(
                         f"{self.location}: presigned requests keep expiring "
                         "(is the system clock right?)"
@@ -219,7 +217,7 @@ class Fetcher:
             except OSError as exc:
                 raise LocalIOError(
                     f"{self.location}: writing {tmp.path} failed: {exc.strerror or exc}"
-                ) from None
+                ) from exc
             stats.bytes += len(data)
             watermark.advance(index, len(data))
 
@@ -231,7 +229,7 @@ class Fetcher:
         target = parts.path + ("?" + parts.query if parts.query else "")
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
         if self.info.etag:
-            headers["If-Match"] = f'"{self.info.etag}"'
+            headers["If-Match"] = quoted_etag(self.info.etag)
 
         def check_head(response: Response) -> None:
             check_range_response(
@@ -253,13 +251,14 @@ class Fetcher:
                     f"{self.location}: body cut short ({response.body_bytes} of {end - start})"
                 )
             return
-        code, message = _s3_error_fields(response.error_body)
+        body = parse_error_body(response.error_body)
         raise map_s3_error(
-            code or str(response.status),
+            body.code or str(response.status),
             response.status,
-            message or response.reason,
+            body.message or response.reason,
             self.location,
             self.info.etag,
+            request_id=request_id_from_headers(response.headers) or body.request_id,
         )
 
 
