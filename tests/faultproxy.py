@@ -68,6 +68,7 @@ class Fault:
     status: int = 503
     code: str = "SlowDown"
     echo: bool = False
+    message: str = "injected by faultproxy"
 
 
 def slow_down() -> Fault:
@@ -377,18 +378,21 @@ class FaultProxy:
             self.faults[request.fault.kind] += 1
 
     def _error_response(self, fault: Fault, request: Request, request_line: str) -> bytes:
-        message = "injected by faultproxy"
+        message = fault.message
         if fault.echo:
             from xml.sax.saxutils import escape
 
             authorization = request.headers.get("authorization", "")
-            message = escape(f"cannot serve {request_line} (Authorization: {authorization})")
+            message = escape(
+                f"{message}: cannot serve {request_line} (Authorization: {authorization})"
+            )
         body = _S3_ERROR.format(
             code=fault.code, message=message, resource=request.target.split("?")[0]
         ).encode()
         head = (
             f"HTTP/1.1 {fault.status} {_REASONS.get(fault.status, 'Error')}\r\n"
             "Content-Type: application/xml\r\n"
+            "x-amz-request-id: faultproxy\r\n"  # as S3 sends it (botocore reads only this)
             f"Content-Length: {len(body)}\r\n\r\n"
         )
         # A HEAD response carries the head only (its Content-Length is the body it would be).

@@ -265,7 +265,8 @@ def test_missing_key_raises(bucket: str, s3_server: Any) -> None:
         fastpipe.run(f"s3://{bucket}/no-such-key")
     assert "no-such-key" in str(info.value)
     assert isinstance(info.value, FileNotFoundError)
-    assert info.value.report.error_type == "ObjectNotFound"  # type: ignore[attr-defined]
+    report = info.value.report
+    assert report is not None and report.error_type == "ObjectNotFound"
 
 
 def test_missing_bucket_raises(s3_server: Any) -> None:

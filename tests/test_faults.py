@@ -206,8 +206,9 @@ def test_retries_exhausted(
     error = info.value
     assert error.last_error is not None
     assert not isinstance(error.last_error, fastpipe.RetriesExhausted)
+    assert error.__cause__ is error.last_error  # the chain survives the task groups
     assert "3 attempts" in str(error)
-    assert error.report.error_type == "RetriesExhausted"  # type: ignore[attr-defined]
+    assert error.report is not None and error.report.error_type == "RetriesExhausted"
     assert error.exit_code == 3
     assert attempts_per_part(proxy) == Counter({PART - 1: 3})  # one fetcher: part 0 only
     assert os.listdir(tmp_path) == []
@@ -418,6 +419,13 @@ def _signing_values(request: Any) -> list[str]:
     return values
 
 
+def _traceback_chain(error: BaseException) -> list[str]:
+    """The messages of every exception a traceback of ``error`` shows."""
+    import traceback
+
+    return ["".join(traceback.format_exception(error))]
+
+
 @pytest.mark.parametrize("plane", PLANES)
 @pytest.mark.parametrize(
     "fault",
@@ -439,9 +447,11 @@ def test_echoed_request_never_shows_its_signature(
             uri, dest=tmp_path, config=config(proxy, plane, max_attempts=2, max_concurrency=1)
         )
     error = info.value
-    texts = [str(error), repr(error), json.dumps(error.report.to_dict(), default=str)]  # type: ignore[attr-defined]
+    assert error.report is not None
+    texts = [str(error), repr(error), json.dumps(error.report.to_dict(), default=str)]
     if isinstance(error, fastpipe.RetriesExhausted):
         texts.append(str(error.last_error))
+    texts += _traceback_chain(error)  # what a traceback would print
     assert "cannot serve GET" in texts[0]  # the server's text is kept, minus the secrets
     assert "<redacted>" in texts[0]
     for value in _signing_values(proxy.gets()[0]):

@@ -115,7 +115,7 @@ def test_max_attempts_bounds_the_attempts_exactly(
     # One fetcher: the first part takes every attempt, and nothing else is asked.
     assert attempts_per_part(proxy) == Counter({ends[0]: max_attempts})
     assert f"{max_attempts} attempts" in str(info.value)
-    report = info.value.report  # type: ignore[attr-defined]
+    report = info.value.report
     assert report is not None and report.download.retries == max_attempts - 1
     assert os.listdir(tmp_path) == []
 
@@ -139,7 +139,7 @@ def test_get_answered_missing_denied_or_changed_is_not_retried(
     plane: str,
     status: int,
     code: str,
-    error: type[Exception],
+    error: type[fastpipe.FastpipeError],
 ) -> None:
     uri, _, _ = object_4_parts
     proxy.reset(always(Fault("error", status=status, code=code)))
@@ -149,7 +149,9 @@ def test_get_answered_missing_denied_or_changed_is_not_retried(
         )
     assert len(proxy.gets()) == 1
     assert len(proxy.heads()) == 1
-    assert info.value.report is not None and info.value.report.download.retries == 0  # type: ignore[attr-defined]
+    report = info.value.report
+    assert report is not None and report.download.retries == 0
+    assert info.value.request_id == "faultproxy"  # S3's request id is kept
     assert os.listdir(tmp_path) == []
 
 
@@ -293,4 +295,6 @@ def test_connect_timeout_is_endpoint_unreachable(never_accepting: str, bucket: s
         )
     assert info.value.exit_code == 3
     assert "unreachable" in str(info.value)
-    assert info.value.report is not None and info.value.report.error_type == "EndpointUnreachable"  # type: ignore[attr-defined]
+    assert info.value.__cause__ is not None  # botocore's own error, for the traceback
+    report = info.value.report
+    assert report is not None and report.error_type == "EndpointUnreachable"

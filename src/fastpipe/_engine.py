@@ -159,7 +159,7 @@ def default_stages() -> list[Stage]:
 def _attach(exc: FastpipeError, report: Report) -> FastpipeError:
     report.error = str(exc)
     report.error_type = type(exc).__name__
-    exc.report = report  # type: ignore[attr-defined]
+    exc.report = report
     return exc
 
 
@@ -260,8 +260,7 @@ class Engine:
                     source, stage_list, dest, progress, _download_gate=download_gate
                 )
             except FastpipeError as exc:
-                failed = getattr(exc, "report", None)
-                reports[index] = failed or Report(
+                reports[index] = exc.report or Report(
                     source=str(source), error=str(exc), error_type=type(exc).__name__
                 )
             finally:
@@ -286,10 +285,10 @@ class Engine:
         path = os.path.abspath(location.path)
         try:
             st = os.stat(path)
-        except FileNotFoundError:
-            raise ObjectNotFound(f"{path}: no such file") from None
-        except PermissionError:
-            raise SourceError(f"{path}: permission denied") from None
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(f"{path}: no such file") from exc
+        except PermissionError as exc:
+            raise SourceError(f"{path}: permission denied") from exc
         if not os.path.isfile(path):
             raise SourceError(f"{path}: not a regular file")
         info = ObjectInfo(source=path, size=st.st_size, local_path=path)

@@ -261,7 +261,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_SIGINT if outcome["signal"] == signal.SIGINT else EXIT_SIGTERM
     if "error" in outcome:
         error: FastpipeError = outcome["error"]
-        failed: Report = getattr(error, "report", None) or Report(
+        failed: Report = error.report or Report(
             source=args.source, error=str(error), error_type=type(error).__name__
         )
         if args.json:
