@@ -9,6 +9,7 @@ cancellation by the caller.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import tempfile
 import threading
@@ -42,6 +43,8 @@ from ._stream import StreamRunner, describe_exception
 from .stages._base import FileStage, LocalFile, ObjectInfo, Stage, StreamStage
 
 ProgressCallback = Callable[[Progress], None]
+
+logger = logging.getLogger(__name__)
 
 
 class _ObjectProgress:
@@ -224,6 +227,7 @@ class Engine:
             raise _attach(exc, report) from exc.__cause__
         finally:
             report.seconds = time.perf_counter() - started
+            _log_done(report)
         return report
 
     async def process_many(
@@ -342,6 +346,7 @@ class Engine:
         if plane == "auto":
             endpoint = config.resolved_endpoint() or "https://s3.amazonaws.com"
             plane = "botocore" if proxy_configured(endpoint) else "raw"
+        logger.debug("%s: data plane %s (configured: %s)", location, plane, config.data_plane)
         dl = report.download
         folder = (
             os.path.dirname(dest_path) if dest_path else config.temp_dir or tempfile.gettempdir()
@@ -610,6 +615,24 @@ class Engine:
         if progress is not None:
             elapsed = progress.elapsed() if isinstance(progress, _ObjectProgress) else 0.0
             progress(Progress(info.size, info.size, elapsed, None, phase))
+
+
+def _log_done(report: Report) -> None:
+    """One INFO line per object: the source, the outcome, the time, the bytes."""
+    if report.passed:
+        outcome = "passed"
+    elif report.failed_stage is not None:
+        outcome = f"stage {report.failed_stage} failed"
+    else:
+        outcome = f"{report.error_type or 'error'}: {report.error}"
+    logger.info(
+        "%s: %s in %.3fs (%d bytes fetched, %d retries)",
+        report.source,
+        outcome,
+        report.seconds,
+        report.download.bytes,
+        report.download.retries,
+    )
 
 
 def _clean_up(tmp: TempFile, journal: Journal | None, keep_file: bool) -> None:

@@ -137,6 +137,9 @@ class Fetcher:
     async def _signed_url(self, renew: bool = False) -> str:
         async with self._url_lock:
             if renew or self._url is None or time.monotonic() >= self._renew_at:
+                if self._url is not None:
+                    why = "it expired" if renew else "it is near its expiry"
+                    logger.debug("%s: signing the GET URL again (%s)", self.location, why)
                 self._url, self._renew_at = await self.s3.presign(
                     self.location, self.info.version_id
                 )

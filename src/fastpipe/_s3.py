@@ -8,6 +8,7 @@ the largest fixed cost of a run.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ from ._source import S3Location
 
 if TYPE_CHECKING:
     from .stages._base import ObjectInfo
+
+logger = logging.getLogger(__name__)
 
 
 def check_range_response(
@@ -245,6 +248,7 @@ class S3Control:
             Params=params,
             ExpiresIn=expires,
         )
+        logger.debug("%s: presigned a GET URL valid for %ss", location, expires)  # not the URL
         # Renew well before expiry so a slow part does not start with a stale signature.
         return str(url), time.monotonic() + expires * 0.8
 

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("source")
     run.add_argument("--dest", help="keep the object here (a file path or a folder)")
     run.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log to stderr: -v INFO, -vv DEBUG"
+    )
+    run.add_argument(
         "--stage",
         action="append",
         default=None,
@@ -208,6 +211,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ._engine import process, run_async
     from .stages import parse_spec
 
+    _log_to_stderr(args.verbose)
     try:
         stages = [parse_spec(spec) for spec in (args.stage or ["checksum"])]
         config = Config(
@@ -273,6 +277,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not report.passed and not args.json:
         print(f"fastpipe: {report.error}", file=sys.stderr)
     return report.exit_code
+
+
+def _log_to_stderr(verbosity: int) -> None:
+    """With -v, fastpipe's log lines (INFO; DEBUG with -vv) go to stderr."""
+    if verbosity <= 0:
+        return
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fastpipe: %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("fastpipe")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
