@@ -90,7 +90,9 @@ class Request:
     fault: Fault | None = None  # what the plan asked for
     applied: bool = False  # the fault really happened (a cut needs a longer body)
     received_at: float = 0.0  # time.monotonic() when the request head arrived
-    answered_at: float = 0.0  # when its response (or the cut) was sent: 0.0 if never
+    #: An injected error: just before it was written (the client cannot have it sooner);
+    #: a relayed response: once relayed (or cut). 0.0 if never answered.
+    answered_at: float = 0.0
 
 
 Plan = Callable[[int, Request], "Fault | None"]
@@ -351,9 +353,10 @@ class FaultProxy:
                 if fault is not None and fault.kind in ("error", "hold"):
                     self._applied(request)
                 if fault is not None and fault.kind == "error":
-                    client_w.write(self._error_response(fault, request, request_line))
-                    await client_w.drain()
+                    answer = self._error_response(fault, request, request_line)
                     request.answered_at = time.monotonic()
+                    client_w.write(answer)
+                    await client_w.drain()
                     continue
                 if fault is not None and fault.kind == "hold":
                     assert self._gate is not None

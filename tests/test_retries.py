@@ -229,7 +229,7 @@ def test_retries_back_off(
         tries = [r for r in gets if r.range is not None and r.range[1] == last]
         failed, retry = tries[attempt - 1], tries[attempt]
         assert failed.applied and failed.answered_at > 0
-        # The retry left the client after the backoff (timer granularity: 1 ms).
+        # The retry left the client a backoff after the error was written (timer slack 1 ms).
         assert retry.received_at - failed.answered_at >= backoff - 0.001
     assert any(float(m[5]) > 0 for m in retries)
 
@@ -271,17 +271,61 @@ def test_connection_refused_mid_download_exhausts_retries(
     assert os.listdir(tmp_path) == []
 
 
+def _never_accepting_socket(port: int = 0) -> tuple[socket.socket, socket.socket]:
+    """A listener on ``port`` whose accept queue is full (one queued connection), so that
+    the kernel drops new SYNs and connecting times out; and the connection that fills it."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen(0)
+    filler = socket.create_connection(("127.0.0.1", server.getsockname()[1]), timeout=5)
+    return server, filler
+
+
+@pytest.mark.parametrize("plane", PLANES)
+def test_connect_timeout_mid_download_exhausts_retries(
+    own_proxy: FaultProxy, object_4_parts: Any, tmp_path: Any, plane: str
+) -> None:
+    """After HEAD, the endpoint's port stops accepting (a full accept queue) and the open
+    connection is reset: every reconnect times out, is retried, and the run ends with
+    RetriesExhausted (exit 3)."""
+    uri, _, _ = object_4_parts
+    proxy = own_proxy
+    held: list[socket.socket] = []
+
+    def plan(n: int, request: Request) -> Fault | None:
+        if not held:
+            proxy.refuse_new_connections()  # in the proxy's loop: the listener closes now
+            held.extend(_never_accepting_socket(proxy.port))
+        return Fault("reset", after_bytes=0)
+
+    proxy.reset(plan)
+    try:
+        with pytest.raises(fastpipe.RetriesExhausted) as info:
+            fastpipe.run(
+                uri,
+                dest=tmp_path,
+                config=config(
+                    proxy.url, plane, max_attempts=3, max_concurrency=1, connect_timeout=0.2
+                ),
+            )
+    finally:
+        for sock in held:
+            sock.close()
+    assert info.value.exit_code == 3
+    assert len(proxy.gets()) == 1  # the next attempts never got through
+    text = str(info.value.last_error).lower()
+    assert "timeout" in text or "timed out" in text, text
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.fixture
 def never_accepting() -> Iterator[str]:
     """An endpoint whose accept queue is full: new connections are never accepted (the
     kernel drops their SYNs), so connecting times out."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    port = server.getsockname()[1]
-    filler = socket.create_connection(("127.0.0.1", port), timeout=5)  # fills the queue
+    server, filler = _never_accepting_socket()
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
     finally:
         filler.close()
         server.close()
