@@ -19,7 +19,7 @@ install: $(STAMP)
 demo: install
 	$(BIN)/fastpipe demo
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest
 	FASTPIPE_BENCH_SMALL=1 $(BIN)/python -m pytest benches --benchmark-disable -q
 

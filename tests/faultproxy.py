@@ -7,17 +7,25 @@ upstream. Responses are framed (Content-Length, chunked, or until close) so that
 client connection may carry many keep-alive requests.
 
 A test gives a ``plan``: ``plan(n, request) -> Fault | None`` is asked once per GET
-(``n`` counts GETs from 0). Every GET is logged with its Range; every fault injected is
-counted. The proxy runs its own event loop in a background thread; ``stop()`` ends it.
+(``n`` counts GETs from 0), and ``head_plan`` the same for HEAD requests. Every request is
+logged with its headers, Range and the monotonic times it arrived and was answered; every
+fault injected is counted. With ``tls`` the proxy speaks HTTPS to the client, choosing the
+certificate per connection. The proxy runs its own event loop in a background thread;
+``stop()`` ends it.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import random
 import socket
+import ssl
 import struct
+import termios
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +36,15 @@ _S3_ERROR = (
     "<Error><Code>{code}</Code><Message>{message}</Message>"
     "<Resource>{resource}</Resource><RequestId>faultproxy</RequestId></Error>"
 )
-_REASONS = {500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    412: "Precondition Failed",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 @dataclass(frozen=True)
@@ -41,7 +57,9 @@ class Fault:
       - ``"close"``: the same with an orderly close (FIN) instead of a reset;
       - ``"stall"``: forward the head and ``after_bytes`` body bytes, then send nothing
         more (the connection stays open until the client gives up or the proxy stops);
-      - ``"error"``: answer ``status`` with an S3 XML error ``code`` without asking upstream;
+      - ``"error"``: answer ``status`` with an S3 XML error ``code`` without asking upstream
+        (with ``echo`` its ``<Message>`` quotes the request line and the Authorization
+        header, as some servers and proxies do);
       - ``"hold"``: forward nothing until :meth:`FaultProxy.release` is called.
     """
 
@@ -49,6 +67,8 @@ class Fault:
     after_bytes: int = 0
     status: int = 503
     code: str = "SlowDown"
+    echo: bool = False
+    message: str = "injected by faultproxy"
 
 
 def slow_down() -> Fault:
@@ -69,6 +89,10 @@ class Request:
     range: tuple[int, int] | None = None  # (first, last) byte, inclusive
     fault: Fault | None = None  # what the plan asked for
     applied: bool = False  # the fault really happened (a cut needs a longer body)
+    received_at: float = 0.0  # time.monotonic() when the request head arrived
+    #: An injected error: just before it was written (the client cannot have it sooner);
+    #: a relayed response: once relayed (or cut). 0.0 if never answered.
+    answered_at: float = 0.0
 
 
 Plan = Callable[[int, Request], "Fault | None"]
@@ -147,6 +171,9 @@ class FaultProxy:
     upstream_host: str
     upstream_port: int
     plan: Plan | None = None
+    head_plan: Plan | None = None
+    #: With ``tls``, ``tls(k)`` is the server context for the k-th client connection (from 0).
+    tls: Callable[[int], ssl.SSLContext] | None = None
     requests: list[Request] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
     port: int = 0
@@ -158,10 +185,12 @@ class FaultProxy:
     _gate: asyncio.Event | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _gets: int = 0
+    _heads: int = 0
+    _accepted: int = 0
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     # -- control (from the test's thread) ---------------------------------------------------
 
@@ -204,15 +233,17 @@ class FaultProxy:
         thread.join(10)
         self._loop = self._thread = None
 
-    def reset(self, plan: Plan | None = None) -> None:
-        """Forget the log and counters, release held requests, install ``plan``."""
+    def reset(self, plan: Plan | None = None, head_plan: Plan | None = None) -> None:
+        """Forget the log and counters, release held requests, install the plans."""
         self.release()
         with self._lock:
             self.plan = plan
+            self.head_plan = head_plan
             self.requests.clear()
             self.faults.clear()
             self.connections = 0
             self._gets = 0
+            self._heads = 0
         if self._loop is not None:
             asyncio.run_coroutine_threadsafe(self._new_gate(), self._loop).result(10)
 
@@ -221,9 +252,24 @@ class FaultProxy:
         if self._loop is not None and self._gate is not None:
             self._loop.call_soon_threadsafe(self._gate.set)
 
+    def refuse_new_connections(self) -> None:
+        """Stop listening: connections open stay, new ones are refused. From any thread
+        (a plan may call it); the proxy cannot listen again afterwards."""
+        loop, server = self._loop, self._server
+        if loop is None or server is None:
+            return
+        if threading.current_thread() is self._thread:
+            server.close()
+        else:
+            loop.call_soon_threadsafe(server.close)
+
     def gets(self) -> list[Request]:
         with self._lock:
             return [r for r in self.requests if r.method == "GET"]
+
+    def heads(self) -> list[Request]:
+        with self._lock:
+            return [r for r in self.requests if r.method == "HEAD"]
 
     def held(self) -> int:
         with self._lock:
@@ -257,12 +303,20 @@ class FaultProxy:
     async def _track(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with self._lock:
             self.connections += 1
+            number, self._accepted = self._accepted, self._accepted + 1
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         try:
+            if self.tls is not None:
+                await writer.start_tls(self.tls(number))
             await self._serve(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        except (
+            ConnectionError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ssl.SSLError,
+        ):
             pass
         except asyncio.CancelledError:
             pass
@@ -284,17 +338,24 @@ class FaultProxy:
                 if int(headers.get("content-length", "0") or 0):
                     body = await client_r.readexactly(int(headers["content-length"]))
                 request = Request(method, target, headers, _parse_range(headers.get("range")))
+                request.received_at = time.monotonic()
                 with self._lock:
                     self.requests.append(request)
                     if method == "GET":
                         n, self._gets = self._gets, self._gets + 1
                         plan = self.plan
                         request.fault = plan(n, request) if plan is not None else None
+                    elif method == "HEAD":
+                        n, self._heads = self._heads, self._heads + 1
+                        plan = self.head_plan
+                        request.fault = plan(n, request) if plan is not None else None
                 fault = request.fault
                 if fault is not None and fault.kind in ("error", "hold"):
                     self._applied(request)
                 if fault is not None and fault.kind == "error":
-                    client_w.write(self._error_response(fault, target))
+                    answer = self._error_response(fault, request, request_line)
+                    request.answered_at = time.monotonic()
+                    client_w.write(answer)
                     await client_w.drain()
                     continue
                 if fault is not None and fault.kind == "hold":
@@ -306,6 +367,7 @@ class FaultProxy:
                 up_w.write(head + body)
                 await up_w.drain()
                 keep = await self._relay_response(request, up_r, client_w, client_r)
+                request.answered_at = time.monotonic()
                 if not keep:
                     return
         finally:
@@ -318,16 +380,26 @@ class FaultProxy:
             request.applied = True
             self.faults[request.fault.kind] += 1
 
-    def _error_response(self, fault: Fault, target: str) -> bytes:
+    def _error_response(self, fault: Fault, request: Request, request_line: str) -> bytes:
+        message = fault.message
+        if fault.echo:
+            from xml.sax.saxutils import escape
+
+            authorization = request.headers.get("authorization", "")
+            message = escape(
+                f"{message}: cannot serve {request_line} (Authorization: {authorization})"
+            )
         body = _S3_ERROR.format(
-            code=fault.code, message="injected by faultproxy", resource=target.split("?")[0]
+            code=fault.code, message=message, resource=request.target.split("?")[0]
         ).encode()
         head = (
             f"HTTP/1.1 {fault.status} {_REASONS.get(fault.status, 'Error')}\r\n"
             "Content-Type: application/xml\r\n"
+            "x-amz-request-id: faultproxy\r\n"  # as S3 sends it (botocore reads only this)
             f"Content-Length: {len(body)}\r\n\r\n"
         )
-        return head.encode("latin-1") + body
+        # A HEAD response carries the head only (its Content-Length is the body it would be).
+        return head.encode("latin-1") + (b"" if request.method == "HEAD" else body)
 
     async def _relay_response(
         self,
@@ -401,8 +473,9 @@ class FaultProxy:
             await client_r.read()  # until the client gives up (or the proxy stops)
             return False
         # Let the bytes already sent reach the client before the connection ends, so that
-        # "reset after N bytes" means the client really received N bytes.
-        await asyncio.sleep(0.05)
+        # "reset after N bytes" means the client really received N bytes: wait until the
+        # client's kernel acknowledged every byte (nothing left in our send queue).
+        await _acknowledged(client_w)
         if fault.kind == "reset":
             sock = client_w.get_extra_info("socket")
             if sock is not None:
@@ -411,3 +484,19 @@ class FaultProxy:
         else:
             client_w.close()
         return False
+
+
+async def _acknowledged(writer: asyncio.StreamWriter) -> None:
+    """Return once the peer acknowledged every byte written (or the socket is gone)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or writer.get_extra_info("sslcontext") is not None:
+        return  # TLS: the record layer may hold bytes back; only plain TCP is measured
+    pending = array.array("i", [0])
+    while not writer.transport.is_closing():
+        try:
+            fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, pending, True)
+        except OSError:
+            return
+        if pending[0] == 0 and writer.transport.get_write_buffer_size() == 0:
+            return
+        await asyncio.sleep(0.001)  # a poll for a kernel counter, not a guess of a delay

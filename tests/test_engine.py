@@ -174,6 +174,45 @@ def test_progress_callback(put_object: Any) -> None:
     assert all(0 <= e.bytes_done <= e.total for e in events)
 
 
+class _Noop(FileStage):
+    name = "noop"
+
+    def run(self, local: LocalFile) -> int:
+        return local.size
+
+
+@pytest.mark.parametrize("early", [True, False], ids=["early-file-stage", "file-stage-after"])
+def test_progress_ends_at_the_total_with_real_seconds(
+    put_object: Any, tmp_path: Any, early: bool
+) -> None:
+    """The last download event says every byte is in (a fast download used to give one
+    event with 0 bytes); file-stage events carry the object's elapsed seconds, not 0.0."""
+    size = 20 * PART + 7
+    data = os.urandom(size)
+    uri = put_object(data)
+    events: list[fastpipe.Progress] = []
+    stage = _Noop()
+    stage.reads_in_order = early
+    report = fastpipe.run(
+        uri, stages=[Checksum(), stage], config=Config(part_size=PART), progress=events.append
+    )
+    assert report.passed
+    download = [e for e in events if e.phase == "download"]
+    assert download and download[-1].bytes_done == size == download[-1].total
+    assert download[-1].eta_seconds == 0.0
+    assert [e.bytes_done for e in download] == sorted(e.bytes_done for e in download)
+    staged = [e for e in events if e.phase == "noop"]
+    assert staged and all(e.seconds > 0.0 and e.bytes_done == size for e in staged)
+    assert events.index(staged[0]) > events.index(download[-1])
+    # A local file: the stream phase ends at its size too.
+    local = tmp_path / "local.bin"
+    local.write_bytes(data)
+    events.clear()
+    assert fastpipe.run(str(local), stages=[Checksum()], progress=events.append).passed
+    stream = [e for e in events if e.phase == "stream"]
+    assert stream and stream[-1].bytes_done == size
+
+
 @pytest.mark.anyio
 async def test_caller_cancel_removes_temp_file(put_object: Any, tmp_path: Any) -> None:
     """A cancel scope of the caller stops the download and leaves nothing behind."""
@@ -226,7 +265,8 @@ def test_missing_key_raises(bucket: str, s3_server: Any) -> None:
         fastpipe.run(f"s3://{bucket}/no-such-key")
     assert "no-such-key" in str(info.value)
     assert isinstance(info.value, FileNotFoundError)
-    assert info.value.report.error_type == "ObjectNotFound"  # type: ignore[attr-defined]
+    report = info.value.report
+    assert report is not None and report.error_type == "ObjectNotFound"
 
 
 def test_missing_bucket_raises(s3_server: Any) -> None:

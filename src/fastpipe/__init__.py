@@ -8,7 +8,13 @@ they arrive, then the heavy stages on the local file::
 
     report = fastpipe.run("s3://bucket/key", stages=[Checksum("sha256")])
     print(report.passed, report.stage("checksum").result)
+
+Logging: every module logs to ``logging.getLogger(__name__)`` under the ``fastpipe``
+logger, which has a ``NullHandler`` (silent unless the application configures logging):
+DEBUG for retries, URL renewals and the data plane chosen, INFO one line per object.
 """
+
+import logging as _logging
 
 from ._config import Config as Config
 from ._config import parse_size as parse_size
@@ -36,6 +42,8 @@ from ._report import Report as Report
 from ._report import StageReport as StageReport
 
 __version__ = "0.1.0"
+
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
     "AccessDenied",

@@ -9,6 +9,7 @@ cancellation by the caller.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import threading
 import time
@@ -39,6 +40,23 @@ from ._stream import StreamRunner, describe_exception
 from .stages._base import FileStage, LocalFile, ObjectInfo, Stage, StreamStage
 
 ProgressCallback = Callable[[Progress], None]
+
+logger = logging.getLogger(__name__)
+
+
+class _ObjectProgress:
+    """The caller's progress callback, with the clock of one object (file-stage events
+    carry the seconds since the object started)."""
+
+    def __init__(self, callback: ProgressCallback, started: float) -> None:
+        self.callback = callback
+        self.started = started
+
+    def __call__(self, event: Progress) -> None:
+        self.callback(event)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
 
 class _EarlyStopped(Exception):
@@ -141,7 +159,7 @@ def default_stages() -> list[Stage]:
 def _attach(exc: FastpipeError, report: Report) -> FastpipeError:
     report.error = str(exc)
     report.error_type = type(exc).__name__
-    exc.report = report  # type: ignore[attr-defined]
+    exc.report = report
     return exc
 
 
@@ -193,6 +211,8 @@ class Engine:
         report = Report(source=str(location))
         report.stages = [StageReport(s.name, s.kind) for s in stage_list]
         started = time.perf_counter()
+        if progress is not None:
+            progress = _ObjectProgress(progress, started)
         try:
             if isinstance(location, LocalLocation):
                 placement.check_local_source()
@@ -207,6 +227,7 @@ class Engine:
             raise _attach(exc, report) from exc.__cause__
         finally:
             report.seconds = time.perf_counter() - started
+            _log_done(report)
         return report
 
     async def process_many(
@@ -254,8 +275,7 @@ class Engine:
                     _download_gate=download_gate,
                 )
             except FastpipeError as exc:
-                failed = getattr(exc, "report", None)
-                reports[index] = failed or Report(
+                reports[index] = exc.report or Report(
                     source=str(source), error=str(exc), error_type=type(exc).__name__
                 )
             finally:
@@ -280,10 +300,10 @@ class Engine:
         path = os.path.abspath(location.path)
         try:
             st = os.stat(path)
-        except FileNotFoundError:
-            raise ObjectNotFound(f"{path}: no such file") from None
-        except PermissionError:
-            raise SourceError(f"{path}: permission denied") from None
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(f"{path}: no such file") from exc
+        except PermissionError as exc:
+            raise SourceError(f"{path}: permission denied") from exc
         if not os.path.isfile(path):
             raise SourceError(f"{path}: not a regular file")
         info = ObjectInfo(source=path, size=st.st_size, local_path=path)
@@ -340,6 +360,7 @@ class Engine:
         if plane == "auto":
             endpoint = config.resolved_endpoint() or "https://s3.amazonaws.com"
             plane = "botocore" if proxy_configured(endpoint) else "raw"
+        logger.debug("%s: data plane %s (configured: %s)", location, plane, config.data_plane)
         # Preallocating (and later unlinking) a large file can take a while: not on the loop.
         part_size, reuse = await anyio.to_thread.run_sync(
             placed.open_temp, str(location), info, config.plan_part_size(info.size)
@@ -448,21 +469,23 @@ class Engine:
                 raise
             watermark.close()
 
+        def progress_event() -> Progress:
+            if fetcher is not None:
+                done = fetcher.stats.bytes + report.download.reused_bytes
+            else:
+                done = runner.position
+            elapsed = time.perf_counter() - started
+            rate = done / elapsed if elapsed > 0 else 0.0
+            if done >= info.size:
+                eta: float | None = 0.0
+            else:  # no ETA before the first bytes: there is no rate yet
+                eta = (info.size - done) / rate if rate > 0 else None
+            return Progress(done, info.size, elapsed, eta, "download" if fetcher else "stream")
+
         async def report_progress() -> None:
             assert progress is not None
             while True:
-                done = (
-                    fetcher.stats.bytes + report.download.reused_bytes
-                    if fetcher
-                    else runner.position
-                )
-                elapsed = time.perf_counter() - started
-                rate = done / elapsed if elapsed > 0 else 0.0
-                # No ETA before the first bytes: there is no rate yet.
-                eta = (info.size - done) / rate if rate > 0 else None
-                progress(
-                    Progress(done, info.size, elapsed, eta, "download" if fetcher else "stream")
-                )
+                progress(progress_event())
                 await anyio.sleep(0.2)
 
         async def keep_journal() -> None:
@@ -487,6 +510,8 @@ class Engine:
                     if fetcher is not None:
                         await download()
                 outer.cancel_scope.cancel()  # stops the progress and journal tasks
+        if progress is not None:
+            progress(progress_event())  # the phase's true end (all bytes, unless gated)
         if runner.failed:
             assert runner.failed_index is not None and runner.error is not None
             self._record_failure(report, indices[runner.failed_index], runner.error)
@@ -518,9 +543,9 @@ class Engine:
                     self._record_failure(report, i, early.error)
                     return False
                 stage_report.status, stage_report.result = "passed", early.result
+                self._file_progress(progress, info, stage.name)  # it ran during the download
                 continue
-            if progress is not None:
-                progress(Progress(info.size, info.size, report.seconds, None, stage.name))
+            self._file_progress(progress, info, stage.name)
             started = time.perf_counter()
             try:
                 with anyio.fail_after(stage.timeout):
@@ -538,7 +563,33 @@ class Engine:
                 return False
             stage_report.seconds = time.perf_counter() - started
             stage_report.status, stage_report.result = "passed", result
+            self._file_progress(progress, info, stage.name)
         return True
+
+    @staticmethod
+    def _file_progress(progress: ProgressCallback | None, info: ObjectInfo, phase: str) -> None:
+        """A file stage's event (at its start and its end): all bytes are in."""
+        if progress is not None:
+            elapsed = progress.elapsed() if isinstance(progress, _ObjectProgress) else 0.0
+            progress(Progress(info.size, info.size, elapsed, None, phase))
+
+
+def _log_done(report: Report) -> None:
+    """One INFO line per object: the source, the outcome, the time, the bytes."""
+    if report.passed:
+        outcome = "passed"
+    elif report.failed_stage is not None:
+        outcome = f"stage {report.failed_stage} failed"
+    else:
+        outcome = f"{report.error_type or 'error'}: {report.error}"
+    logger.info(
+        "%s: %s in %.3fs (%d bytes fetched, %d retries)",
+        report.source,
+        outcome,
+        report.seconds,
+        report.download.bytes,
+        report.download.retries,
+    )
 
 
 async def _stoppable(work: Callable[[], Awaitable[Any]], stop: Callable[[], None]) -> None:

@@ -7,11 +7,54 @@ each family to one exit code (``exit_code`` on the class).
 
 from __future__ import annotations
 
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._report import Report
+
+# Query strings of presigned URLs, and the values that sign a request wherever they show
+# (a query string, an echoed Authorization header, a request line quoted by a server).
+_SIGNED_QUERY = re.compile(
+    r"\?[^\s\"'<>]*?(?:X-Amz-(?:Credential|Signature|Security-Token)|Signature|AWSAccessKeyId)"
+    r"(?:=|%3D)[^\s\"'<>]*",
+    re.IGNORECASE,
+)
+_SIGNED_VALUE = re.compile(
+    r"\b(?:X-Amz-Credential|X-Amz-Signature|X-Amz-Security-Token|Signature|AWSAccessKeyId|"
+    r"Credential)(?:=|%3D)[^&,;\s\"'<>]*",
+    re.IGNORECASE,
+)
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` without presigned query strings or signing values (credential ids,
+    signatures, session tokens).
+
+    Servers and proxies may quote the request line or headers in an error message; every
+    message that holds server text passes through here (every :class:`FastpipeError`
+    message does), so that neither stderr nor a report ever shows them.
+    """
+    text = _SIGNED_QUERY.sub("?<redacted>", text)
+    return _SIGNED_VALUE.sub("<redacted>", text)
+
 
 class FastpipeError(Exception):
-    """Base of every error fastpipe raises on purpose."""
+    """Base of every error fastpipe raises on purpose.
+
+    The message is one line and never holds credentials or presigned query strings
+    (:func:`redact_secrets` is applied to it).
+    """
 
     exit_code: int = 1
+    #: What was known about the object when the error ended its processing (set by the
+    #: engine on the errors that :func:`fastpipe.process` raises), else None.
+    report: Report | None = None
+    #: S3's request id of the answer that caused the error, when S3 gave one.
+    request_id: str | None = None
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(redact_secrets(str(message)), *args)
 
 
 class UsageError(FastpipeError, ValueError):
@@ -50,6 +93,8 @@ class RetriesExhausted(SourceError):
     def __init__(self, message: str, last_error: BaseException | None = None) -> None:
         super().__init__(message)
         self.last_error = last_error
+        if isinstance(last_error, FastpipeError):
+            self.request_id = last_error.request_id
 
 
 class IntegrityError(FastpipeError):

@@ -7,6 +7,7 @@ not from the start of its part.
 
 from __future__ import annotations
 
+import logging
 import random
 import ssl
 import time
@@ -21,9 +22,19 @@ from ._exceptions import AccessDenied, LocalIOError, RetriesExhausted
 from ._file import TempFile, Watermark
 from ._groups import unwrap_groups
 from ._http import HTTPFault, RawConnection, Response
-from ._s3 import ExpiredURL, S3Control, TransientError, check_range_response, map_s3_error
+from ._s3 import S3Control, check_range_response
+from ._s3meta import (
+    ExpiredURL,
+    TransientError,
+    map_s3_error,
+    parse_error_body,
+    quoted_etag,
+    request_id_from_headers,
+)
 from ._source import S3Location
 from .stages._base import ObjectInfo
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,17 +56,6 @@ def proxy_configured(endpoint: str) -> bool:
     if parts.scheme not in proxies:
         return False
     return not urllib.request.proxy_bypass_environment(parts.hostname or "")  # type: ignore[attr-defined]
-
-
-def _s3_error_fields(body: bytes) -> tuple[str, str]:
-    """``(Code, Message)`` of an S3 XML error body (empty strings if none)."""
-    from xml.etree import ElementTree
-
-    try:
-        root = ElementTree.fromstring(body)
-    except ElementTree.ParseError:
-        return "", ""
-    return (root.findtext("Code") or ""), (root.findtext("Message") or "")
 
 
 class Fetcher:
@@ -131,11 +131,15 @@ class Fetcher:
             connect_timeout=self.config.connect_timeout,
             read_timeout=self.config.read_timeout,
             ssl_context=self._ssl,
+            name=str(self.location),
         )
 
     async def _signed_url(self, renew: bool = False) -> str:
         async with self._url_lock:
             if renew or self._url is None or time.monotonic() >= self._renew_at:
+                if self._url is not None:
+                    why = "it expired" if renew else "it is near its expiry"
+                    logger.debug("%s: signing the GET URL again (%s)", self.location, why)
                 self._url, self._renew_at = await self.s3.presign(
                     self.location, self.info.version_id
                 )
@@ -170,6 +174,7 @@ class Fetcher:
                 attempts -= 1
                 if expired_retries > 3:
                     # Fresh signatures keep being refused as expired: a clock far off.
+                    # from None: the cause is one more "expired" answer, pure noise.
                     raise AccessDenied(
                         f"{self.location}: presigned requests keep expiring "
                         "(is the system clock right?)"
@@ -186,7 +191,18 @@ class Fetcher:
                         exc,
                     ) from exc
                 self.stats.retries += 1
-                await anyio.sleep(self._backoff(attempts))
+                backoff = self._backoff(attempts)
+                logger.debug(
+                    "%s: part %d (bytes %d-%d) attempt %d failed: %s; retrying in %.3fs",
+                    self.location,
+                    index,
+                    start,
+                    end - 1,
+                    attempts,
+                    exc,  # a FastpipeError: its message holds no signature
+                    backoff,
+                )
+                await anyio.sleep(backoff)
 
     def _backoff(self, attempt: int) -> float:
         """Full-jitter exponential backoff."""
@@ -204,7 +220,7 @@ class Fetcher:
             except OSError as exc:
                 raise LocalIOError(
                     f"{self.location}: writing {tmp.path} failed: {exc.strerror or exc}"
-                ) from None
+                ) from exc
             stats.bytes += len(data)
             watermark.advance(index, len(data))
 
@@ -216,7 +232,7 @@ class Fetcher:
         target = parts.path + ("?" + parts.query if parts.query else "")
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
         if self.info.etag:
-            headers["If-Match"] = f'"{self.info.etag}"'
+            headers["If-Match"] = quoted_etag(self.info.etag)
 
         def check_head(response: Response) -> None:
             check_range_response(
@@ -238,13 +254,14 @@ class Fetcher:
                     f"{self.location}: body cut short ({response.body_bytes} of {end - start})"
                 )
             return
-        code, message = _s3_error_fields(response.error_body)
+        body = parse_error_body(response.error_body)
         raise map_s3_error(
-            code or str(response.status),
+            body.code or str(response.status),
             response.status,
-            message or response.reason,
+            body.message or response.reason,
             self.location,
             self.info.etag,
+            request_id=request_id_from_headers(response.headers) or body.request_id,
         )
 
 

@@ -43,4 +43,6 @@ def unwrap_groups() -> Iterator[None]:
         error = first_error(group)
         if error is group:
             raise
-        raise error from None
+        # The group only wraps this error: hide it, but keep the error's own cause (a bare
+        # "from None" here erased the cause of every error raised inside a task group).
+        raise error from error.__cause__

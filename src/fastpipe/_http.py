@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from ._exceptions import FastpipeError
+from ._exceptions import FastpipeError, SourceError
 
 _FLUSH_SLACK = 64 * 1024
 _MAX_HEAD = 64 * 1024
@@ -264,8 +264,10 @@ class RawConnection:
         connect_timeout: float,
         read_timeout: float,
         ssl_context: ssl.SSLContext | None,
+        name: str = "",
     ) -> None:
         parts = urlsplit(url)
+        self.name = name  # what the messages name (the object), never the URL
         self.scheme = parts.scheme
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -293,8 +295,15 @@ class RawConnection:
                 ),
                 self.connect_timeout,
             )
+        except ssl.SSLCertVerificationError as exc:
+            # Not a transient fault: the same certificate would be refused again.
+            raise SourceError(
+                f"{self.name}: TLS certificate verification failed for {self.host}:{self.port}"
+                f" ({exc.verify_message or exc.reason})"
+            ) from exc
         except (OSError, asyncio.TimeoutError) as exc:
-            raise HTTPFault(f"cannot connect to {self.host}:{self.port}: {exc}") from None
+            why = str(exc) or type(exc).__name__
+            raise HTTPFault(f"cannot connect to {self.host}:{self.port}: {why}") from exc
         return protocol
 
     async def get(

@@ -7,32 +7,14 @@ that check what S3 stored (``verify``) need both before the first byte arrives.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
+from ._s3meta import CHECKSUM_ALGORITHMS, parts_from_etag, strip_etag
 from .stages._base import ObjectInfo
 
-#: S3 checksum algorithms as HEAD names them (``Checksum<NAME>`` response keys).
-CHECKSUM_ALGORITHMS = ("CRC32", "CRC32C", "CRC64NVME", "SHA1", "SHA256")
-
-_MULTIPART_ETAG = re.compile(r"^[0-9a-fA-F]{32}-(\d+)$")
-
-
-def strip_etag(etag: str | None) -> str | None:
-    """Return an ETag without its quotes (and without a weak ``W/`` prefix)."""
-    if etag is None:
-        return None
-    etag = etag.strip()
-    if etag.startswith("W/"):
-        etag = etag[2:]
-    return etag.strip('"')
-
-
-def parts_from_etag(etag: str | None) -> int | None:
-    """The part count of a multipart ETag (``<md5>-N``), or None for any other shape."""
-    m = _MULTIPART_ETAG.match(etag or "")
-    return int(m.group(1)) if m else None
+# Re-exported for the modules and tests that read ETags through this module.
+__all__ = ["object_info_from_head", "parts_from_etag", "strip_etag"]
 
 
 def _split_s3_url(source: str) -> tuple[str | None, str | None]:

@@ -8,6 +8,7 @@ the largest fixed cost of a run.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -19,70 +20,26 @@ from ._exceptions import (
     EndpointUnreachable,
     FastpipeError,
     IntegrityError,
-    ObjectChanged,
     ObjectNotFound,
     SourceError,
     UsageError,
 )
 from ._http import parse_content_range
-from ._objectinfo import object_info_from_head, parts_from_etag, strip_etag
+from ._objectinfo import object_info_from_head
+from ._s3meta import (
+    TransientError,
+    map_s3_error,
+    object_changed,
+    parts_from_etag,
+    quoted_etag,
+    strip_etag,
+)
 from ._source import S3Location
 
 if TYPE_CHECKING:
     from .stages._base import ObjectInfo
 
-#: S3 error codes that are worth another attempt.
-TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "ServiceUnavailable",
-        "InternalError",
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "Throttling",
-        "ThrottlingException",
-        "500",
-        "502",
-        "503",
-        "504",
-    }
-)
-
-
-class TransientError(FastpipeError):
-    """A fault worth retrying (5xx, SlowDown, reset, timeout, short body). Internal."""
-
-
-class ExpiredURL(FastpipeError):
-    """The presigned URL expired: sign again and retry. Internal."""
-
-
-def map_s3_error(
-    code: str, status: int, message: str, location: S3Location, etag: str | None = None
-) -> FastpipeError:
-    """Map an S3 error (from aiobotocore or a raw response) to fastpipe's hierarchy."""
-    where = str(location)
-    if code in ("NoSuchKey", "NoSuchVersion") or (status == 404 and code in ("404", "NotFound")):
-        return ObjectNotFound(f"{where}: no such key")
-    if code == "NoSuchBucket":
-        return ObjectNotFound(f"{where}: no such bucket {location.bucket!r}")
-    if code in ("PreconditionFailed", "412") or status == 412:
-        return object_changed(location, f"ETag {etag} no longer matches")
-    if code in ("InvalidRange", "416") or status == 416:
-        return ObjectChanged(f"{where}: the object is shorter than when the download started")
-    if status == 403 and "expired" in message.lower():
-        return ExpiredURL(f"{where}: presigned URL expired")
-    if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-        detail = "" if code in ("403", "Forbidden") else f" ({code})"
-        return AccessDenied(f"{where}: access denied{detail}")
-    if code in TRANSIENT_CODES or status >= 500 or status == 429:
-        return TransientError(f"{where}: {code or status} {message}".strip())
-    return SourceError(f"{where}: S3 error {code or status}: {message}".strip())
-
-
-def object_changed(location: S3Location, detail: str) -> ObjectChanged:
-    """The error for an object replaced while it was read (``detail`` says how)."""
-    return ObjectChanged(f"{location}: the object changed during the download ({detail})")
+logger = logging.getLogger(__name__)
 
 
 def check_range_response(
@@ -241,25 +198,31 @@ class S3Control:
             EndpointConnectionError,
             ConnectTimeoutError,
         ) as exc:
+            # These name the endpoint URL, whose query holds no signature (botocore signs
+            # its own requests in headers): the cause is safe to keep.
             if network_transient:
-                raise TransientError(f"{location}: {exc}") from None
+                raise TransientError(f"{location}: {exc}") from exc
             if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
-                raise EndpointUnreachable(f"{location}: endpoint unreachable: {exc}") from None
-            raise SourceError(f"{location}: {exc}") from None
+                raise EndpointUnreachable(f"{location}: endpoint unreachable: {exc}") from exc
+            raise SourceError(f"{location}: {exc}") from exc
         except ClientError as exc:
             err = exc.response.get("Error", {})
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            meta = exc.response.get("ResponseMetadata", {})
+            # from None: a ClientError's text is the server's message unredacted (a server
+            # may quote the signed request in it); the mapped error keeps the code, the
+            # redacted message and the request id.
             raise map_s3_error(
                 str(err.get("Code", "")),
-                int(status or 0),
+                int(meta.get("HTTPStatusCode", 0) or 0),
                 str(err.get("Message", "")),
                 location,
                 pinned_etag,
+                request_id=meta.get("RequestId") or None,
             ) from None
-        except NoCredentialsError:
-            raise AccessDenied(f"{location}: no AWS credentials found") from None
+        except NoCredentialsError as exc:
+            raise AccessDenied(f"{location}: no AWS credentials found") from exc
         except BotoCoreError as exc:
-            raise SourceError(f"{location}: {exc}") from None
+            raise SourceError(f"{location}: {exc}") from exc
 
     async def head(self, location: S3Location) -> ObjectInfo:
         """HEAD the object (checksums enabled); for multipart objects also part 1's size."""
@@ -312,6 +275,7 @@ class S3Control:
             Params=params,
             ExpiresIn=expires,
         )
+        logger.debug("%s: presigned a GET URL valid for %ss", location, expires)  # not the URL
         # Renew well before expiry so a slow part does not start with a stale signature.
         return str(url), time.monotonic() + expires * 0.8
 
@@ -337,7 +301,7 @@ class S3Control:
             "Range": f"bytes={start}-{end - 1}",
         }
         if etag:
-            params["IfMatch"] = f'"{etag}"'
+            params["IfMatch"] = quoted_etag(etag)
         if version_id:
             params["VersionId"] = version_id
         response = await self._call(
@@ -368,6 +332,6 @@ class S3Control:
         except (AioHttpClientError, ReadTimeoutError, ResponseStreamingError, OSError) as exc:
             if isinstance(exc, FastpipeError):
                 raise
-            raise TransientError(f"{location}: body read failed: {exc}") from None
+            raise TransientError(f"{location}: body read failed: {exc}") from exc
         if received != expected:
             raise TransientError(f"{location}: body cut short ({received} of {expected} bytes)")

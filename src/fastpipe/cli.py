@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("source")
     run.add_argument("--dest", help="keep the object here (a file path or a folder)")
     run.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log to stderr: -v INFO, -vv DEBUG"
+    )
+    run.add_argument(
         "--stage",
         action="append",
         default=None,
@@ -218,6 +221,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ._engine import process, run_async
     from .stages import parse_spec
 
+    _log_to_stderr(args.verbose)
     try:
         stages = [parse_spec(spec) for spec in (args.stage or ["checksum"])]
         config = Config(
@@ -273,7 +277,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _interrupted(args, outcome["signal"])
     if "error" in outcome:
         error: FastpipeError = outcome["error"]
-        failed: Report = getattr(error, "report", None) or Report(
+        failed: Report = error.report or Report(
             source=_source_for_report(args.source) or args.source,
             error=str(error),
             error_type=type(error).__name__,
@@ -298,6 +302,21 @@ def _interrupted(args: argparse.Namespace, signum: int) -> int:
         write_stdout(_error_json(source, f"interrupted by {name}", "Interrupted", code))
     print("fastpipe: interrupted", file=sys.stderr)
     return code
+
+
+def _log_to_stderr(verbosity: int) -> None:
+    """fastpipe's warnings go to stderr; with -v its INFO lines too, with -vv DEBUG."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    if verbosity <= 0:
+        handler.setFormatter(logging.Formatter("fastpipe: %(levelname)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("fastpipe: %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("fastpipe")
+    logger.addHandler(handler)
+    levels = {0: logging.WARNING, 1: logging.INFO}
+    logger.setLevel(levels.get(verbosity, logging.DEBUG))
 
 
 def _cmd_tool(args: argparse.Namespace) -> int:

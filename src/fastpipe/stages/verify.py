@@ -20,7 +20,6 @@ import hashlib
 import math
 import os
 import queue
-import re
 import threading
 import weakref
 import zlib
@@ -29,15 +28,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .._exceptions import StageFailed, UsageError
+from .._s3meta import CHECKSUM_ALGORITHMS, COMPOSITE_CHECKSUM, MD5_ETAG, MULTIPART_ETAG, strip_etag
 from ._base import ObjectInfo, StreamStage
 from ._registry import Option, register, to_bool
-
-#: S3 checksum algorithms in the order they are preferred (the cheapest to compute first).
-CHECKSUM_PREFERENCE = ("CRC64NVME", "CRC32C", "CRC32", "SHA1", "SHA256")
-
-_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
-_MULTIPART_ETAG = re.compile(r"^([0-9a-f]{32})-(\d+)$")
-_COMPOSITE = re.compile(r"^(.+)-(\d+)$")
 
 #: Bytes copied at a time into one buffer handed to a hashing lane.
 LANE_CHUNK = 1 << 20
@@ -162,9 +155,9 @@ def choose_plan(info: ObjectInfo, expected: str | None = None) -> _Plan | list[s
     ctype = (info.checksum_type or "").upper() or None
 
     if ctype in (None, "FULL_OBJECT"):
-        for name in CHECKSUM_PREFERENCE:
+        for name in CHECKSUM_ALGORITHMS:
             value = checksums.get(name)
-            if value is None or _COMPOSITE.match(value):
+            if value is None or COMPOSITE_CHECKSUM.match(value):
                 continue
             if new_digest(name) is None:
                 reasons.append(f"{name} checksum needs awscrt (pip install awscrt)")
@@ -173,8 +166,8 @@ def choose_plan(info: ObjectInfo, expected: str | None = None) -> _Plan | list[s
             return _Plan(f"checksum-{name.lower()}", name, stored)
 
     if ctype in (None, "COMPOSITE"):
-        for name in CHECKSUM_PREFERENCE:
-            m = _COMPOSITE.match(checksums.get(name, ""))
+        for name in CHECKSUM_ALGORITHMS:
+            m = COMPOSITE_CHECKSUM.match(checksums.get(name, ""))
             if not m:
                 continue
             if new_digest(name) is None:
@@ -195,12 +188,12 @@ def choose_plan(info: ObjectInfo, expected: str | None = None) -> _Plan | list[s
                 )
             return _Plan(f"composite-{name.lower()}", name, stored, part_size, parts)
 
-    etag = (info.etag or "").strip().strip('"').lower()
+    etag = (strip_etag(info.etag) or "").lower()
     if expected and not etag:
         etag = expected.strip().lower()
-    if _MD5_ETAG.match(etag):
+    if MD5_ETAG.match(etag):
         return _Plan("etag-md5", "MD5", expected.strip().lower() if expected else etag)
-    m = _MULTIPART_ETAG.match(etag)
+    m = MULTIPART_ETAG.match(etag)
     if m:
         parts = int(m.group(2))
         part_size, why = _multipart_plan(info, parts, f"multipart ETag {etag}")
