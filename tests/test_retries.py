@@ -18,8 +18,8 @@ from faultproxy import Fault, FaultProxy, Plan, Request, always, slow_down
 
 import fastpipe
 from fastpipe import Config
-from fastpipe._locals3 import LocalS3
 from fastpipe.stages import Checksum
+from fastpipe.tools.locals3 import LocalS3
 
 PART = 256 * 1024
 PLANES = ["raw", "botocore"]
