@@ -201,7 +201,7 @@ def test_closed_pipe_is_not_an_error() -> None:
         (["run", "x.bin", "--json", "--no-such-option"], "--no-such-option"),
         (["run", "x.bin", "--js", "--stage", "nope"], "unknown stage"),
         (["run", "s3:/x", "--json"], "s3://bucket/key"),
-        (["run", "s3://b/k", "--json", "--resume"], "resume needs a destination (--dest)"),
+        (["run", "s3://bucket/key", "--json", "--resume"], "resume needs a destination (--dest)"),
     ],
 )
 def test_json_usage_error_prints_a_report(argv: list[str], words: str) -> None:
