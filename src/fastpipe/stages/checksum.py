@@ -70,9 +70,11 @@ class Checksum(StreamStage):
             except ValueError:
                 raise UsageError(f"checksum expect is not hex: {expect!r}") from None
         self._hasher: _Hasher = new_hasher(algo)
+        self._source = "object"
 
     def start(self, info: ObjectInfo) -> None:
         self._hasher = new_hasher(self.algorithm)
+        self._source = info.source
 
     def update(self, view: memoryview) -> None:
         self._hasher.update(view)
@@ -84,7 +86,8 @@ class Checksum(StreamStage):
             result["expected"] = self.expect
             if digest != self.expect:
                 raise StageFailed(
-                    f"{self.algorithm} mismatch: expected {self.expect}, got {digest}",
+                    f"{self._source}: {self.algorithm} mismatch: expected {self.expect}, "
+                    f"the bytes give {digest}",
                     result=result,
                 )
         return result
