@@ -565,18 +565,24 @@ class Engine:
             if progress is not None:
                 progress(Progress(info.size, info.size, report.seconds, None, stage.name))
             started = time.perf_counter()
+            scope: anyio.CancelScope | None = None
             try:
-                with anyio.fail_after(stage.timeout):
+                with anyio.fail_after(stage.timeout) as scope:
                     result = await _call_file_stage(stage, local)
-            except TimeoutError:
-                exc: BaseException = StageTimeout(
-                    f"stage {stage.name} ran past its timeout of {stage.timeout}s"
-                )
-                stage_report.seconds = time.perf_counter() - started
-                self._record_failure(report, i, exc)
-                return False
             except Exception as exc:  # noqa: BLE001 - user stages may raise anything
                 stage_report.seconds = time.perf_counter() - started
+                # Only our deadline is "ran past its timeout": a stage's own StageTimeout
+                # (a TimeoutError too) keeps its message and result.
+                if (
+                    isinstance(exc, TimeoutError)
+                    and not isinstance(exc, StageFailed)
+                    and scope is not None
+                    and scope.cancelled_caught
+                ):
+                    exc = StageTimeout(
+                        f"{info.source}: stage {stage.name} ran past its timeout of "
+                        f"{stage.timeout:g} s"
+                    )
                 self._record_failure(report, i, exc)
                 return False
             stage_report.seconds = time.perf_counter() - started
@@ -624,8 +630,40 @@ def _estimate_seconds(size: int) -> float | None:
 async def _call_file_stage(stage: FileStage, local: LocalFile) -> Any:
     if inspect.iscoroutinefunction(stage.run):
         return await stage.run(local)
-    # abandon_on_cancel: a timeout or the caller's cancel need not wait for the thread.
-    return await anyio.to_thread.run_sync(stage.run, local, abandon_on_cancel=True)
+    if type(stage).cancel is FileStage.cancel:
+        # No cancel hook: a timeout or the caller's cancel need not wait for the thread.
+        return await anyio.to_thread.run_sync(stage.run, local, abandon_on_cancel=True)
+    # A stage with a cancel hook (a child process to kill, a temp file to remove) is told
+    # at once, then waited for, so that nothing of it outlives the object: the CLI exits
+    # right after a Ctrl-C and a library caller goes on after its cancel scope.
+    called_off = False
+    finished = False
+
+    async def cancel_on_cancel() -> None:
+        nonlocal called_off
+        try:
+            await anyio.sleep_forever()
+        finally:
+            if not finished:
+                called_off = True
+                stage.cancel()
+
+    result: Any = None
+    error: Exception | None = None
+    async with anyio.create_task_group() as watch:
+        watch.start_soon(cancel_on_cancel)
+        try:
+            result = await anyio.to_thread.run_sync(stage.run, local)
+        except Exception as exc:  # noqa: BLE001 - raised below, unless called off
+            error = exc
+        finally:
+            finished = True
+            watch.cancel_scope.cancel()
+    if called_off:
+        await anyio.sleep(0)  # re-raises the cancel (or the timeout), not the stage's error
+    if error is not None:
+        raise error
+    return result
 
 
 async def process(

@@ -97,6 +97,16 @@ class FileStage(Stage):
     def run(self, local: LocalFile) -> Any:
         """Examine the local file and return the result (raise StageFailed to reject)."""
 
+    def cancel(self) -> None:  # noqa: B027 - optional hook
+        """Called from another thread when a running ``run`` is called off.
+
+        A timeout, the caller's cancel scope, Ctrl-C or SIGTERM in the CLI: undo the side
+        effects now (kill child processes, remove temp files) and make ``run`` return or
+        raise soon; it may also come just before ``run`` starts. A stage that overrides
+        this hook is waited for after it; one that does not is abandoned in its thread
+        (the engine goes on, the thread finishes on its own).
+        """
+
 
 @dataclass(frozen=True)
 class LocalFile:
