@@ -64,6 +64,7 @@ class _EarlyRun:
         self._watermark = watermark
         self.stream_passed = threading.Event()
         self._stopped = threading.Event()
+        self._running = False
         self.result: Any = None
         self.error: BaseException | None = None
         self.seconds = 0.0
@@ -83,8 +84,10 @@ class _EarlyRun:
         return cls(first, stage, path, info, watermark)
 
     def stop(self) -> None:
-        """Call the run off: its next (or current) wait raises."""
+        """Call the run off: its next (or current) wait raises, and the stage is told."""
         self._stopped.set()
+        if self._running:
+            self.stage.cancel()
 
     def _wait(self, end: int) -> None:
         watermark = self._watermark
@@ -100,6 +103,7 @@ class _EarlyRun:
 
     async def run(self) -> None:
         started = time.perf_counter()
+        self._running = True
         try:
             if inspect.iscoroutinefunction(self.stage.run):
                 self.result = await self.stage.run(self.local)
@@ -108,8 +112,10 @@ class _EarlyRun:
         except _EarlyStopped:
             pass
         except Exception as exc:  # noqa: BLE001 - user stages may raise anything
-            self.error = exc
+            if not self._stopped.is_set():
+                self.error = exc
         finally:
+            self._running = False
             self.seconds = time.perf_counter() - started
 
 
