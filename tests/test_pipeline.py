@@ -312,3 +312,24 @@ def test_every_stage_takes_a_timeout_option(put_object: Any) -> None:
         parse_spec("scan:timeout=-1")
     result = _cli("run", put_object(b"x" * 1000), "--json", "--stage", "scan:timeout=60")
     assert result.returncode == 0, result.stderr
+
+
+def test_run_many_takes_spec_strings_and_classes(put_object: Any) -> None:
+    sources = [put_object(os.urandom(1000)), put_object(os.urandom(2000))]
+    reports = fastpipe.run_many(sources, ["checksum:algo=sha256", Scan])
+    assert [r.passed for r in reports] == [True, True]
+    digests = [r.stage("checksum").result for r in reports]
+    assert [d["algorithm"] for d in digests] == ["sha256", "sha256"]
+    assert digests[0]["hexdigest"] != digests[1]["hexdigest"]  # fresh stages per object
+    assert [r.stage("scan").status for r in reports] == ["passed", "passed"]
+    (one,) = fastpipe.run_many(sources[:1], "checksum:algo=md5")
+    assert one.stage("checksum").result["algorithm"] == "md5"
+
+
+def test_run_many_refuses_stage_instances_and_bad_specs() -> None:
+    with pytest.raises(fastpipe.UsageError, match="needs a factory"):
+        fastpipe.run_many(["s3://bucket/key"], [Checksum()])  # type: ignore[list-item]
+    with pytest.raises(fastpipe.UsageError, match="unknown stage 'nope'"):
+        fastpipe.run_many(["s3://bucket/key"], ["nope"])
+    with pytest.raises(fastpipe.UsageError, match="not a stage spec"):
+        fastpipe.run_many(["s3://bucket/key"], [42])  # type: ignore[list-item]

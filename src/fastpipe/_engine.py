@@ -42,6 +42,9 @@ from ._stream import StreamRunner, describe_exception
 from .stages._base import FileStage, LocalFile, ObjectInfo, Stage, StreamStage
 
 ProgressCallback = Callable[[Progress], None]
+#: What ``process_many`` takes as its stages: a factory called once per object, or a
+#: sequence of ``--stage`` spec strings and stage classes, built afresh for each object.
+StagesPerObject = Callable[[], Sequence[Stage]] | Sequence[str | type[Stage]] | str
 
 
 class _EarlyStopped(Exception):
@@ -218,7 +221,7 @@ class Engine:
     async def process_many(
         self,
         sources: Iterable[str | os.PathLike[str]],
-        stages: Callable[[], Sequence[Stage]] | None = None,
+        stages: StagesPerObject | None = None,
         dest: str | os.PathLike[str] | None = None,
         max_in_flight: int = 2,
         progress: ProgressCallback | None = None,
@@ -228,15 +231,19 @@ class Engine:
         The download of object k+1 overlaps the file stages of object k: one object
         downloads at a time (with the engine's full concurrency), and at most
         ``max_in_flight`` objects are in progress, which bounds the disk used by temp files
-        to about ``max_in_flight`` objects. ``stages`` is a factory called once per object
-        (stages keep per-object state); ``dest``, if given, is a folder that receives each
-        object under a name made from its key. An object that fails with an error (missing,
-        denied, changed) does not stop the others: its report carries the error.
+        to about ``max_in_flight`` objects. Stages keep per-object state, so ``stages`` is
+        built afresh for each object: either a factory (``lambda: [Checksum(), Scan()]``)
+        or a sequence of spec strings and stage classes (``["checksum:algo=sha256",
+        Scan]``); a sequence of stage instances is refused. ``dest``, if given, is a folder
+        that receives each object under a name made from its key. An object that fails
+        with an error (missing, denied, changed) does not stop the others: its report
+        carries the error.
         """
         if max_in_flight < 1:
             raise UsageError(f"max_in_flight must be at least 1, got {max_in_flight}")
         if dest is not None and not os.path.isdir(dest):
             raise UsageError(f"process_many needs a destination folder, got {os.fspath(dest)}")
+        factory = _stage_factory(stages)
         items = list(sources)
         reports: list[Report | None] = [None] * len(items)
         download_gate = anyio.Lock()
@@ -244,7 +251,7 @@ class Engine:
 
         async def one(index: int, source: str | os.PathLike[str]) -> None:
             try:
-                stage_list = None if stages is None else list(stages())
+                stage_list = None if factory is None else factory()
                 reports[index] = await self.process(
                     source, stage_list, dest, progress, _download_gate=download_gate
                 )
@@ -596,6 +603,38 @@ class Engine:
         return True
 
 
+def _stage_factory(stages: StagesPerObject | None) -> Callable[[], list[Stage]] | None:
+    """A function that builds a fresh stage list for one object (see ``process_many``)."""
+    if stages is None:
+        return None
+    if callable(stages) and not isinstance(stages, type):
+        factory = stages
+        return lambda: list(factory())
+    items: list[Any] = [stages] if isinstance(stages, (str, type)) else list(stages)
+    for item in items:
+        if isinstance(item, Stage):
+            raise UsageError(
+                f"process_many got a stage instance ({item.name}); stages keep per-object "
+                "state, so it needs a factory (stages=lambda: [Checksum(), ...]), spec "
+                "strings ('checksum:algo=sha256') or stage classes"
+            )
+        if not isinstance(item, str) and not (
+            isinstance(item, type) and issubclass(item, Stage)
+        ):
+            raise UsageError(
+                f"not a stage spec or stage class: {item!r} (process_many takes a factory, "
+                "spec strings or stage classes)"
+            )
+
+    def build() -> list[Stage]:
+        from .stages import parse_spec
+
+        return [parse_spec(item) if isinstance(item, str) else item() for item in items]
+
+    build()  # a bad spec is a usage error before the first object, not one per object
+    return build
+
+
 def _clean_up(tmp: TempFile, journal: Journal | None, keep_file: bool) -> None:
     """Close the temp file, remove it unless it is kept, and drop the journal if given."""
     if keep_file:
@@ -694,7 +733,7 @@ async def process(
 
 async def process_many(
     sources: Iterable[str | os.PathLike[str]],
-    stages: Callable[[], Sequence[Stage]] | None = None,
+    stages: StagesPerObject | None = None,
     dest: str | os.PathLike[str] | None = None,
     config: Config | None = None,
     max_in_flight: int = 2,
@@ -718,7 +757,7 @@ def run_async(fn: Callable[[], Awaitable[Any]]) -> Any:
 
 def run_many(
     sources: Iterable[str | os.PathLike[str]],
-    stages: Callable[[], Sequence[Stage]] | None = None,
+    stages: StagesPerObject | None = None,
     dest: str | os.PathLike[str] | None = None,
     config: Config | None = None,
     max_in_flight: int = 2,
