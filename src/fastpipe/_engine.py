@@ -144,10 +144,31 @@ class _HeldOnce:
 
 
 def default_stages() -> list[Stage]:
-    """The stages run when none are given: ``checksum`` (xxh3_128)."""
-    from .stages.checksum import Checksum
+    """The stages run when none are given: ``checksum`` (xxh3_128) and ``verify:etag=false``.
 
-    return [Checksum()]
+    ``verify`` compares the bytes with a checksum S3 stored (x-amz-checksum-*: a CRC or a
+    SHA, cheap in the same pass); it skips the ETag, whose MD5 would cost more than the
+    download. When S3 stored no checksum nothing is verified, and the report's
+    ``verified`` field is None.
+    """
+    from .stages.checksum import Checksum
+    from .stages.verify import Verify
+
+    return [Checksum(), Verify(etag=False)]
+
+
+def _verified(stages: Sequence[Stage], report: Report) -> str | None:
+    """What the passed stages compared the bytes with (``; `` between them), or None."""
+    found = []
+    for stage, stage_report in zip(stages, report.stages, strict=True):
+        if stage_report.status == "passed":
+            try:
+                what = stage.verified(stage_report.result)
+            except Exception:  # noqa: BLE001 - a user stage's hook must not lose the report
+                what = None
+            if what:
+                found.append(f"{stage.name}: {what}")
+    return "; ".join(found) or None
 
 
 def _attach(exc: FastpipeError, report: Report) -> FastpipeError:
@@ -216,6 +237,7 @@ class Engine:
             raise _attach(exc, report) from exc.__cause__
         finally:
             report.seconds = time.perf_counter() - started
+            report.verified = _verified(stage_list, report)
         return report
 
     async def process_many(
@@ -721,7 +743,7 @@ async def process(
     """Process one object in one pass and return its :class:`Report`.
 
     ``source`` is ``s3://bucket/key`` or a local path. ``stages`` run in order (default:
-    ``[Checksum()]``); a failed stage is reported (``report.passed`` False) and skips the
+    :func:`default_stages`); a failed stage is reported (``report.passed`` False) and skips the
     rest. With ``dest`` the object is kept there (atomically, only when every stage
     passed). Errors that are not a stage's verdict (missing object, access denied, object
     changed mid-download, ...) raise a :class:`FastpipeError` whose ``report`` attribute

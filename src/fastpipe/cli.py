@@ -158,6 +158,12 @@ def _summary(report: Report) -> str:
     verdict = "PASSED" if report.passed else "FAILED"
     size = format_size(report.size) if report.size is not None else "?"
     lines.append(f"{verdict}  {report.source}  {size}  in {report.seconds:.2f}s")
+    if report.passed:  # PASSED must not imply a comparison that did not happen
+        lines.append(
+            f"  verified  {report.verified}"
+            if report.verified
+            else "  nothing verified: no stage compared the bytes with a stored or expected value"
+        )
     dl = report.download
     if dl.seconds > 0 and dl.bytes:
         lines.append(
@@ -209,7 +215,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .stages import parse_spec
 
     try:
-        stages = [parse_spec(spec) for spec in (args.stage or ["checksum"])]
+        stages = [parse_spec(spec) for spec in args.stage] if args.stage else None
         config = Config(
             part_size=args.part_size,
             max_concurrency=args.concurrency,

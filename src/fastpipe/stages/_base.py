@@ -49,6 +49,15 @@ class Stage(ABC):
     #: Seconds the stage may take in all before it fails (None: no limit).
     timeout: float | None = None
 
+    def verified(self, result: Any) -> str | None:
+        """What a passed stage compared the bytes with, in a few words, or None.
+
+        The report's ``verified`` field joins these, so that a PASSED report says whether
+        the bytes were checked against anything (a stored or expected value) or only
+        measured. The default is None: a stage that compares nothing verifies nothing.
+        """
+        return None
+
 
 class StreamStage(Stage):
     """A stage fed the object's bytes in order while they arrive.

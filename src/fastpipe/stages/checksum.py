@@ -50,7 +50,8 @@ def _hexdigest(hasher: _Hasher) -> str:
 class Checksum(StreamStage):
     """Digest the object's bytes (xxh3_64, xxh3_128, sha256, sha1, md5, crc32c, crc32).
 
-    With ``expect``, a different digest fails the stage. Result:
+    With ``expect``, a different digest fails the stage; without it the digest is only
+    computed, and nothing is verified (see ``verify`` for what S3 stored). Result:
     ``{"algorithm": ..., "hexdigest": ...}`` (plus ``"expected"`` when given).
     """
 
@@ -78,6 +79,12 @@ class Checksum(StreamStage):
 
     def update(self, view: memoryview) -> None:
         self._hasher.update(view)
+
+    def verified(self, result: Any) -> str | None:
+        """``sha256 against the expected value`` with ``expect``; None without."""
+        if self.expect is None:
+            return None
+        return f"{self.algorithm} against the expected value"
 
     def finish(self) -> dict[str, Any]:
         digest = _hexdigest(self._hasher)
