@@ -117,9 +117,7 @@ def test_cli_signal_kills_the_program(
 
 
 @pytest.mark.anyio
-async def test_library_cancel_kills_the_program(
-    tmp_path: Path, sleeper: Path, data: Path
-) -> None:
+async def test_library_cancel_kills_the_program(tmp_path: Path, sleeper: Path, data: Path) -> None:
     pid_file = tmp_path / "pid"
 
     async def cancel_once_started(scope: anyio.CancelScope) -> None:

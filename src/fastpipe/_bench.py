@@ -680,7 +680,8 @@ def register(subparsers: Any) -> None:
     bench.add_argument("--repeat", type=_positive, default=3, help="runs per variant (median)")
     bench.add_argument("--warmup", type=int, default=1, help="unrecorded rounds first (default 1)")
     bench.add_argument(
-        "--endpoint-url", help="use this S3 endpoint instead of a local one (objects go to --bucket)"
+        "--endpoint-url",
+        help="use this S3 endpoint instead of a local one (objects go to --bucket)",
     )
     bench.add_argument("--bucket", help=f"bucket for the objects (default {DEFAULT_BUCKET})")
     bench.add_argument("--out", default="bench-out", help="output folder (default bench-out)")

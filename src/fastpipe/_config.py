@@ -55,8 +55,7 @@ def parse_size(text: str | int) -> int:
         )
     if unit not in _UNITS:
         raise UsageError(
-            f"unknown size unit {m.group(3)!r} in {text!r} "
-            "(B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            f"unknown size unit {m.group(3)!r} in {text!r} (B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)"
         )
     value = Fraction(int(whole + fraction), 10 ** len(fraction)) * _UNITS[unit]
     if value.denominator != 1:

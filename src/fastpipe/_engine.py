@@ -640,9 +640,7 @@ def _stage_factory(stages: StagesPerObject | None) -> Callable[[], list[Stage]] 
                 "state, so it needs a factory (stages=lambda: [Checksum(), ...]), spec "
                 "strings ('checksum:algo=sha256') or stage classes"
             )
-        if not isinstance(item, str) and not (
-            isinstance(item, type) and issubclass(item, Stage)
-        ):
+        if not isinstance(item, str) and not (isinstance(item, type) and issubclass(item, Stage)):
             raise UsageError(
                 f"not a stage spec or stage class: {item!r} (process_many takes a factory, "
                 "spec strings or stage classes)"

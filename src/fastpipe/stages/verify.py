@@ -152,13 +152,13 @@ def _multipart_plan(info: ObjectInfo, parts: int, what: str) -> tuple[int | None
 
 
 def choose_plan(
-    info: ObjectInfo, expected: str | None = None, etag: bool = True
+    info: ObjectInfo, expected: str | None = None, use_etag: bool = True
 ) -> _Plan | list[str]:
     """Pick the strongest check ``info`` allows, or return why nothing can be verified.
 
     ``expected`` replaces the stored value of the chosen method; without any stored value
     it is read as an ETag (MD5 hex, or ``<hex>-N`` with a known part size). With
-    ``etag=False`` only stored checksums are used (an MD5 costs far more than a CRC).
+    ``use_etag=False`` only stored checksums are used (an MD5 costs far more than a CRC).
     """
     reasons: list[str] = []
     checksums = {k.upper(): v.strip() for k, v in info.checksums.items()}
@@ -198,7 +198,7 @@ def choose_plan(
                 )
             return _Plan(f"composite-{name.lower()}", name, stored, part_size, parts)
 
-    if not etag:
+    if not use_etag:
         if info.etag or expected:
             reasons.append("no stored checksum, and the ETag (an MD5) is not checked (etag=false)")
         else:
