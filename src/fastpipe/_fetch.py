@@ -21,9 +21,9 @@ from ._exceptions import AccessDenied, LocalIOError, RetriesExhausted
 from ._file import TempFile, Watermark
 from ._groups import unwrap_groups
 from ._http import HTTPFault, RawConnection, Response
+from ._objectinfo import ObjectInfo
 from ._s3 import ExpiredURL, S3Control, TransientError, check_range_response, map_s3_error
 from ._source import S3Location
-from .stages._base import ObjectInfo
 
 
 @dataclass

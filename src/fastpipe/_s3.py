@@ -28,7 +28,7 @@ from ._objectinfo import object_info_from_head, parts_from_etag, strip_etag
 from ._source import S3Location
 
 if TYPE_CHECKING:
-    from .stages._base import ObjectInfo
+    from ._objectinfo import ObjectInfo
 
 #: S3 error codes that are worth another attempt.
 TRANSIENT_CODES = frozenset(

@@ -15,29 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """What is known about the object before its first byte is read (from HEAD or stat).
-
-    ``checksums`` maps an algorithm name as S3 spells it (``CRC32``, ``CRC32C``,
-    ``CRC64NVME``, ``SHA1``, ``SHA256``) to the base64 value S3 stored; ``checksum_type`` is
-    ``FULL_OBJECT`` or ``COMPOSITE`` when S3 said so. ``parts_count`` and
-    ``multipart_part_size`` describe a multipart upload (from HEAD ``PartNumber=1``).
-    """
-
-    source: str
-    size: int
-    etag: str | None = None
-    version_id: str | None = None
-    content_type: str | None = None
-    bucket: str | None = None
-    key: str | None = None
-    local_path: str | None = None
-    checksums: dict[str, str] = field(default_factory=dict)
-    checksum_type: str | None = None
-    parts_count: int | None = None
-    multipart_part_size: int | None = None
+# Built from HEAD by the transport, which must not import the stages: defined there.
+from .._objectinfo import ObjectInfo as ObjectInfo
 
 
 class Stage(ABC):
