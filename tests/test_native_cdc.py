@@ -370,12 +370,19 @@ def test_chunk_stage_small_and_empty(tmp_path: Path) -> None:
 def test_chunk_stage_errors(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"data")
-    with pytest.raises(StageFailed, match="not found"):
-        Chunk(previous=str(tmp_path / "missing")).run(local_file(path))
+    # A bad previous is refused when the stage is built; one that goes away later, at run.
+    with pytest.raises(UsageError, match="no such manifest"):
+        Chunk(previous=str(tmp_path / "missing"))
     bad = tmp_path / "bad"
     bad.write_bytes(b"NOTAMANIFEST" * 4)
-    with pytest.raises(StageFailed, match="unusable"):
-        Chunk(previous=str(bad)).run(local_file(path))
+    with pytest.raises(UsageError, match="unusable"):
+        Chunk(previous=str(bad))
+    good = tmp_path / "good"
+    Chunk(manifest=str(good)).run(local_file(path))
+    stage = Chunk(previous=str(good))
+    good.unlink()
+    with pytest.raises(StageFailed, match="not found"):
+        stage.run(local_file(path))
     with pytest.raises(ValueError, match="not a fastpipe chunk manifest"):
         read_manifest(bad)
     with pytest.raises(UsageError):
@@ -387,6 +394,6 @@ def test_chunk_stage_errors(tmp_path: Path) -> None:
     stage = parse_spec("chunk:avg_size=64KiB,min_size=8KiB,max_size=1MiB,threads=2")
     assert isinstance(stage, Chunk)
     assert stage.params[:3] == (8192, 65536, 1 << 20) and stage.threads == 2
-    # a manifest that cannot be written leaves nothing behind
-    with pytest.raises(OSError):
-        Chunk(manifest=str(tmp_path / "no" / "such" / "dir" / "m")).run(local_file(path))
+    # a manifest that cannot be written is refused before any byte
+    with pytest.raises(UsageError, match="does not exist"):
+        Chunk(manifest=str(tmp_path / "no" / "such" / "dir" / "m"))

@@ -312,3 +312,90 @@ def test_every_stage_takes_a_timeout_option(put_object: Any) -> None:
         parse_spec("scan:timeout=-1")
     result = _cli("run", put_object(b"x" * 1000), "--json", "--stage", "scan:timeout=60")
     assert result.returncode == 0, result.stderr
+
+
+def test_run_many_takes_spec_strings_and_classes(put_object: Any) -> None:
+    sources = [put_object(os.urandom(1000)), put_object(os.urandom(2000))]
+    reports = fastpipe.run_many(sources, ["checksum:algo=sha256", Scan])
+    assert [r.passed for r in reports] == [True, True]
+    digests = [r.stage("checksum").result for r in reports]
+    assert [d["algorithm"] for d in digests] == ["sha256", "sha256"]
+    assert digests[0]["hexdigest"] != digests[1]["hexdigest"]  # fresh stages per object
+    assert [r.stage("scan").status for r in reports] == ["passed", "passed"]
+    (one,) = fastpipe.run_many(sources[:1], "checksum:algo=md5")
+    assert one.stage("checksum").result["algorithm"] == "md5"
+
+
+def test_run_many_refuses_stage_instances_and_bad_specs() -> None:
+    with pytest.raises(fastpipe.UsageError, match="needs a factory"):
+        fastpipe.run_many(["s3://bucket/key"], [Checksum()])  # type: ignore[list-item]
+    with pytest.raises(fastpipe.UsageError, match="unknown stage 'nope'"):
+        fastpipe.run_many(["s3://bucket/key"], ["nope"])
+    with pytest.raises(fastpipe.UsageError, match="not a stage spec"):
+        fastpipe.run_many(["s3://bucket/key"], [42])  # type: ignore[list-item]
+
+
+def test_default_stages_verify_a_stored_checksum(put_object: Any) -> None:
+    data = os.urandom(300_000)
+    uri = put_object(data, ChecksumAlgorithm="CRC32C")
+    report = fastpipe.run(uri, config=Config(part_size=PART))
+    assert report.passed, report.error
+    assert [s.name for s in report.stages] == ["checksum", "verify"]
+    assert report.stage("verify").result["method"] == "checksum-crc32c"
+    assert report.verified == "verify: checksum-crc32c against the value S3 stored"
+    result = _cli("run", uri, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "verified  verify: checksum-crc32c against the value S3 stored" in result.stdout
+    assert "nothing verified" not in result.stdout
+
+
+def test_default_verify_catches_bytes_that_differ_from_the_stored_crc() -> None:
+    import base64
+    import zlib
+
+    from fastpipe.stages import ObjectInfo
+
+    good = os.urandom(100_000)
+    stored = base64.b64encode(zlib.crc32(good).to_bytes(4, "big")).decode()
+    info = ObjectInfo("s3://b/k", len(good), etag="0" * 32, checksums={"CRC32": stored})
+    (verify,) = [s for s in fastpipe._engine.default_stages() if isinstance(s, Verify)]
+    verify.start(info)
+    verify.update(memoryview(good[:-1] + bytes([good[-1] ^ 1])))  # one flipped bit
+    with pytest.raises(fastpipe.StageFailed, match="s3://b/k: checksum-crc32 mismatch"):
+        verify.finish()
+
+
+def test_nothing_verified_is_said(s3_server: Any, bucket: str, tmp_path: Path) -> None:
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    # boto3 sends a CRC32 by default now; an older uploader stores none, only the ETag.
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name="us-east-1",
+        config=BotoConfig(request_checksum_calculation="when_required"),
+    )
+    client.put_object(Bucket=bucket, Key="no-checksum.bin", Body=os.urandom(5000))
+    uri = f"s3://{bucket}/no-checksum.bin"
+    report = fastpipe.run(uri)
+    assert report.passed, report.error
+    assert report.verified is None
+    verify = report.stage("verify").result
+    assert verify["method"] == "unverifiable"
+    assert any("etag=false" in reason for reason in verify["reason"])  # the MD5 was skipped
+    result = _cli("run", uri, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "PASSED" in result.stdout and "nothing verified" in result.stdout
+    payload = json.loads(_cli("run", uri, "--json").stdout)
+    assert payload["passed"] is True and payload["verified"] is None
+    # A check asked for is named, and an explicit ETag check still runs.
+    local = tmp_path / "f.bin"
+    local.write_bytes(b"abc")
+    sha = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    report = fastpipe.run(str(local), stages=[Checksum("sha256", expect=sha)])
+    assert report.verified == "checksum: sha256 against the expected value"
+    report = fastpipe.run(uri, stages=[Verify()])
+    assert report.verified == "verify: etag-md5 against the value S3 stored"

@@ -15,6 +15,7 @@ import io
 import os
 import random
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -768,3 +769,127 @@ def test_command_failures(sample: Path) -> None:
         Command('echo "unbalanced')
     with pytest.raises(UsageError, match="empty"):
         Command("  ")
+
+
+# ---------------------------------------------------------------- chunk manifests
+
+
+class _HeldChunk:
+    """Makes a Chunk stage block in its first window until the engine calls it off."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from fastpipe.stages import chunk as chunk_module
+
+        self.entered = threading.Event()
+        self.released = threading.Event()
+        real = chunk_module.fingerprints
+
+        def held(view: Any, ends: Any) -> Any:
+            self.entered.set()
+            self.released.wait()
+            return real(view, ends)
+
+        monkeypatch.setattr(chunk_module, "fingerprints", held)
+
+    def stage(self, **kwargs: Any) -> Any:
+        from fastpipe.stages.chunk import Chunk
+
+        held = self
+
+        class Held(Chunk):
+            def cancel(self) -> None:
+                super().cancel()
+                held.released.set()
+
+        return Held(**kwargs)
+
+
+@pytest.mark.parametrize("way_out", ["timeout", "cancel"])
+def test_chunk_leaves_no_temp_manifest_when_called_off(
+    way_out: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anyio
+
+    import fastpipe
+
+    source = tmp_path / "data.bin"
+    source.write_bytes(os.urandom(256 << 10))
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    held = _HeldChunk(monkeypatch)
+    stage = held.stage(avg_size=16 << 10, manifest=str(folder / "m.fpcdc"))
+    temp_modes: list[int] = []
+
+    async def main() -> Any:
+        async def call_off(scope: anyio.CancelScope) -> None:
+            await anyio.to_thread.run_sync(held.entered.wait)
+            temp_modes.extend(stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir())
+            if way_out == "cancel":
+                scope.cancel()
+
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call_off, scope)
+                return await fastpipe.process(str(source), stages=[stage])
+        return None
+
+    if way_out == "timeout":
+        stage.timeout = 0.3  # the stage blocks until called off: the deadline always passes
+    report = anyio.run(main)
+    assert temp_modes == [0o600]  # the temp manifest existed while the stage ran
+    assert list(folder.iterdir()) == []
+    if way_out == "timeout":
+        assert report is not None and report.error_type == "StageTimeout"
+        assert f"{source}: stage chunk ran past its timeout of 0.3 s" in str(report.error)
+    else:
+        assert report is None
+
+
+def test_chunk_refuses_a_missing_manifest_folder(tmp_path: Path) -> None:
+    missing = tmp_path / "missing" / "m.fpcdc"
+    with pytest.raises(UsageError, match=r"chunk manifest=.*folder .* does not exist"):
+        parse_spec(f"chunk:manifest={missing}")
+    with pytest.raises(UsageError, match=r"chunk previous=.*folder .* does not exist"):
+        parse_spec(f"chunk:previous={missing}")
+    with pytest.raises(UsageError, match=r"chunk previous=.*no such manifest"):
+        parse_spec(f"chunk:previous={tmp_path / 'm.fpcdc'}")
+
+
+def test_cli_refuses_a_missing_manifest_folder_before_any_byte(tmp_path: Path) -> None:
+    source = tmp_path / "data.bin"
+    source.write_bytes(b"x" * 1000)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastpipe.cli",
+            "run",
+            str(source),
+            "--stage",
+            f"chunk:manifest={tmp_path / 'nope' / 'm.fpcdc'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_chunk_previous_with_other_sizes_is_refused(tmp_path: Path) -> None:
+    import fastpipe
+    from fastpipe.stages.chunk import Chunk
+
+    source = tmp_path / "data.bin"
+    source.write_bytes(os.urandom(512 << 10))
+    manifest = tmp_path / "m.fpcdc"
+    report = fastpipe.run(str(source), stages=[Chunk(avg_size=16 << 10, manifest=str(manifest))])
+    assert report.passed, report.error
+    with pytest.raises(UsageError, match=r"made with chunk sizes min/avg/max 4096/16384/65536"):
+        Chunk(avg_size=32 << 10, previous=str(manifest))
+    # The same sizes: the same bytes hold no new chunk.
+    again = Chunk(avg_size=16 << 10, previous=str(manifest), manifest=str(manifest))
+    report = fastpipe.run(str(source), stages=[again])
+    assert report.passed, report.error
+    result = report.stage("chunk").result
+    assert result["new_chunks"] == 0 and result["new_bytes"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin", "m.fpcdc"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from urllib.parse import urlsplit
 
 from ._exceptions import UsageError
@@ -13,27 +14,52 @@ MiB = 1 << 20
 #: S3's limit on parts of one object; the part plan never exceeds it.
 MAX_PARTS = 10_000
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+)(?:\.(\d+))?\s*([A-Za-z]*)\s*$", re.ASCII)
+#: Decimal units are powers of 1000 (``8MB`` is 8,000,000 bytes), binary ones of 1024.
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 1 << 10,
+    "MIB": 1 << 20,
+    "GIB": 1 << 30,
+    "TIB": 1 << 40,
+}
 
 
 def parse_size(text: str | int) -> int:
-    """Parse ``8MiB``, ``512KiB``, ``1GiB``, ``4096`` (bytes) into a byte count.
+    """Parse ``8MiB``, ``512KiB``, ``8MB``, ``4096`` (bytes) into a byte count.
 
-    ``KB``/``MB`` are read as binary units too, as most storage tools do.
+    Decimal units are powers of 1000 (``kB``/``KB``, ``MB``, ``GB``, ``TB``), binary units
+    powers of 1024 (``KiB``, ``MiB``, ``GiB``, ``TiB``); case does not matter. A bare
+    ``K``/``M``/``G``/``T`` is refused as ambiguous. The arithmetic is exact (integers and
+    fractions, never floats): ``1.5GiB`` is accepted because it is a whole number of bytes,
+    ``1.3B`` is refused, and a number of any length keeps every digit.
     """
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise UsageError(f"not a size: {text!r} (examples: 8MiB, 512KiB, 8MB, 1048576)")
     if isinstance(text, int):
         if text < 0:
             raise UsageError(f"size must not be negative: {text}")
         return text
-    m = _SIZE_RE.match(str(text))
+    m = _SIZE_RE.match(text)
     if not m:
-        raise UsageError(f"not a size: {text!r} (examples: 8MiB, 512KiB, 1048576)")
-    number, unit = m.group(1), (m.group(2) or "").upper()
-    value = float(number) * _UNITS[unit[:1] if unit and unit != "B" else ""]
-    if unit == "B":
-        value = float(number)
-    if value != int(value):
+        raise UsageError(f"not a size: {text!r} (examples: 8MiB, 512KiB, 8MB, 1048576)")
+    whole, fraction, unit = m.group(1), m.group(2) or "", m.group(3).upper()
+    if unit in ("K", "M", "G", "T"):
+        raise UsageError(
+            f"ambiguous size unit in {text!r}: write {unit}B (powers of 1000) "
+            f"or {unit}iB (powers of 1024)"
+        )
+    if unit not in _UNITS:
+        raise UsageError(
+            f"unknown size unit {m.group(3)!r} in {text!r} (B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        )
+    value = Fraction(int(whole + fraction), 10 ** len(fraction)) * _UNITS[unit]
+    if value.denominator != 1:
         raise UsageError(f"size is not a whole number of bytes: {text!r}")
     return int(value)
 

@@ -159,6 +159,12 @@ def summary(report: Report) -> str:
     verdict = "PASSED" if report.passed else "FAILED"
     size = format_size(report.size) if report.size is not None else "?"
     lines.append(f"{verdict}  {report.source}  {size}  in {report.seconds:.2f}s")
+    if report.passed:  # PASSED must not imply a comparison that did not happen
+        lines.append(
+            f"  verified  {report.verified}"
+            if report.verified
+            else "  nothing verified: no stage compared the bytes with a stored or expected value"
+        )
     dl = report.download
     if dl.seconds > 0 and dl.bytes:
         lines.append(

@@ -40,6 +40,9 @@ from ._stream import StreamRunner, describe_exception
 from .stages._base import FileStage, LocalFile, ObjectInfo, Stage, StreamStage
 
 ProgressCallback = Callable[[Progress], None]
+#: What ``process_many`` takes as its stages: a factory called once per object, or a
+#: sequence of ``--stage`` spec strings and stage classes, built afresh for each object.
+StagesPerObject = Callable[[], Sequence[Stage]] | Sequence[str | type[Stage]] | str
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ class _EarlyRun:
         self._watermark = watermark
         self.stream_passed = threading.Event()
         self._stopped = threading.Event()
+        self._running = False
         self.result: Any = None
         self.error: BaseException | None = None
         self.seconds = 0.0
@@ -98,8 +102,10 @@ class _EarlyRun:
         return cls(first, stage, path, info, watermark)
 
     def stop(self) -> None:
-        """Call the run off: its next (or current) wait raises."""
+        """Call the run off: its next (or current) wait raises, and the stage is told."""
         self._stopped.set()
+        if self._running:
+            self.stage.cancel()
 
     def _wait(self, end: int) -> None:
         watermark = self._watermark
@@ -115,6 +121,7 @@ class _EarlyRun:
 
     async def run(self) -> None:
         started = time.perf_counter()
+        self._running = True
         try:
             if inspect.iscoroutinefunction(self.stage.run):
                 self.result = await self.stage.run(self.local)
@@ -123,8 +130,10 @@ class _EarlyRun:
         except _EarlyStopped:
             pass
         except Exception as exc:  # noqa: BLE001 - user stages may raise anything
-            self.error = exc
+            if not self._stopped.is_set():
+                self.error = exc
         finally:
+            self._running = False
             self.seconds = time.perf_counter() - started
 
 
@@ -150,10 +159,31 @@ class _HeldOnce:
 
 
 def default_stages() -> list[Stage]:
-    """The stages run when none are given: ``checksum`` (xxh3_128)."""
-    from .stages.checksum import Checksum
+    """The stages run when none are given: ``checksum`` (xxh3_128) and ``verify:etag=false``.
 
-    return [Checksum()]
+    ``verify`` compares the bytes with a checksum S3 stored (x-amz-checksum-*: a CRC or a
+    SHA, cheap in the same pass); it skips the ETag, whose MD5 would cost more than the
+    download. When S3 stored no checksum nothing is verified, and the report's
+    ``verified`` field is None.
+    """
+    from .stages.checksum import Checksum
+    from .stages.verify import Verify
+
+    return [Checksum(), Verify(etag=False)]
+
+
+def _verified(stages: Sequence[Stage], report: Report) -> str | None:
+    """What the passed stages compared the bytes with (``; `` between them), or None."""
+    found = []
+    for stage, stage_report in zip(stages, report.stages, strict=True):
+        if stage_report.status == "passed":
+            try:
+                what = stage.verified(stage_report.result)
+            except Exception:  # noqa: BLE001 - a user stage's hook must not lose the report
+                what = None
+            if what:
+                found.append(f"{stage.name}: {what}")
+    return "; ".join(found) or None
 
 
 def _attach(exc: FastpipeError, report: Report) -> FastpipeError:
@@ -227,13 +257,14 @@ class Engine:
             raise _attach(exc, report) from exc.__cause__
         finally:
             report.seconds = time.perf_counter() - started
+            report.verified = _verified(stage_list, report)
             _log_done(report)
         return report
 
     async def process_many(
         self,
         sources: Iterable[str | os.PathLike[str]],
-        stages: Callable[[], Sequence[Stage]] | None = None,
+        stages: StagesPerObject | None = None,
         dest: str | os.PathLike[str] | None = None,
         max_in_flight: int = 2,
         progress: ProgressCallback | None = None,
@@ -247,15 +278,19 @@ class Engine:
         The download of object k+1 overlaps the file stages of object k: one object
         downloads at a time (with the engine's full concurrency), and at most
         ``max_in_flight`` objects are in progress, which bounds the disk used by temp files
-        to about ``max_in_flight`` objects. ``stages`` is a factory called once per object
-        (stages keep per-object state); ``dest``, if given, is a folder that receives each
-        object under a name made from its key; ``force``, ``resume`` and ``temp_dir`` apply
-        to each object as in :meth:`process`. An object that fails with an error (missing,
-        denied, changed) does not stop the others: its report carries the error.
+        to about ``max_in_flight`` objects. Stages keep per-object state, so ``stages`` is
+        built afresh for each object: either a factory (``lambda: [Checksum(), Scan()]``)
+        or a sequence of spec strings and stage classes (``["checksum:algo=sha256",
+        Scan]``); a sequence of stage instances is refused. ``dest``, if given, is a folder
+        that receives each object under a name made from its key; ``force``, ``resume`` and
+        ``temp_dir`` apply to each object as in :meth:`process`. An object that fails with
+        an error (missing, denied, changed) does not stop the others: its report carries
+        the error.
         """
         if max_in_flight < 1:
             raise UsageError(f"max_in_flight must be at least 1, got {max_in_flight}")
         Placement(dest, force=force, resume=resume, temp_dir=temp_dir).check_many()
+        factory = _stage_factory(stages)
         items = list(sources)
         reports: list[Report | None] = [None] * len(items)
         download_gate = anyio.Lock()
@@ -263,7 +298,7 @@ class Engine:
 
         async def one(index: int, source: str | os.PathLike[str]) -> None:
             try:
-                stage_list = None if stages is None else list(stages())
+                stage_list = None if factory is None else factory()
                 reports[index] = await self.process(
                     source,
                     stage_list,
@@ -547,18 +582,24 @@ class Engine:
                 continue
             self._file_progress(progress, info, stage.name)
             started = time.perf_counter()
+            scope: anyio.CancelScope | None = None
             try:
-                with anyio.fail_after(stage.timeout):
+                with anyio.fail_after(stage.timeout) as scope:
                     result = await _call_file_stage(stage, local)
-            except TimeoutError:
-                exc: BaseException = StageTimeout(
-                    f"stage {stage.name} ran past its timeout of {stage.timeout}s"
-                )
-                stage_report.seconds = time.perf_counter() - started
-                self._record_failure(report, i, exc)
-                return False
             except Exception as exc:  # noqa: BLE001 - user stages may raise anything
                 stage_report.seconds = time.perf_counter() - started
+                # Only our deadline is "ran past its timeout": a stage's own StageTimeout
+                # (a TimeoutError too) keeps its message and result.
+                if (
+                    isinstance(exc, TimeoutError)
+                    and not isinstance(exc, StageFailed)
+                    and scope is not None
+                    and scope.cancelled_caught
+                ):
+                    exc = StageTimeout(
+                        f"{info.source}: stage {stage.name} ran past its timeout of "
+                        f"{stage.timeout:g} s"
+                    )
                 self._record_failure(report, i, exc)
                 return False
             stage_report.seconds = time.perf_counter() - started
@@ -572,6 +613,36 @@ class Engine:
         if progress is not None:
             elapsed = progress.elapsed() if isinstance(progress, _ObjectProgress) else 0.0
             progress(Progress(info.size, info.size, elapsed, None, phase))
+
+
+def _stage_factory(stages: StagesPerObject | None) -> Callable[[], list[Stage]] | None:
+    """A function that builds a fresh stage list for one object (see ``process_many``)."""
+    if stages is None:
+        return None
+    if callable(stages) and not isinstance(stages, type):
+        factory = stages
+        return lambda: list(factory())
+    items: list[Any] = [stages] if isinstance(stages, (str, type)) else list(stages)
+    for item in items:
+        if isinstance(item, Stage):
+            raise UsageError(
+                f"process_many got a stage instance ({item.name}); stages keep per-object "
+                "state, so it needs a factory (stages=lambda: [Checksum(), ...]), spec "
+                "strings ('checksum:algo=sha256') or stage classes"
+            )
+        if not isinstance(item, str) and not (isinstance(item, type) and issubclass(item, Stage)):
+            raise UsageError(
+                f"not a stage spec or stage class: {item!r} (process_many takes a factory, "
+                "spec strings or stage classes)"
+            )
+
+    def build() -> list[Stage]:
+        from .stages import parse_spec
+
+        return [parse_spec(item) if isinstance(item, str) else item() for item in items]
+
+    build()  # a bad spec is a usage error before the first object, not one per object
+    return build
 
 
 def _log_done(report: Report) -> None:
@@ -613,8 +684,40 @@ async def _stoppable(work: Callable[[], Awaitable[Any]], stop: Callable[[], None
 async def _call_file_stage(stage: FileStage, local: LocalFile) -> Any:
     if inspect.iscoroutinefunction(stage.run):
         return await stage.run(local)
-    # abandon_on_cancel: a timeout or the caller's cancel need not wait for the thread.
-    return await anyio.to_thread.run_sync(stage.run, local, abandon_on_cancel=True)
+    if type(stage).cancel is FileStage.cancel:
+        # No cancel hook: a timeout or the caller's cancel need not wait for the thread.
+        return await anyio.to_thread.run_sync(stage.run, local, abandon_on_cancel=True)
+    # A stage with a cancel hook (a child process to kill, a temp file to remove) is told
+    # at once, then waited for, so that nothing of it outlives the object: the CLI exits
+    # right after a Ctrl-C and a library caller goes on after its cancel scope.
+    called_off = False
+    finished = False
+
+    async def cancel_on_cancel() -> None:
+        nonlocal called_off
+        try:
+            await anyio.sleep_forever()
+        finally:
+            if not finished:
+                called_off = True
+                stage.cancel()
+
+    result: Any = None
+    error: Exception | None = None
+    async with anyio.create_task_group() as watch:
+        watch.start_soon(cancel_on_cancel)
+        try:
+            result = await anyio.to_thread.run_sync(stage.run, local)
+        except Exception as exc:  # noqa: BLE001 - raised below, unless called off
+            error = exc
+        finally:
+            finished = True
+            watch.cancel_scope.cancel()
+    if called_off:
+        await anyio.sleep(0)  # re-raises the cancel (or the timeout), not the stage's error
+    if error is not None:
+        raise error
+    return result
 
 
 async def process(
@@ -631,7 +734,7 @@ async def process(
     """Process one object in one pass and return its :class:`Report`.
 
     ``source`` is ``s3://bucket/key`` or a local path. ``stages`` run in order (default:
-    ``[Checksum()]``); a failed stage is reported (``report.passed`` False) and skips the
+    :func:`default_stages`); a failed stage is reported (``report.passed`` False) and skips the
     rest. Where the bytes go is decided per call: with ``dest`` (a file path, or a folder
     that receives the object under a name made from its key) the object is kept there,
     atomically and only when every stage passed; ``force`` replaces an existing file;
@@ -648,7 +751,7 @@ async def process(
 
 async def process_many(
     sources: Iterable[str | os.PathLike[str]],
-    stages: Callable[[], Sequence[Stage]] | None = None,
+    stages: StagesPerObject | None = None,
     dest: str | os.PathLike[str] | None = None,
     config: Config | None = None,
     max_in_flight: int = 2,
@@ -685,7 +788,7 @@ def run_async(fn: Callable[[], Awaitable[Any]]) -> Any:
 
 def run_many(
     sources: Iterable[str | os.PathLike[str]],
-    stages: Callable[[], Sequence[Stage]] | None = None,
+    stages: StagesPerObject | None = None,
     dest: str | os.PathLike[str] | None = None,
     config: Config | None = None,
     max_in_flight: int = 2,

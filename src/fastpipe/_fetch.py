@@ -22,6 +22,7 @@ from ._exceptions import AccessDenied, LocalIOError, RetriesExhausted
 from ._file import TempFile, Watermark
 from ._groups import unwrap_groups
 from ._http import HTTPFault, RawConnection, Response
+from ._objectinfo import ObjectInfo
 from ._s3 import S3Control, check_range_response
 from ._s3meta import (
     ExpiredURL,
@@ -32,7 +33,6 @@ from ._s3meta import (
     request_id_from_headers,
 )
 from ._source import S3Location
-from .stages._base import ObjectInfo
 
 logger = logging.getLogger(__name__)
 

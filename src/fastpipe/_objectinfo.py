@@ -1,4 +1,4 @@
-"""Build :class:`~fastpipe.stages.ObjectInfo` from botocore HEAD responses.
+"""What is known of an object before its first byte (:class:`ObjectInfo`), built from HEAD.
 
 The engine sends ``HeadObject(ChecksumMode="ENABLED")`` for the object and, for a
 multipart object, ``HeadObject(PartNumber=1)`` for the size of its first part: the stages
@@ -8,10 +8,35 @@ that check what S3 stored (``verify``) need both before the first byte arrives.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._s3meta import CHECKSUM_ALGORITHMS, parts_from_etag, strip_etag
-from .stages._base import ObjectInfo
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What is known about the object before its first byte is read (from HEAD or stat).
+
+    ``checksums`` maps an algorithm name as S3 spells it (``CRC32``, ``CRC32C``,
+    ``CRC64NVME``, ``SHA1``, ``SHA256``) to the base64 value S3 stored; ``checksum_type`` is
+    ``FULL_OBJECT`` or ``COMPOSITE`` when S3 said so. ``parts_count`` and
+    ``multipart_part_size`` describe a multipart upload (from HEAD ``PartNumber=1``).
+    """
+
+    source: str
+    size: int
+    etag: str | None = None
+    version_id: str | None = None
+    content_type: str | None = None
+    bucket: str | None = None
+    key: str | None = None
+    local_path: str | None = None
+    checksums: dict[str, str] = field(default_factory=dict)
+    checksum_type: str | None = None
+    parts_count: int | None = None
+    multipart_part_size: int | None = None
+
 
 # Re-exported for the modules and tests that read ETags through this module.
 __all__ = ["object_info_from_head", "parts_from_etag", "strip_etag"]

@@ -47,6 +47,9 @@ class Report:
     etag: str | None = None
     version_id: str | None = None
     passed: bool = False
+    #: What the passed stages compared the bytes with (a stored or expected value), e.g.
+    #: ``verify: checksum-crc32c against the value S3 stored``; None when nothing was.
+    verified: str | None = None
     failed_stage: str | None = None
     error: str | None = None
     error_type: str | None = None

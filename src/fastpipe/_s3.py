@@ -37,7 +37,7 @@ from ._s3meta import (
 from ._source import S3Location
 
 if TYPE_CHECKING:
-    from .stages._base import ObjectInfo
+    from ._objectinfo import ObjectInfo
 
 logger = logging.getLogger(__name__)
 

@@ -223,7 +223,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     _log_to_stderr(args.verbose)
     try:
-        stages = [parse_spec(spec) for spec in (args.stage or ["checksum"])]
+        stages = [parse_spec(spec) for spec in args.stage] if args.stage else None
         config = Config(
             part_size=args.part_size,
             max_concurrency=args.concurrency,

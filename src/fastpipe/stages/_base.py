@@ -15,29 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """What is known about the object before its first byte is read (from HEAD or stat).
-
-    ``checksums`` maps an algorithm name as S3 spells it (``CRC32``, ``CRC32C``,
-    ``CRC64NVME``, ``SHA1``, ``SHA256``) to the base64 value S3 stored; ``checksum_type`` is
-    ``FULL_OBJECT`` or ``COMPOSITE`` when S3 said so. ``parts_count`` and
-    ``multipart_part_size`` describe a multipart upload (from HEAD ``PartNumber=1``).
-    """
-
-    source: str
-    size: int
-    etag: str | None = None
-    version_id: str | None = None
-    content_type: str | None = None
-    bucket: str | None = None
-    key: str | None = None
-    local_path: str | None = None
-    checksums: dict[str, str] = field(default_factory=dict)
-    checksum_type: str | None = None
-    parts_count: int | None = None
-    multipart_part_size: int | None = None
+# Built from HEAD by the transport, which must not import the stages: defined there.
+from .._objectinfo import ObjectInfo as ObjectInfo
 
 
 class Stage(ABC):
@@ -48,6 +27,15 @@ class Stage(ABC):
     name: str = "stage"
     #: Seconds the stage may take in all before it fails (None: no limit).
     timeout: float | None = None
+
+    def verified(self, result: Any) -> str | None:
+        """What a passed stage compared the bytes with, in a few words, or None.
+
+        The report's ``verified`` field joins these, so that a PASSED report says whether
+        the bytes were checked against anything (a stored or expected value) or only
+        measured. The default is None: a stage that compares nothing verifies nothing.
+        """
+        return None
 
 
 class StreamStage(Stage):
@@ -96,6 +84,16 @@ class FileStage(Stage):
     @abstractmethod
     def run(self, local: LocalFile) -> Any:
         """Examine the local file and return the result (raise StageFailed to reject)."""
+
+    def cancel(self) -> None:  # noqa: B027 - optional hook
+        """Called from another thread when a running ``run`` is called off.
+
+        A timeout, the caller's cancel scope, Ctrl-C or SIGTERM in the CLI: undo the side
+        effects now (kill child processes, remove temp files) and make ``run`` return or
+        raise soon; it may also come just before ``run`` starts. A stage that overrides
+        this hook is waited for after it; one that does not is abandoned in its thread
+        (the engine goes on, the thread finishes on its own).
+        """
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +96,8 @@ def parse_spec(spec: str) -> Stage:
         if key not in options:
             accepted = ", ".join(sorted(options))
             raise UsageError(f"unknown option {key!r} for stage {name!r}; accepted: {accepted}")
+        if key in kwargs:
+            raise UsageError(f"option {key!r} given twice for stage {name!r} in {spec!r}")
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] == '"':
             value = value[1:-1]
@@ -102,6 +105,19 @@ def parse_spec(spec: str) -> Stage:
             kwargs[key] = options[key].convert(value)
         except (ValueError, UsageError) as exc:
             raise UsageError(f"bad value for {name}:{key}: {exc}") from None
+    missing = [
+        p.name
+        for p in inspect.signature(cls).parameters.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in kwargs
+    ]
+    if missing:
+        needed = "; ".join(f"{key}: {options[key].help}" for key in missing if key in options)
+        raise UsageError(
+            f"stage {name!r} needs option {', '.join(missing)} "
+            f"(e.g. {name}:{missing[0]}=...){'; ' + needed if needed else ''}"
+        )
     # `timeout` is every stage's (Stage.timeout) unless the stage defines its own.
     timeout = (
         kwargs.pop("timeout") if "timeout" in kwargs and "timeout" not in own_options else None

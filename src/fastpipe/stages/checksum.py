@@ -50,7 +50,8 @@ def _hexdigest(hasher: _Hasher) -> str:
 class Checksum(StreamStage):
     """Digest the object's bytes (xxh3_64, xxh3_128, sha256, sha1, md5, crc32c, crc32).
 
-    With ``expect``, a different digest fails the stage. Result:
+    With ``expect``, a different digest fails the stage; without it the digest is only
+    computed, and nothing is verified (see ``verify`` for what S3 stored). Result:
     ``{"algorithm": ..., "hexdigest": ...}`` (plus ``"expected"`` when given).
     """
 
@@ -70,12 +71,20 @@ class Checksum(StreamStage):
             except ValueError:
                 raise UsageError(f"checksum expect is not hex: {expect!r}") from None
         self._hasher: _Hasher = new_hasher(algo)
+        self._source = "object"
 
     def start(self, info: ObjectInfo) -> None:
         self._hasher = new_hasher(self.algorithm)
+        self._source = info.source
 
     def update(self, view: memoryview) -> None:
         self._hasher.update(view)
+
+    def verified(self, result: Any) -> str | None:
+        """``sha256 against the expected value`` with ``expect``; None without."""
+        if self.expect is None:
+            return None
+        return f"{self.algorithm} against the expected value"
 
     def finish(self) -> dict[str, Any]:
         digest = _hexdigest(self._hasher)
@@ -84,7 +93,8 @@ class Checksum(StreamStage):
             result["expected"] = self.expect
             if digest != self.expect:
                 raise StageFailed(
-                    f"{self.algorithm} mismatch: expected {self.expect}, got {digest}",
+                    f"{self._source}: {self.algorithm} mismatch: expected {self.expect}, "
+                    f"the bytes give {digest}",
                     result=result,
                 )
         return result

@@ -20,8 +20,13 @@ Manifest format (all integers little-endian)::
         length    u32
         xxh3_64   u64       fingerprint of the chunk's bytes
 
-It is written to a temporary file (mode 0600) beside its destination and renamed over it
-once complete, so a reader never sees half a manifest.
+It is written to a temporary file beside its destination (``.NAME.<random>.tmp``, mode
+0600, created with ``O_EXCL|O_NOFOLLOW``) and renamed over it once complete, so a reader
+never sees half a manifest; the temporary file is removed on every failure path (an
+error, the engine's timeout, a cancel). A ``manifest`` or ``previous`` in a missing
+folder, a missing or unreadable ``previous``, and a ``previous`` cut with other chunk
+sizes (whose chunks could never match) are refused when the stage is built, before the
+first byte.
 
 De-duplication counts: ``unique_chunks`` distinct fingerprints; ``duplicate_bytes`` bytes
 of chunks whose fingerprint appeared earlier in this object; with ``previous`` (an
@@ -34,14 +39,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import struct
-import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, NamedTuple
 
 from .._exceptions import StageFailed, UsageError
 from ..cdc import Params, _cut_array, fingerprints, params
-from ._base import FileStage, LocalFile
+from ._base import FileStage, LocalFile, ObjectInfo
 from ._registry import Option, register, to_size
 
 MAGIC = b"FPCDC1\0\0"
@@ -85,13 +91,24 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     return Manifest(min_size, avg_size, max_size, chunks)
 
 
+def _open_new(folder: str, base: str) -> tuple[int, str]:
+    """Create ``folder/.base.<random>.tmp`` (0600), never through a symlink or over a file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        path = os.path.join(folder, f".{base}.{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(path, flags, 0o600), path
+        except FileExistsError:
+            continue
+
+
 class _ManifestWriter:
     """Records to a 0600 temporary file, renamed over ``path`` on :meth:`commit`."""
 
     def __init__(self, path: str, p: Params) -> None:
         self.path = os.path.abspath(path)
         folder, base = os.path.split(self.path)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+        fd, self.tmp = _open_new(folder, base)
         self.file: BinaryIO = os.fdopen(fd, "wb")
         self.params = p
         self.count = 0
@@ -112,9 +129,32 @@ class _ManifestWriter:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):
+            self.file.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
+
+
+def _check_folder(option: str, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"chunk {option}={path}: folder {folder} does not exist")
+
+
+def _sizes(p: Params | Manifest) -> str:
+    return f"min/avg/max {p.min_size}/{p.avg_size}/{p.max_size}"
+
+
+def _read_header(path: str) -> Manifest:
+    """The sizes of a manifest (no records); ValueError when it is not one."""
+    with open(path, "rb") as f:
+        header = f.read(_HEADER.size)
+    if len(header) != _HEADER.size:
+        raise ValueError(f"{path!r} is not a fastpipe chunk manifest (too short)")
+    magic, min_size, avg_size, max_size, _reserved, _count = _HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ValueError(f"{path!r} is not a fastpipe chunk manifest (bad magic)")
+    return Manifest(min_size, avg_size, max_size, [])
 
 
 @register(
@@ -161,29 +201,87 @@ class Chunk(FileStage):
         self.threads = threads or os.cpu_count() or 1
         self.manifest = manifest
         self.previous = previous
+        # Refused here, before the first byte, rather than after a whole download.
+        if manifest is not None:
+            _check_folder("manifest", manifest)
+        if previous is not None:
+            _check_folder("previous", previous)
+            try:
+                self._check_previous(_read_header(previous))
+            except FileNotFoundError:
+                raise UsageError(f"chunk previous={previous}: no such manifest") from None
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"chunk previous={previous}: unusable: {exc}") from None
         # A window must hold more than one max-size chunk past any restart point.
         self.window_size = max(window_size, 4 * self.params.max_size)
+        self._cancelled = threading.Event()
 
-    def _load_previous(self) -> set[int] | None:
+    def _check_previous(self, previous: Manifest) -> None:
+        """Refuse a previous manifest cut with other sizes: no chunk would match."""
+        p = self.params
+        if (previous.min_size, previous.avg_size, previous.max_size) != (
+            p.min_size,
+            p.avg_size,
+            p.max_size,
+        ):
+            raise UsageError(
+                f"chunk previous={self.previous}: made with chunk sizes {_sizes(previous)}, "
+                f"this stage cuts {_sizes(self.params)}; chunks of other sizes never match, "
+                "so de-duplication against it would count every chunk as new"
+            )
+
+    def check_info(self, info: ObjectInfo) -> None:
+        """Refuse before the first byte when the manifest's folder has gone."""
+        for option, path in (("manifest", self.manifest), ("previous", self.previous)):
+            if path is not None:
+                try:
+                    _check_folder(option, path)
+                except UsageError as exc:
+                    raise StageFailed(f"{info.source}: {exc}") from None
+
+    def cancel(self) -> None:
+        """Stop a running :meth:`run` at its next window; it removes its temp manifest."""
+        self._cancelled.set()
+
+    def _load_previous(self, source: str) -> set[int] | None:
         if self.previous is None:
             return None
         try:
-            return {c.fingerprint for c in read_manifest(self.previous).chunks}
+            previous = read_manifest(self.previous)
+            self._check_previous(previous)
         except FileNotFoundError:
-            raise StageFailed(f"previous manifest not found: {self.previous}") from None
-        except ValueError as exc:
-            raise StageFailed(f"previous manifest unusable: {exc}") from None
+            raise StageFailed(f"{source}: previous manifest not found: {self.previous}") from None
+        except (OSError, ValueError) as exc:  # UsageError is a ValueError
+            raise StageFailed(f"{source}: previous manifest unusable: {exc}") from None
+        return {c.fingerprint for c in previous.chunks}
 
     def run(self, local: LocalFile) -> dict[str, Any]:
+        try:
+            return self._run(local)
+        finally:
+            self._cancelled.clear()
+
+    def _run(self, local: LocalFile) -> dict[str, Any]:
         p = self.params
-        previous = self._load_previous()
-        writer = _ManifestWriter(self.manifest, p) if self.manifest else None
+        source = local.info.source
+        previous = self._load_previous(source)
+        writer = None
+        if self.manifest:
+            try:
+                writer = _ManifestWriter(self.manifest, p)
+            except OSError as exc:
+                raise StageFailed(
+                    f"{source}: cannot write the manifest beside {self.manifest}: "
+                    f"{exc.strerror or exc}"
+                ) from None
         seen: set[int] = set()
         chunks = duplicate_bytes = new_chunks = new_bytes = 0
         pos = 0
         try:
             with ThreadPoolExecutor(self.threads, thread_name_prefix="fastpipe-chunk") as ex:
                 while pos < local.size:
+                    if self._cancelled.is_set():
+                        raise StageFailed(f"{source}: chunk was cancelled")
                     length = min(self.window_size, local.size - pos)
                     final = pos + length == local.size
                     with local.window(pos, length) as view:
@@ -217,6 +315,8 @@ class Chunk(FileStage):
                     if writer is not None:
                         writer.add(records)
                     pos += ends[-1]
+            if self._cancelled.is_set():
+                raise StageFailed(f"{source}: chunk was cancelled")
             if writer is not None:
                 writer.commit()
         except BaseException:

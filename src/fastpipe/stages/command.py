@@ -68,13 +68,47 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def placeholder_in_quotes(script: str) -> bool:
+    """Whether a ``{path}`` in a ``/bin/sh`` script stands inside quotes or after ``\\``.
+
+    There the shell-quoted path that replaces it would be unquoted again: a file name
+    holding ``'`` or ``$(...)`` would run as shell code.
+    """
+    quote: str | None = None
+    i = 0
+    while i < len(script):
+        if quote is not None and script.startswith(PLACEHOLDER, i):
+            return True
+        ch = script[i]
+        if quote == "'":
+            if ch == "'":
+                quote = None
+        elif quote == '"':
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                quote = None
+        elif ch == "\\":
+            if script.startswith(PLACEHOLDER, i + 1):
+                return True
+            i += 1
+        elif ch in "'\"":
+            quote = ch
+        i += 1
+    return False
+
+
 @register(
     "command",
     {
         "cmd": Option(
             str, 'program and arguments, {path} for the local file (e.g. "ffprobe {path}")'
         ),
-        "shell": Option(to_bool, "run cmd through /bin/sh (path shell-quoted); default false"),
+        "shell": Option(
+            to_bool,
+            "run cmd through /bin/sh; {path} is put in already shell-quoted: never quote it "
+            "again (write wc -c {path}, not '{path}'); default false",
+        ),
         "timeout": Option(float, "seconds before the program is killed and the stage fails"),
         "tail": Option(to_size, "bytes of stdout/stderr kept in the result (default 4096)"),
     },
@@ -85,12 +119,19 @@ class Command(FileStage):
 
     ``cmd`` is split like a shell would (``shlex``) and ``{path}`` is replaced by the local
     path inside its argument, so a path with spaces or ``;`` stays one argument; without a
-    ``{path}`` the path is appended as the last argument. With ``shell=True`` the string
-    runs through ``/bin/sh -c``, ``{path}`` is substituted shell-quoted and the path is
-    also the script's ``$1``.
+    ``{path}`` the path is appended as the last argument.
 
-    The program runs in a session of its own; past ``timeout`` seconds its whole process
-    group is killed and the stage fails with :class:`~fastpipe.StageTimeout`. Only the
+    With ``shell=True`` the string runs through ``/bin/sh -c``; ``{path}`` is substituted
+    **already shell-quoted** (``shlex.quote``) and must not be quoted again: write
+    ``wc -c {path}``, never ``wc -c '{path}'`` or ``"{path}"`` (a ``{path}`` inside quotes
+    or after a backslash is refused, since the quotes would cancel each other and a file
+    name such as ``x;touch pwned`` would run as code). The path is also the script's
+    ``$1``, which is safe inside double quotes (``"$1"``).
+
+    The program runs in a session of its own. Its whole process group is killed (SIGKILL)
+    past ``timeout`` seconds (the stage fails with :class:`~fastpipe.StageTimeout`, the
+    output tails kept in its result) and on every other way out: the engine's stage
+    timeout, the caller's cancel, Ctrl-C or SIGTERM in the CLI (:meth:`cancel`). Only the
     last ``tail`` bytes of stdout and stderr are kept.
 
     Result: ``{"cmd": [argv...], "returncode", "seconds", "stdout_tail", "stderr_tail"}``.
@@ -114,6 +155,12 @@ class Command(FileStage):
         else:
             if not cmd.strip():
                 raise UsageError("command cmd is empty")
+            if shell and placeholder_in_quotes(cmd):
+                raise UsageError(
+                    f"command cmd {cmd!r} puts {PLACEHOLDER} inside quotes or after a "
+                    f"backslash: with shell=true {PLACEHOLDER} is substituted already "
+                    f'shell-quoted, so write it bare (or use "$1")'
+                )
             if not shell:
                 try:
                     self.argv_template = shlex.split(cmd)
@@ -123,12 +170,14 @@ class Command(FileStage):
         self.shell = shell
         if timeout is not None and timeout <= 0:
             raise UsageError(f"command timeout must be positive, not {timeout}")
-        # Enforced here, where the process group can be killed; Stage.timeout stays None so
-        # that the engine does not abandon the thread while the program still runs.
+        # Enforced here, where the process group can be killed and the output tails kept.
         self.command_timeout = timeout
         if tail < 0:
             raise UsageError(f"command tail must not be negative, not {tail}")
         self.tail = tail
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen[bytes]] = set()
+        self._cancelled = False
 
     def argv(self, path: str) -> list[str]:
         """The argument vector run for a local file at ``path``."""
@@ -140,30 +189,79 @@ class Command(FileStage):
             return [*self.argv_template, path]
         return [arg.replace(PLACEHOLDER, path) for arg in self.argv_template]
 
+    def cancel(self) -> None:
+        """Kill the process group of every program this stage runs, now (any thread)."""
+        with self._lock:
+            self._cancelled = True
+            running = list(self._running)
+        for proc in running:
+            _kill_group(proc)
+
     def run(self, local: LocalFile) -> dict[str, Any]:
         argv = self.argv(local.path)
         shown = shlex.join(argv)
         source = local.info.source
         started = time.monotonic()
+        result: dict[str, Any] = {
+            "cmd": argv,
+            "returncode": None,
+            "seconds": 0.0,
+            "stdout_tail": "",
+            "stderr_tail": "",
+        }
+        with self._lock:
+            if self._cancelled:
+                self._cancelled = False
+                raise StageFailed(f"{source}: command {shown} was cancelled", result=result)
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise StageFailed(
+                    f"{source}: command {shown} could not start: {exc.strerror or exc}",
+                    result=result,
+                ) from None
+            self._running.add(proc)
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
+            timed_out, tails = self._wait(proc)
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+                cancelled, self._cancelled = self._cancelled, False
+        result["returncode"] = proc.returncode
+        result["seconds"] = round(time.monotonic() - started, 6)
+        result["stdout_tail"], result["stderr_tail"] = tails[0].text(), tails[1].text()
+        if cancelled:
+            raise StageFailed(f"{source}: command {shown} was cancelled and killed", result=result)
+        if timed_out:
+            raise StageTimeout(
+                f"{source}: command {shown} ran past its {self.command_timeout:g} s timeout "
+                f"and was killed",
+                result=result,
             )
-        except OSError as exc:
-            raise StageFailed(
-                f"{source}: command {shown} could not start: {exc.strerror or exc}",
-                result={
-                    "cmd": argv,
-                    "returncode": None,
-                    "seconds": 0.0,
-                    "stdout_tail": "",
-                    "stderr_tail": "",
-                },
-            ) from None
+        if proc.returncode != 0:
+            if proc.returncode < 0:
+                try:
+                    status = f"was killed by {signal.Signals(-proc.returncode).name}"
+                except ValueError:
+                    status = f"was killed by signal {-proc.returncode}"
+            else:
+                status = f"exited with status {proc.returncode}"
+            last = result["stderr_tail"].strip().splitlines()[-1:] or [""]
+            detail = f": {last[0][:200]}" if last[0] else ""
+            raise StageFailed(f"{source}: command {shown} {status}{detail}", result=result)
+        return result
+
+    def _wait(self, proc: subprocess.Popen[bytes]) -> tuple[bool, tuple[_Tail, _Tail]]:
+        """Wait for the program, killing its group on any way out but its own exit.
+
+        Returns whether it ran past the timeout, and the tails of stdout and stderr.
+        """
         assert proc.stdout is not None and proc.stderr is not None
         out, err = _Tail(proc.stdout, self.tail), _Tail(proc.stderr, self.tail)
         timed_out = False
@@ -186,29 +284,4 @@ class Command(FileStage):
                 _kill_group(proc)
                 out.join(_DRAIN_AFTER_EXIT)
                 err.join(_DRAIN_AFTER_EXIT)
-        seconds = round(time.monotonic() - started, 6)
-        result: dict[str, Any] = {
-            "cmd": argv,
-            "returncode": proc.returncode,
-            "seconds": seconds,
-            "stdout_tail": out.text(),
-            "stderr_tail": err.text(),
-        }
-        if timed_out:
-            raise StageTimeout(
-                f"{source}: command {shown} ran past its {self.command_timeout:g} s timeout "
-                f"and was killed",
-                result=result,
-            )
-        if proc.returncode != 0:
-            if proc.returncode < 0:
-                try:
-                    status = f"was killed by {signal.Signals(-proc.returncode).name}"
-                except ValueError:
-                    status = f"was killed by signal {-proc.returncode}"
-            else:
-                status = f"exited with status {proc.returncode}"
-            last = result["stderr_tail"].strip().splitlines()[-1:] or [""]
-            detail = f": {last[0][:200]}" if last[0] else ""
-            raise StageFailed(f"{source}: command {shown} {status}{detail}", result=result)
-        return result
+        return timed_out, (out, err)

@@ -60,9 +60,11 @@ class Scan(StreamStage):
         self.min_entropy = min_entropy
         self.max_entropy = max_entropy
         self._scanner = _scan.Scanner(block_size)
+        self._source = "object"
 
     def start(self, info: ObjectInfo) -> None:
         self._scanner = _scan.Scanner(self.block_size)
+        self._source = info.source
 
     def update(self, view: memoryview) -> None:
         self._scanner.update(view)
@@ -86,5 +88,5 @@ class Scan(StreamStage):
             if self.max_entropy is not None and entropy > self.max_entropy:
                 findings.append(f"entropy {entropy:.4f} above max_entropy {self.max_entropy}")
         if findings:
-            raise StageFailed("; ".join(findings), result=result)
+            raise StageFailed(f"{self._source}: {'; '.join(findings)}", result=result)
         return result

@@ -144,11 +144,14 @@ def _multipart_plan(info: ObjectInfo, parts: int, what: str) -> tuple[int | None
     return part_size, None
 
 
-def choose_plan(info: ObjectInfo, expected: str | None = None) -> _Plan | list[str]:
+def choose_plan(
+    info: ObjectInfo, expected: str | None = None, use_etag: bool = True
+) -> _Plan | list[str]:
     """Pick the strongest check ``info`` allows, or return why nothing can be verified.
 
     ``expected`` replaces the stored value of the chosen method; without any stored value
-    it is read as an ETag (MD5 hex, or ``<hex>-N`` with a known part size).
+    it is read as an ETag (MD5 hex, or ``<hex>-N`` with a known part size). With
+    ``use_etag=False`` only stored checksums are used (an MD5 costs far more than a CRC).
     """
     reasons: list[str] = []
     checksums = {k.upper(): v.strip() for k, v in info.checksums.items()}
@@ -188,6 +191,12 @@ def choose_plan(info: ObjectInfo, expected: str | None = None) -> _Plan | list[s
                 )
             return _Plan(f"composite-{name.lower()}", name, stored, part_size, parts)
 
+    if not use_etag:
+        if info.etag or expected:
+            reasons.append("no stored checksum, and the ETag (an MD5) is not checked (etag=false)")
+        else:
+            reasons.append("no stored checksum and no ETag")
+        return reasons
     etag = (strip_etag(info.etag) or "").lower()
     if expected and not etag:
         etag = expected.strip().lower()
@@ -367,6 +376,10 @@ def _default_lanes() -> int:
         "strict": Option(to_bool, "fail when nothing can be verified (default false)"),
         "expected": Option(str, "value to compare with instead of the one S3 stored"),
         "lanes": Option(int, "threads hashing multipart parts in parallel (default: cores, max 4)"),
+        "etag": Option(
+            to_bool,
+            "fall back to the ETag (MD5, costly) when S3 stored no checksum (default true)",
+        ),
     },
     "compare the bytes with S3's stored checksum or ETag (multipart included)",
 )
@@ -381,7 +394,9 @@ class Verify(StreamStage):
     passes, unless ``strict`` (then it fails before any byte is fetched).
 
     ``expected`` replaces the stored value (base64 or hex for checksums, hex for ETags);
-    with no stored value at all it is read as an ETag.
+    with no stored value at all it is read as an ETag. ``etag=False`` checks stored
+    checksums only (the default stage list runs ``Verify(etag=False)``: a CRC costs
+    little, an MD5 of the whole object a lot).
 
     Result: ``{"method", "expected", "actual"}``, method one of ``checksum-<algo>``,
     ``composite-<algo>``, ``etag-md5``, ``etag-multipart-md5``, ``unverifiable``; plus
@@ -392,9 +407,14 @@ class Verify(StreamStage):
     name = "verify"
 
     def __init__(
-        self, strict: bool = False, expected: str | None = None, lanes: int | None = None
+        self,
+        strict: bool = False,
+        expected: str | None = None,
+        lanes: int | None = None,
+        etag: bool = True,
     ) -> None:
         self.strict = strict
+        self.etag = etag
         self.expected = expected.strip() if expected else None
         if lanes is not None and lanes < 1:
             raise UsageError(f"verify lanes must be at least 1, not {lanes}")
@@ -407,7 +427,7 @@ class Verify(StreamStage):
 
     def check_info(self, info: ObjectInfo) -> None:
         """With ``strict``, reject an object that cannot be verified before fetching it."""
-        plan = choose_plan(info, self.expected)
+        plan = choose_plan(info, self.expected, self.etag)
         if self.strict and not isinstance(plan, _Plan):
             raise StageFailed(
                 f"{info.source}: cannot be verified ({'; '.join(plan)}) and verify is strict",
@@ -422,7 +442,7 @@ class Verify(StreamStage):
         self._info = info
         self._received = 0
         self._whole = self._parts = None
-        self._plan = plan = choose_plan(info, self.expected)
+        self._plan = plan = choose_plan(info, self.expected, self.etag)
         if not isinstance(plan, _Plan):
             return
         if plan.part_size is None:
@@ -439,6 +459,13 @@ class Verify(StreamStage):
             self._whole.update(view)
         elif self._parts is not None:
             self._parts.update(view)
+
+    def verified(self, result: Any) -> str | None:
+        """``checksum-crc32c against the value S3 stored`` style; None when unverifiable."""
+        if not isinstance(result, dict) or result.get("method") in (None, "unverifiable"):
+            return None
+        origin = "the value given" if self.expected else "the value S3 stored"
+        return f"{result['method']} against {origin}"
 
     @staticmethod
     def _unverifiable(reasons: list[str]) -> dict[str, Any]:

@@ -324,9 +324,10 @@ def variant_argv(
     if variant in ("sequential", "three-services"):
         return own + [variant, "--uri", target.uri, "--workdir", workdir], None
     if variant == "fastpipe-download":
-        # The real CLI with its default stage (checksum, xxh3_128), keeping the file.
+        # The real CLI with the checksum stage alone (xxh3_128), keeping the file; named
+        # rather than left to the default list, which also verifies a stored checksum.
         argv = [py, "-m", "fastpipe.cli", "run", target.uri, "--dest", dest, "--force"]
-        argv += ["--json", "--no-progress"]
+        argv += ["--stage", "checksum", "--json", "--no-progress"]
         return (argv + (["--endpoint-url", ep] if ep else [])), dest
     if variant == "fastpipe-chunk":
         return own + [variant, "--local", target.local], None
