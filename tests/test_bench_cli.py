@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fastpipe._locals3 import LocalS3
+from fastpipe.tools.locals3 import LocalS3
 
 
 def test_bench_endpoint_url_uses_the_default_bucket(s3_server: LocalS3, tmp_path: Path) -> None:
