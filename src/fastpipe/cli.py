@@ -160,9 +160,18 @@ def _add_tool_parsers(sub: Any) -> None:
         type=_names,
         default=None,
         help="comma-separated subset of: fastpipe, sequential, three-services, "
-        "fastpipe-download, s5cmd, boto3, fastpipe-chunk, pyfastcdc",
+        "fastpipe-download, s5cmd, boto3, local-stages, fastpipe-chunk, pyfastcdc",
     )
     bench.add_argument("--no-low-entropy", action="store_true", help="skip the low-entropy object")
+    bench.add_argument(
+        "--link-rate",
+        type=_link_rates,
+        default=None,
+        metavar="RATE[,RATE...]",
+        help="shape the embedded server's traffic on lo to this rate with tc (root): e.g. "
+        "2.4Gbit, 800Mbit; a list such as unlimited,2.4Gbit,800Mbit runs each in turn "
+        "(default unlimited)",
+    )
     bench.set_defaults(tool="bench")
 
     estimate = sub.add_parser(
@@ -179,6 +188,15 @@ def _add_tool_parsers(sub: Any) -> None:
 
 def _sizes(text: str) -> list[int]:
     return [size_arg(part) for part in text.split(",") if part.strip()]
+
+
+def _link_rates(text: str) -> list[int | None]:
+    from .tools.shaping import parse_rates  # only when --link-rate is given
+
+    try:
+        return parse_rates(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _names(text: str) -> list[str]:
