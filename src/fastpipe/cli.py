@@ -283,6 +283,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             finally:
                 tg.cancel_scope.cancel()
 
+    _import_botocore_without_crt(args.source)
     run_async(main)
     if bar is not None:
         bar.close()
@@ -304,6 +305,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not report.passed and not args.json:
         print(f"fastpipe: {printable(report.error)}", file=sys.stderr)
     return report.exit_code
+
+
+def _import_botocore_without_crt(source: str) -> None:
+    """Import botocore so that it does not load awscrt (about 40 ms of a 0.35 s run).
+
+    botocore imports awscrt whenever it is installed, and then signs with it; without it,
+    it signs SigV4 in Python, the same headers. fastpipe installs awscrt for the verify
+    stage (CRC64NVME), which imports it itself when it needs it. Only the CLI does this:
+    its process is its own, while a library caller may want botocore's CRT elsewhere. ARN
+    buckets (access points, Outposts) may need SigV4a, which only the CRT signs: they keep
+    it.
+    """
+    if not source.startswith("s3://") or source.startswith("s3://arn:"):
+        return  # a local file needs no botocore; an ARN may need the CRT
+    if "botocore.compat" in sys.modules or "awscrt" in sys.modules:
+        return
+    sys.modules["awscrt"] = None  # type: ignore[assignment]  # `import awscrt` fails
+    try:
+        import botocore.compat  # noqa: F401  (reads HAS_CRT once, at its import)
+    except ImportError:
+        pass  # no botocore: the engine says so in its own words
+    finally:
+        if "awscrt" in sys.modules and sys.modules["awscrt"] is None:
+            del sys.modules["awscrt"]  # the verify stage may import it later
 
 
 def _interrupted(args: argparse.Namespace, signum: int) -> int:
