@@ -163,9 +163,18 @@ def _add_tool_parsers(sub: Any) -> None:
         type=_names,
         default=None,
         help="comma-separated subset of: fastpipe, sequential, three-services, "
-        "fastpipe-download, s5cmd, boto3, fastpipe-chunk, pyfastcdc",
+        "fastpipe-download, s5cmd, boto3, local-stages, fastpipe-chunk, pyfastcdc",
     )
     bench.add_argument("--no-low-entropy", action="store_true", help="skip the low-entropy object")
+    bench.add_argument(
+        "--link-rate",
+        type=_link_rates,
+        default=None,
+        metavar="RATE[,RATE...]",
+        help="shape the embedded server's traffic on lo to this rate with tc (root): e.g. "
+        "2.4Gbit, 800Mbit; a list such as unlimited,2.4Gbit,800Mbit runs each in turn "
+        "(default unlimited)",
+    )
     bench.set_defaults(tool="bench")
 
     estimate = sub.add_parser(
@@ -182,6 +191,15 @@ def _add_tool_parsers(sub: Any) -> None:
 
 def _sizes(text: str) -> list[int]:
     return [size_arg(part) for part in text.split(",") if part.strip()]
+
+
+def _link_rates(text: str) -> list[int | None]:
+    from .tools.shaping import parse_rates  # only when --link-rate is given
+
+    try:
+        return parse_rates(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _names(text: str) -> list[str]:
@@ -270,6 +288,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             finally:
                 tg.cancel_scope.cancel()
 
+    _import_botocore_without_crt(args.source)
     run_async(main)
     if bar is not None:
         bar.close()
@@ -291,6 +310,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not report.passed and not args.json:
         print(f"fastpipe: {printable(report.error)}", file=sys.stderr)
     return report.exit_code
+
+
+def _import_botocore_without_crt(source: str) -> None:
+    """Import botocore so that it does not load awscrt (about 40 ms of a 0.35 s run).
+
+    botocore imports awscrt whenever it is installed, and then signs with it; without it,
+    it signs SigV4 in Python, the same headers. fastpipe installs awscrt for the verify
+    stage (CRC64NVME), which imports it itself when it needs it. Only the CLI does this:
+    its process is its own, while a library caller may want botocore's CRT elsewhere. ARN
+    buckets (access points, Outposts) may need SigV4a, which only the CRT signs: they keep
+    it.
+    """
+    if not source.startswith("s3://") or source.startswith("s3://arn:"):
+        return  # a local file needs no botocore; an ARN may need the CRT
+    if "botocore.compat" in sys.modules or "awscrt" in sys.modules:
+        return
+    sys.modules["awscrt"] = None  # type: ignore[assignment]  # `import awscrt` fails
+    try:
+        import botocore.compat  # noqa: F401  (reads HAS_CRT once, at its import)
+    except ImportError:
+        pass  # no botocore: the engine says so in its own words
+    finally:
+        if "awscrt" in sys.modules and sys.modules["awscrt"] is None:
+            del sys.modules["awscrt"]  # the verify stage may import it later
 
 
 def _interrupted(args: argparse.Namespace, signum: int) -> int:
