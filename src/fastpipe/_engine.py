@@ -8,10 +8,8 @@ cancellation by the caller.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
@@ -21,120 +19,24 @@ from typing import Any
 import anyio
 
 from ._config import Config
-from ._exceptions import (
-    FastpipeError,
-    ObjectNotFound,
-    SourceError,
-    StageFailed,
-    StageTimeout,
-    UsageError,
-)
+from ._exceptions import FastpipeError, ObjectNotFound, SourceError, StageFailed, UsageError
 from ._fetch import Fetcher, proxy_configured
 from ._file import Watermark
 from ._groups import unwrap_groups
-from ._placement import Journal, ObjectPlacement, Placement
-from ._report import Progress, Report, StageReport
+from ._job import Job, ProgressCallback, ProgressSink, check_info
+from ._objectinfo import ObjectInfo
+from ._onepass import OnePass
+from ._placement import ObjectPlacement, Placement
+from ._report import Plane, Report, StageReport, Status
 from ._s3 import S3Control
 from ._source import LocalLocation, S3Location, parse_source
-from ._stream import StreamRunner, describe_exception
-from .stages._base import FileStage, LocalFile, ObjectInfo, Stage, StreamStage
+from .stages._base import FileStage, Stage, StreamStage
 
-ProgressCallback = Callable[[Progress], None]
 #: What ``process_many`` takes as its stages: a factory called once per object, or a
 #: sequence of ``--stage`` spec strings and stage classes, built afresh for each object.
 StagesPerObject = Callable[[], Sequence[Stage]] | Sequence[str | type[Stage]] | str
 
 logger = logging.getLogger(__name__)
-
-
-class _ObjectProgress:
-    """The caller's progress callback, with the clock of one object (file-stage events
-    carry the seconds since the object started)."""
-
-    def __init__(self, callback: ProgressCallback, started: float) -> None:
-        self.callback = callback
-        self.started = started
-
-    def __call__(self, event: Progress) -> None:
-        self.callback(event)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-
-class _EarlyStopped(Exception):
-    """Raised inside an early file stage's window when its run is called off. Internal."""
-
-
-class _EarlyRun:
-    """The first file stage, started while the download runs (it reads in order).
-
-    Its windows wait for their bytes; the last one waits, too, until every stream stage
-    passed, so that it finishes (and has side effects) only on an accepted object.
-    """
-
-    def __init__(
-        self, index: int, stage: FileStage, path: str, info: ObjectInfo, watermark: Watermark
-    ) -> None:
-        self.index = index
-        self.stage = stage
-        self.local = LocalFile(path=path, size=info.size, info=info, wait_until=self._wait)
-        self._watermark = watermark
-        self.stream_passed = threading.Event()
-        self._stopped = threading.Event()
-        self._running = False
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.seconds = 0.0
-
-    @classmethod
-    def plan(
-        cls, stages: list[Stage], info: ObjectInfo, path: str, watermark: Watermark
-    ) -> _EarlyRun | None:
-        """An early run for the first file stage, when it reads in order (else None)."""
-        first = next((i for i, s in enumerate(stages) if isinstance(s, FileStage)), None)
-        if first is None or info.size == 0:
-            return None
-        stage = stages[first]
-        assert isinstance(stage, FileStage)
-        if not stage.reads_in_order or stage.timeout is not None:
-            return None
-        return cls(first, stage, path, info, watermark)
-
-    def stop(self) -> None:
-        """Call the run off: its next (or current) wait raises, and the stage is told."""
-        self._stopped.set()
-        if self._running:
-            self.stage.cancel()
-
-    def _wait(self, end: int) -> None:
-        watermark = self._watermark
-        while watermark.wait(0, end, timeout=0.2) < end:
-            if self._stopped.is_set() or watermark.closed:
-                raise _EarlyStopped()
-        if end >= self.local.size:
-            while not self.stream_passed.wait(0.2):
-                if self._stopped.is_set():
-                    raise _EarlyStopped()
-        if self._stopped.is_set():
-            raise _EarlyStopped()
-
-    async def run(self) -> None:
-        started = time.perf_counter()
-        self._running = True
-        try:
-            if inspect.iscoroutinefunction(self.stage.run):
-                self.result = await self.stage.run(self.local)
-            else:
-                self.result = await anyio.to_thread.run_sync(self.stage.run, self.local)
-        except _EarlyStopped:
-            pass
-        except Exception as exc:  # noqa: BLE001 - user stages may raise anything
-            if not self._stopped.is_set():
-                self.error = exc
-        finally:
-            self._running = False
-            self.seconds = time.perf_counter() - started
 
 
 class _HeldOnce:
@@ -176,7 +78,7 @@ def _verified(stages: Sequence[Stage], report: Report) -> str | None:
     """What the passed stages compared the bytes with (``; `` between them), or None."""
     found = []
     for stage, stage_report in zip(stages, report.stages, strict=True):
-        if stage_report.status == "passed":
+        if stage_report.status is Status.PASSED:
             try:
                 what = stage.verified(stage_report.result)
             except Exception:  # noqa: BLE001 - a user stage's hook must not lose the report
@@ -241,16 +143,14 @@ class Engine:
         report = Report(source=str(location))
         report.stages = [StageReport(s.name, s.kind) for s in stage_list]
         started = time.perf_counter()
-        if progress is not None:
-            progress = _ObjectProgress(progress, started)
+        sink = None if progress is None else ProgressSink(progress, started)
         try:
             if isinstance(location, LocalLocation):
                 placement.check_local_source()
-                await self._process_local(location, stage_list, report, progress)
+                await self._process_local(location, stage_list, report, sink)
             else:
-                await self._process_s3(
-                    location, stage_list, placement, report, progress, _download_gate
-                )
+                gate = _download_gate
+                await self._process_s3(location, stage_list, placement, report, sink, gate)
         except FastpipeError as exc:
             if isinstance(exc, StageFailed):
                 raise  # internal invariant: stage failures are recorded, not raised
@@ -330,29 +230,22 @@ class Engine:
         location: LocalLocation,
         stages: list[Stage],
         report: Report,
-        progress: ProgressCallback | None,
+        progress: ProgressSink | None,
     ) -> None:
-        path = os.path.abspath(location.path)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError as exc:
-            raise ObjectNotFound(f"{path}: no such file") from exc
-        except PermissionError as exc:
-            raise SourceError(f"{path}: permission denied") from exc
-        if not os.path.isfile(path):
-            raise SourceError(f"{path}: not a regular file")
-        info = ObjectInfo(source=path, size=st.st_size, local_path=path)
+        info = _stat_local(location)
         report.size = info.size
-        report.download.path = "local"
-        if not self._check_info(stages, info, report):
+        report.download.plane = Plane.LOCAL
+        if not check_info(stages, info, report):
             return
         watermark = Watermark(info.size, self.config.part_size)
         watermark.complete_all()
         watermark.close()
-        ok, early = await self._stream(stages, info, path, watermark, report, None, progress)
-        if not ok:
-            return
-        report.passed = await self._file_stages(stages, info, path, report, progress, early)
+        assert info.local_path is not None
+        job = Job(location, info, stages, report, info.local_path, watermark, Plane.LOCAL)
+        job.progress = progress
+        one = OnePass(job, self.config, None)
+        if await one.stream():
+            report.passed = await one.file_stages()
 
     async def _process_s3(
         self,
@@ -360,7 +253,7 @@ class Engine:
         stages: list[Stage],
         placement: Placement,
         report: Report,
-        progress: ProgressCallback | None,
+        progress: ProgressSink | None,
         gate: anyio.Lock | None = None,
     ) -> None:
         # Before HEAD: a bad destination, or one another resumable run holds, fails at once.
@@ -383,236 +276,81 @@ class Engine:
         stages: list[Stage],
         placed: ObjectPlacement,
         report: Report,
-        progress: ProgressCallback | None,
+        progress: ProgressSink | None,
         gate: _HeldOnce | None = None,
     ) -> None:
-        config = self.config
         info = await self._s3.head(location)
         report.size, report.etag, report.version_id = info.size, info.etag, info.version_id
-        if not self._check_info(stages, info, report):
+        if not check_info(stages, info, report):
             return
-        plane = config.data_plane
-        if plane == "auto":
-            endpoint = config.resolved_endpoint() or "https://s3.amazonaws.com"
-            plane = "botocore" if proxy_configured(endpoint) else "raw"
-        logger.debug("%s: data plane %s (configured: %s)", location, plane, config.data_plane)
-        # Preallocating (and later unlinking) a large file can take a while: not on the loop.
-        part_size, reuse = await anyio.to_thread.run_sync(
-            placed.open_temp, str(location), info, config.plan_part_size(info.size)
-        )
-        tmp = placed.temp
-        assert tmp is not None
-        dl = report.download
-        dl.part_size, dl.concurrency, dl.path = part_size, config.max_concurrency, plane
-        watermark = Watermark(info.size, part_size)
-        dl.parts = watermark.parts
-        dl.reused_bytes = watermark.preset(reuse) if reuse else 0
-        fetcher = Fetcher(self._s3, config, location, info, tmp, watermark, plane)
+        job = await self._admit(location, info, stages, placed, report)
+        job.progress = progress
+        fetcher = Fetcher(self._s3, self.config, job)
+        one = OnePass(job, self.config, fetcher)
         try:
-            ok, early = await self._stream(
-                stages, info, tmp.path, watermark, report, fetcher, progress, placed.journal
-            )
+            ok = await one.stream()
         except BaseException as exc:
             placed.interrupted(exc)
             raise
         finally:
-            dl.bytes, dl.retries = fetcher.stats.bytes, fetcher.stats.retries
-            if fetcher.stats.finished:
-                dl.seconds = fetcher.stats.finished - fetcher.stats.started
-            placed.record(watermark.completed_parts())
-        tmp.close()
+            fetcher.stats.fill(report.download)
+            placed.record(job.watermark.completed_parts())
+        job.temp.close()
         if gate is not None:
             gate.release()  # the next object may download while the file stages run
-        if not ok:
-            return
-        if not await self._file_stages(stages, info, tmp.path, report, progress, early):
-            return
-        report.dest = await anyio.to_thread.run_sync(placed.commit)
-        report.passed = True
+        if ok and await one.file_stages():
+            report.dest = await anyio.to_thread.run_sync(placed.commit)
+            report.passed = True
 
-    # -- phases ---------------------------------------------------------------------------
-
-    def _check_info(self, stages: list[Stage], info: ObjectInfo, report: Report) -> bool:
-        """Run every stage's metadata check (before any byte is read)."""
-        for i, stage in enumerate(stages):
-            try:
-                stage.check_info(info)  # type: ignore[attr-defined]
-            except BaseException as exc:  # noqa: BLE001 - user stages may raise anything
-                self._record_failure(report, i, exc)
-                return False
-        return True
-
-    def _record_failure(self, report: Report, index: int, exc: BaseException) -> None:
-        stage_report = report.stages[index]
-        stage_report.status = "failed"
-        stage_report.error = describe_exception(exc)
-        if isinstance(exc, StageFailed) and exc.result is not None:
-            stage_report.result = exc.result
-        report.failed_stage = stage_report.name
-        report.error = f"stage {stage_report.name} failed: {stage_report.error}"
-        report.error_type = "StageTimeout" if isinstance(exc, StageTimeout) else "StageFailed"
-
-    async def _stream(
+    async def _admit(
         self,
-        stages: list[Stage],
+        location: S3Location,
         info: ObjectInfo,
-        path: str,
-        watermark: Watermark,
-        report: Report,
-        fetcher: Fetcher | None,
-        progress: ProgressCallback | None,
-        journal: Journal | None = None,
-    ) -> tuple[bool, _EarlyRun | None]:
-        """Download (if ``fetcher``) while the stream stages read the prefix.
-
-        Returns whether the stream stages passed, and the outcome of the first file stage
-        when it could start early (:attr:`FileStage.reads_in_order`).
-        """
-        indices = [i for i, s in enumerate(stages) if isinstance(s, StreamStage)]
-        early = (
-            _EarlyRun.plan(stages, info, path, watermark) if self.config.early_file_stages else None
-        )
-        runner = StreamRunner(
-            [stages[i] for i in indices],  # type: ignore[misc]
-            [report.stages[i] for i in indices],
-            info,
-            path,
-            watermark,
-            self.config.stream_buffer,
-        )
-        started = time.perf_counter()
-
-        async def stream() -> None:
-            try:
-                await _stoppable(partial(anyio.to_thread.run_sync, runner.run), runner.stop)
-            finally:
-                if early is not None and (runner.failed or runner.position < info.size):
-                    early.stop()
-                if runner.failed:
-                    tg.cancel_scope.cancel()  # gating: no more bytes are fetched
-                elif early is not None and runner.position >= info.size:
-                    early.stream_passed.set()  # the early stage may take its last window
-
-        async def download() -> None:
-            assert fetcher is not None
-            try:
-                await fetcher.run(self.config.max_concurrency)
-            except BaseException:
-                runner.stop()
-                if early is not None:
-                    early.stop()
-                raise
-            watermark.close()
-
-        def progress_event() -> Progress:
-            if fetcher is not None:
-                done = fetcher.stats.bytes + report.download.reused_bytes
-            else:
-                done = runner.position
-            elapsed = time.perf_counter() - started
-            rate = done / elapsed if elapsed > 0 else 0.0
-            if done >= info.size:
-                eta: float | None = 0.0
-            else:  # no ETA before the first bytes: there is no rate yet
-                eta = (info.size - done) / rate if rate > 0 else None
-            return Progress(done, info.size, elapsed, eta, "download" if fetcher else "stream")
-
-        async def report_progress() -> None:
-            assert progress is not None
-            while True:
-                progress(progress_event())
-                await anyio.sleep(0.2)
-
-        async def keep_journal() -> None:
-            assert journal is not None
-            while True:
-                await anyio.to_thread.run_sync(journal.write, watermark.completed_parts())
-                await anyio.sleep(0.5)
-
-        with unwrap_groups():
-            async with anyio.create_task_group() as outer:
-                if progress is not None:
-                    outer.start_soon(report_progress)
-                if journal is not None and fetcher is not None:
-                    outer.start_soon(keep_journal)
-                async with anyio.create_task_group() as tg:
-                    if indices:
-                        tg.start_soon(stream)
-                    elif early is not None:
-                        early.stream_passed.set()  # no stream stage can fail
-                    if early is not None:
-                        tg.start_soon(_stoppable, early.run, early.stop)
-                    if fetcher is not None:
-                        await download()
-                outer.cancel_scope.cancel()  # stops the progress and journal tasks
-        if progress is not None:
-            progress(progress_event())  # the phase's true end (all bytes, unless gated)
-        if runner.failed:
-            assert runner.failed_index is not None and runner.error is not None
-            self._record_failure(report, indices[runner.failed_index], runner.error)
-            return False, None
-        return True, early
-
-    async def _file_stages(
-        self,
         stages: list[Stage],
-        info: ObjectInfo,
-        path: str,
+        placed: ObjectPlacement,
         report: Report,
-        progress: ProgressCallback | None,
-        early: _EarlyRun | None = None,
-    ) -> bool:
-        """Run the file stages one after another on the local file. True: all passed.
+    ) -> Job:
+        """Make the job once HEAD said what the object is: data plane, part plan, temp file.
 
-        A stage that ``early`` already ran (while the download went on) is not run again:
-        its outcome is recorded in its turn.
+        The single place where an object is admitted after HEAD (its size is known here).
         """
-        local = LocalFile(path=path, size=info.size, info=info)
-        for i, stage in enumerate(stages):
-            if not isinstance(stage, FileStage):
-                continue
-            stage_report = report.stages[i]
-            if early is not None and early.index == i:
-                stage_report.seconds = early.seconds
-                if early.error is not None:
-                    self._record_failure(report, i, early.error)
-                    return False
-                stage_report.status, stage_report.result = "passed", early.result
-                self._file_progress(progress, info, stage.name)  # it ran during the download
-                continue
-            self._file_progress(progress, info, stage.name)
-            started = time.perf_counter()
-            scope: anyio.CancelScope | None = None
-            try:
-                with anyio.fail_after(stage.timeout) as scope:
-                    result = await _call_file_stage(stage, local)
-            except Exception as exc:  # noqa: BLE001 - user stages may raise anything
-                stage_report.seconds = time.perf_counter() - started
-                # Only our deadline is "ran past its timeout": a stage's own StageTimeout
-                # (a TimeoutError too) keeps its message and result.
-                if (
-                    isinstance(exc, TimeoutError)
-                    and not isinstance(exc, StageFailed)
-                    and scope is not None
-                    and scope.cancelled_caught
-                ):
-                    exc = StageTimeout(
-                        f"{info.source}: stage {stage.name} ran past its timeout of "
-                        f"{stage.timeout:g} s"
-                    )
-                self._record_failure(report, i, exc)
-                return False
-            stage_report.seconds = time.perf_counter() - started
-            stage_report.status, stage_report.result = "passed", result
-            self._file_progress(progress, info, stage.name)
-        return True
+        config = self.config
+        plane = _choose_plane(config, location)
+        # Preallocating (and later unlinking) a large file can take a while: not on the loop.
+        part_size, reuse = await anyio.to_thread.run_sync(
+            placed.open_temp, str(location), info, config.plan_part_size(info.size)
+        )
+        assert placed.temp is not None
+        watermark = Watermark(info.size, part_size)
+        dl = report.download
+        dl.part_size, dl.concurrency, dl.plane = part_size, config.max_concurrency, plane
+        dl.parts = watermark.parts
+        dl.reused_bytes = watermark.preset(reuse) if reuse else 0
+        return Job(location, info, stages, report, placed.temp.path, watermark, plane, placed)
 
-    @staticmethod
-    def _file_progress(progress: ProgressCallback | None, info: ObjectInfo, phase: str) -> None:
-        """A file stage's event (at its start and its end): all bytes are in."""
-        if progress is not None:
-            elapsed = progress.elapsed() if isinstance(progress, _ObjectProgress) else 0.0
-            progress(Progress(info.size, info.size, elapsed, None, phase))
+
+def _stat_local(location: LocalLocation) -> ObjectInfo:
+    """What a local source is (its ``stat``), or the error that says why it cannot be read."""
+    path = os.path.abspath(location.path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as exc:
+        raise ObjectNotFound(f"{path}: no such file") from exc
+    except PermissionError as exc:
+        raise SourceError(f"{path}: permission denied") from exc
+    if not os.path.isfile(path):
+        raise SourceError(f"{path}: not a regular file")
+    return ObjectInfo(source=path, size=st.st_size, local_path=path)
+
+
+def _choose_plane(config: Config, location: S3Location) -> Plane:
+    """The configured data plane; ``auto`` is ``raw`` unless a proxy applies."""
+    plane = config.data_plane
+    if plane == "auto":
+        endpoint = config.resolved_endpoint() or "https://s3.amazonaws.com"
+        plane = "botocore" if proxy_configured(endpoint) else "raw"
+    logger.debug("%s: data plane %s (configured: %s)", location, plane, config.data_plane)
+    return Plane(plane)
 
 
 def _stage_factory(stages: StagesPerObject | None) -> Callable[[], list[Stage]] | None:
@@ -661,63 +399,6 @@ def _log_done(report: Report) -> None:
         report.download.bytes,
         report.download.retries,
     )
-
-
-async def _stoppable(work: Callable[[], Awaitable[Any]], stop: Callable[[], None]) -> None:
-    """Await ``work``; when the caller is cancelled, call ``stop`` meanwhile.
-
-    A worker thread cannot be cancelled, so it is asked to return (``stop``) and awaited.
-    """
-
-    async def stop_on_cancel() -> None:
-        try:
-            await anyio.sleep_forever()
-        finally:
-            stop()
-
-    async with anyio.create_task_group() as watch:
-        watch.start_soon(stop_on_cancel)
-        await work()
-        watch.cancel_scope.cancel()
-
-
-async def _call_file_stage(stage: FileStage, local: LocalFile) -> Any:
-    if inspect.iscoroutinefunction(stage.run):
-        return await stage.run(local)
-    if type(stage).cancel is FileStage.cancel:
-        # No cancel hook: a timeout or the caller's cancel need not wait for the thread.
-        return await anyio.to_thread.run_sync(stage.run, local, abandon_on_cancel=True)
-    # A stage with a cancel hook (a child process to kill, a temp file to remove) is told
-    # at once, then waited for, so that nothing of it outlives the object: the CLI exits
-    # right after a Ctrl-C and a library caller goes on after its cancel scope.
-    called_off = False
-    finished = False
-
-    async def cancel_on_cancel() -> None:
-        nonlocal called_off
-        try:
-            await anyio.sleep_forever()
-        finally:
-            if not finished:
-                called_off = True
-                stage.cancel()
-
-    result: Any = None
-    error: Exception | None = None
-    async with anyio.create_task_group() as watch:
-        watch.start_soon(cancel_on_cancel)
-        try:
-            result = await anyio.to_thread.run_sync(stage.run, local)
-        except Exception as exc:  # noqa: BLE001 - raised below, unless called off
-            error = exc
-        finally:
-            finished = True
-            watch.cancel_scope.cancel()
-    if called_off:
-        await anyio.sleep(0)  # re-raises the cancel (or the timeout), not the stage's error
-    if error is not None:
-        raise error
-    return result
 
 
 async def process(

@@ -19,10 +19,10 @@ import anyio
 
 from ._config import Config
 from ._exceptions import AccessDenied, LocalIOError, RetriesExhausted
-from ._file import TempFile, Watermark
 from ._groups import unwrap_groups
 from ._http import HTTPFault, RawConnection, Response
-from ._objectinfo import ObjectInfo
+from ._job import Job
+from ._report import DownloadReport, Plane
 from ._s3 import S3Control, check_range_response
 from ._s3meta import (
     ExpiredURL,
@@ -32,7 +32,6 @@ from ._s3meta import (
     quoted_etag,
     request_id_from_headers,
 )
-from ._source import S3Location
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +44,12 @@ class FetchStats:
     retries: int = 0
     started: float = 0.0
     finished: float = 0.0
+
+    def fill(self, download: DownloadReport) -> None:
+        """Copy the counters into the report's download section."""
+        download.bytes, download.retries = self.bytes, self.retries
+        if self.finished:
+            download.seconds = self.finished - self.started
 
 
 def proxy_configured(endpoint: str) -> bool:
@@ -61,23 +66,15 @@ def proxy_configured(endpoint: str) -> bool:
 class Fetcher:
     """Downloads one object's parts into a temp file."""
 
-    def __init__(
-        self,
-        s3: S3Control,
-        config: Config,
-        location: S3Location,
-        info: ObjectInfo,
-        tmp: TempFile,
-        watermark: Watermark,
-        path: str,
-    ) -> None:
+    def __init__(self, s3: S3Control, config: Config, job: Job) -> None:
         self.s3 = s3
         self.config = config
-        self.location = location
-        self.info = info
-        self.tmp = tmp
-        self.watermark = watermark
-        self.path = path  # "raw" or "botocore"
+        self.pinned = job.pinned
+        self.location = job.pinned.location
+        self.info = job.info
+        self.tmp = job.temp
+        self.watermark = job.watermark
+        self.plane = job.plane  # raw or botocore
         self.stats = FetchStats()
         self._next_part = 0
         self._url: str | None = None
@@ -88,7 +85,7 @@ class Fetcher:
     async def run(self, concurrency: int) -> None:
         """Fetch every part not yet complete, with ``concurrency`` fetchers."""
         self.stats.started = time.perf_counter()
-        if self.path == "raw":
+        if self.plane is Plane.RAW:
             await self._signed_url()  # fail fast (credentials) before starting fetchers
         workers = max(1, min(concurrency, self.watermark.parts))
         with unwrap_groups():
@@ -107,10 +104,12 @@ class Fetcher:
         return None
 
     async def _worker(self) -> None:
+        # One worker is one connection for its whole life (raw plane: one keep-alive
+        # socket): a limit on connections across objects is taken and given back here.
         conn: RawConnection | None = None
         try:
             while (index := self._take_part()) is not None:
-                if self.path == "raw" and conn is None:
+                if self.plane is Plane.RAW and conn is None:
                     conn = await self._connection()
                 await self._fetch_part(index, conn)
         finally:
@@ -159,10 +158,7 @@ class Fetcher:
                     await self._get_raw(conn, index, position, end)
                 else:
                     await self.s3.stream_range(
-                        self.location,
-                        self.info.size,
-                        self.info.etag,
-                        self.info.version_id,
+                        self.pinned,
                         position,
                         end,
                         self._sink(index),
@@ -236,9 +232,7 @@ class Fetcher:
 
         def check_head(response: Response) -> None:
             check_range_response(
-                self.location,
-                self.info.size,
-                self.info.etag,
+                self.pinned,
                 start,
                 end,
                 status=response.status,

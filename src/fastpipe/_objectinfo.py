@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._s3meta import CHECKSUM_ALGORITHMS, parts_from_etag, strip_etag
+from ._source import S3Location
 
 
 @dataclass(frozen=True)
@@ -103,3 +104,17 @@ def object_info_from_head(
         parts_count=parts_count,
         multipart_part_size=part_size,
     )
+
+
+@dataclass(frozen=True)
+class PinnedObject:
+    """One S3 object version as HEAD saw it: where it lives and what every GET must match.
+
+    The part of a job the data planes need (size, ETag and version pin each ranged GET).
+    """
+
+    location: S3Location
+    info: ObjectInfo
+
+    def __str__(self) -> str:
+        return str(self.location)

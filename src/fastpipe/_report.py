@@ -3,16 +3,66 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
+
+
+# str-valued (not StrEnum: Python 3.10 is supported), so that a member compares equal to
+# its value and the JSON report holds the same strings as before.
+class Status(str, Enum):
+    """A stage's outcome in the report."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Kind(str, Enum):
+    """A stage's kind: ``stream`` (fed the bytes in order) or ``file`` (the whole file)."""
+
+    STREAM = "stream"
+    FILE = "file"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Phase(str, Enum):
+    """What a progress event is about: the download, a local file streamed, a file stage."""
+
+    DOWNLOAD = "download"
+    STREAM = "stream"
+    FILE = "file"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Plane(str, Enum):
+    """The data plane that read the bytes.
+
+    ``raw``: presigned GETs read by a buffered protocol; ``botocore``: aiobotocore's
+    response bodies; ``local``: a local file.
+    """
+
+    RAW = "raw"
+    BOTOCORE = "botocore"
+    LOCAL = "local"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
 class StageReport:
-    """One stage's outcome: ``status`` is ``passed``, ``failed`` or ``skipped``."""
+    """One stage's outcome: ``status`` is a :class:`Status`, ``kind`` a :class:`Kind`."""
 
     name: str
-    kind: str
-    status: str = "skipped"
+    kind: Kind
+    status: Status = Status.SKIPPED
     seconds: float = 0.0
     result: Any = None
     error: str | None = None
@@ -22,8 +72,8 @@ class StageReport:
 class DownloadReport:
     """How the bytes were read.
 
-    ``path`` is the data plane that ran: ``raw`` (presigned GETs read by a buffered
-    protocol), ``botocore`` (aiobotocore's response bodies) or ``local`` (a local file).
+    ``plane`` is the data plane that ran (a :class:`Plane`: ``raw``, ``botocore`` or
+    ``local``).
     ``bytes`` counts bytes fetched from S3; ``reused_bytes`` those taken from a resumed
     temp file.
     """
@@ -34,7 +84,7 @@ class DownloadReport:
     part_size: int = 0
     concurrency: int = 0
     retries: int = 0
-    path: str = "raw"
+    plane: Plane = Plane.RAW
     reused_bytes: int = 0
 
 
@@ -78,16 +128,25 @@ class Report:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        """The report as plain JSON-serialisable data (the CLI's ``--json`` shape)."""
+        """The report as plain JSON-serialisable data (the CLI's ``--json`` shape).
+
+        The enums are str-valued: ``json.dumps`` writes them as their values.
+        """
         return asdict(self)
 
 
 @dataclass(frozen=True)
 class Progress:
-    """A progress event: ``phase`` is ``download``, ``stream`` or a file stage's name."""
+    """A progress event.
+
+    ``phase`` is ``download`` (an S3 object's bytes arriving), ``stream`` (a local file
+    read by the stream stages) or ``file`` (a file stage, named by ``stage``, at its start
+    and its end).
+    """
 
     bytes_done: int
     total: int
     seconds: float
     eta_seconds: float | None
-    phase: str
+    phase: Phase
+    stage: str | None = None
