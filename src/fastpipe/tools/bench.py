@@ -643,8 +643,8 @@ def _say(*parts: object) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """``fastpipe bench``: returns 0, or 1 when a run failed (2: unknown variant)."""
+def _pick_variants(args: argparse.Namespace) -> list[str] | None:
+    """The variants to run (``fastpipe`` always first), or None for an unknown one."""
     unknown = _check_variants(args.variants or [])
     if unknown is not None:
         print(
@@ -652,7 +652,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"(known: {', '.join(VARIANTS)})",
             file=sys.stderr,
         )
-        return EXIT_USAGE
+        return None
     available = available_variants()
     wanted = args.variants or list(VARIANTS)
     variants = [v for v in wanted if v in available]
@@ -661,82 +661,135 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"fastpipe bench: skipping {v}: its tool is not installed", file=sys.stderr)
     if "fastpipe" not in variants:
         variants.insert(0, "fastpipe")  # the reference of every ratio
+    return variants
+
+
+def _make_targets(
+    args: argparse.Namespace, sizes: list[int], bucket: str, workdir: str
+) -> list[Target]:
+    """Write the local files to upload: random ones of each size, one low-entropy."""
+    targets: list[Target] = []
+    for size in sizes:
+        local = os.path.join(workdir, f"random-{size}.bin")
+        write_random(local, size)
+        targets.append(Target(bucket, f"{KEY_PREFIX}random-{size}.bin", size, local))
+    if not args.no_low_entropy:
+        from .demo import write_sample
+
+        size = sizes[0]
+        local = os.path.join(workdir, f"low-entropy-{size}.bin")
+        write_sample(local, size)
+        targets.append(
+            Target(bucket, f"{KEY_PREFIX}low-entropy-{size}.bin", size, local, "low-entropy")
+        )
+    return targets
+
+
+@dataclass(frozen=True)
+class _Bench:
+    """What every measured run of one ``fastpipe bench`` shares."""
+
+    endpoint: str
+    env: dict[str, str]
+    workdir: str
+    server_pid: int | None
+    repeat: int
+
+
+def _measure_variant(
+    bench: _Bench, variant: str, target: Target, repeat: int
+) -> dict[str, Any] | None:
+    """Run one variant on one target; its record, or None for a warm-up round."""
+    argv, leftover = variant_argv(variant, target, bench.endpoint, bench.workdir)
+    server_before = process_cpu_seconds(bench.server_pid)
+    m = measure(argv, bench.env)
+    server_after = process_cpu_seconds(bench.server_pid)
+    if leftover:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(leftover)
+    if repeat < 0:
+        _say(f"[warm-up] {format_size(target.size):>10} {variant:18} {m.seconds:7.2f}s")
+        return None
+    server_cpu = (
+        server_after - server_before
+        if server_before is not None and server_after is not None
+        else None
+    )
+    record = RunRecord(
+        variant=variant,
+        size=target.size,
+        seconds=m.seconds,
+        peak_rss=m.peak_rss,
+        object=target.kind,
+        repeat=repeat,
+        cpu_seconds=m.cpu_seconds,
+        server_cpu_seconds=server_cpu,
+        exit_code=m.exit_code,
+        detail=_detail(variant, m.stdout),
+    )
+    failed = f"  FAILED exit {m.exit_code}: {m.stderr[-400:]}" if m.exit_code else ""
+    _say(
+        f"[{repeat + 1}/{bench.repeat}] {format_size(target.size):>10} "
+        f"{target.kind:11} {variant:18} {m.seconds:7.2f}s "
+        f"{m.peak_rss / (1 << 20):6.0f} MiB" + failed
+    )
+    return asdict(record)
+
+
+def _run_rounds(
+    args: argparse.Namespace, bench: _Bench, variants: list[str], targets: list[Target]
+) -> list[dict[str, Any]]:
+    """Every round (warm-up ones unrecorded) of every variant on every target."""
+    runs: list[dict[str, Any]] = []
+    # Warm-up rounds are not recorded: the first reads after an upload run slower
+    # on every variant (measured here: up to 2x on the first round).
+    for repeat in range(-args.warmup, args.repeat):
+        for target in targets:
+            # rotate the order each round so no variant always follows the same one
+            names = variants if target.kind == "random" else ["fastpipe"]
+            shift = repeat % len(names)
+            for variant in names[shift:] + names[:shift]:
+                record = _measure_variant(bench, variant, target, repeat)
+                if record is not None:
+                    runs.append(record)
+    return runs
+
+
+def _print_results(runs: list[dict[str, Any]], results_path: str, png: str | None) -> None:
+    print(format_table(runs))
+    print()
+    print("linear fits, seconds = intercept + per_gib * GiB:")
+    for variant, fit in fits(runs).items():
+        print(f"  {variant:18} {fit.describe()}")
+    print()
+    print("targets:")
+    print(format_targets(runs))
+    print()
+    print(f"results: {results_path} (copy for estimate: {default_results_path()})")
+    if png is not None:
+        print(f"plot: {png}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``fastpipe bench``: returns 0, or 1 when a run failed (2: unknown variant)."""
+    variants = _pick_variants(args)
+    if variants is None:
+        return EXIT_USAGE
     sizes = sorted(set(args.sizes or [parse_size(t) for t in DEFAULT_SIZES.split(",")]))
     bucket = args.bucket or DEFAULT_BUCKET
     os.makedirs(args.out, exist_ok=True)
-    runs: list[dict[str, Any]] = []
-    say = _say
     with (
         tempfile.TemporaryDirectory(prefix="fastpipe-bench-") as workdir,
         _endpoint(args) as (endpoint, env, server_version, server_pid),
     ):
-        say(f"endpoint {endpoint}, bucket {bucket}, variants {', '.join(variants)}")
-        targets: list[Target] = []
-        for size in sizes:
-            local = os.path.join(workdir, f"random-{size}.bin")
-            write_random(local, size)
-            targets.append(Target(bucket, f"{KEY_PREFIX}random-{size}.bin", size, local))
-        if not args.no_low_entropy:
-            from .demo import write_sample
-
-            size = sizes[0]
-            local = os.path.join(workdir, f"low-entropy-{size}.bin")
-            write_sample(local, size)
-            targets.append(
-                Target(bucket, f"{KEY_PREFIX}low-entropy-{size}.bin", size, local, "low-entropy")
-            )
+        _say(f"endpoint {endpoint}, bucket {bucket}, variants {', '.join(variants)}")
+        targets = _make_targets(args, sizes, bucket, workdir)
         started = time.perf_counter()
         upload_targets(endpoint, bucket, [(t.local, t.key) for t in targets])
-        say(f"uploaded {len(targets)} objects in {time.perf_counter() - started:.1f}s")
+        _say(f"uploaded {len(targets)} objects in {time.perf_counter() - started:.1f}s")
+        bench = _Bench(endpoint, env, workdir, server_pid, args.repeat)
         try:
-            # Warm-up rounds are not recorded: the first reads after an upload run slower
-            # on every variant (measured here: up to 2x on the first round).
-            for repeat in range(-args.warmup, args.repeat):
-                for target in targets:
-                    # rotate the order each round so no variant always follows the same one
-                    names = variants if target.kind == "random" else ["fastpipe"]
-                    shift = repeat % len(names)
-                    for variant in names[shift:] + names[:shift]:
-                        argv, leftover = variant_argv(variant, target, endpoint, workdir)
-                        server_before = process_cpu_seconds(server_pid)
-                        m = measure(argv, env)
-                        server_after = process_cpu_seconds(server_pid)
-                        if leftover:
-                            with contextlib.suppress(FileNotFoundError):
-                                os.unlink(leftover)
-                        if repeat < 0:
-                            say(
-                                f"[warm-up] {format_size(target.size):>10} {variant:18} "
-                                f"{m.seconds:7.2f}s"
-                            )
-                            continue
-                        record = RunRecord(
-                            variant=variant,
-                            size=target.size,
-                            seconds=m.seconds,
-                            peak_rss=m.peak_rss,
-                            object=target.kind,
-                            repeat=repeat,
-                            cpu_seconds=m.cpu_seconds,
-                            server_cpu_seconds=(
-                                server_after - server_before
-                                if server_before is not None and server_after is not None
-                                else None
-                            ),
-                            exit_code=m.exit_code,
-                            detail=_detail(variant, m.stdout),
-                        )
-                        runs.append(asdict(record))
-                        say(
-                            f"[{repeat + 1}/{args.repeat}] {format_size(target.size):>10} "
-                            f"{target.kind:11} {variant:18} {m.seconds:7.2f}s "
-                            f"{m.peak_rss / (1 << 20):6.0f} MiB"
-                            + (
-                                f"  FAILED exit {m.exit_code}: {m.stderr[-400:]}"
-                                if m.exit_code
-                                else ""
-                            )
-                        )
+            runs = _run_rounds(args, bench, variants, targets)
         finally:
             if args.endpoint_url:
                 with contextlib.suppress(Exception):
@@ -756,25 +809,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results_path = os.path.join(args.out, "results.json")
     _write_json_atomic(results_path, results)
     _write_json_atomic(default_results_path(), results)
-    png = os.path.join(args.out, "time_vs_size.png")
-    plotted = True
+    png_path = os.path.join(args.out, "time_vs_size.png")
+    png: str | None = png_path
     try:
-        plot(runs, png)
+        plot(runs, png_path)
     except ImportError:
-        plotted = False
-        say("fastpipe bench: matplotlib is not installed; no plot (pip install matplotlib)")
-    print(format_table(runs))
-    print()
-    print("linear fits, seconds = intercept + per_gib * GiB:")
-    for variant, fit in fits(runs).items():
-        print(f"  {variant:18} {fit.describe()}")
-    print()
-    print("targets:")
-    print(format_targets(runs))
-    print()
-    print(f"results: {results_path} (copy for estimate: {default_results_path()})")
-    if plotted:
-        print(f"plot: {png}")
+        png = None
+        _say("fastpipe bench: matplotlib is not installed; no plot (pip install matplotlib)")
+    _print_results(runs, results_path, png)
     return EXIT_FAILED if any(r["exit_code"] for r in runs) else EXIT_OK
 
 
