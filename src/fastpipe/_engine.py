@@ -1,98 +1,37 @@
-"""One object end to end: HEAD, plan, fetch + stream stages, file stages, report.
+"""The engine: one S3 client, and each object from its source to its report.
 
-Later stages run only when earlier ones pass (gating); a failed stream stage cancels the
-download at once. Nothing is left under the destination name unless the whole object
-arrived and every stage passed; the temp file is removed on every other path, including
-cancellation by the caller.
+This module only orchestrates: the job (``_job``), the one pass (``_onepass``) and where
+the bytes go (``_placement``) do the work. Nothing is left under the destination name
+unless the whole object arrived and every stage passed; the temp file is removed on
+every other path, including cancellation by the caller.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 from types import TracebackType
-from typing import Any
 
 import anyio
 
+from . import _stagelist
 from ._config import Config
-from ._exceptions import FastpipeError, ObjectNotFound, SourceError, StageFailed, UsageError
-from ._fetch import Fetcher, proxy_configured
+from ._exceptions import FastpipeError, StageFailed, UsageError
+from ._fetch import Fetcher, choose_plane
 from ._file import Watermark
-from ._groups import unwrap_groups
+from ._groups import HeldOnce, run_async, unwrap_groups
 from ._job import Job, ProgressCallback, ProgressSink, check_info
-from ._objectinfo import ObjectInfo
+from ._objectinfo import local_object_info
 from ._onepass import OnePass
 from ._placement import ObjectPlacement, Placement
-from ._report import Plane, Report, StageReport, Status
+from ._report import Plane, Report, StageReport, log_done
 from ._s3 import S3Control
 from ._source import LocalLocation, S3Location, parse_source
-from .stages._base import FileStage, Stage, StreamStage
-
-#: What ``process_many`` takes as its stages: a factory called once per object, or a
-#: sequence of ``--stage`` spec strings and stage classes, built afresh for each object.
-StagesPerObject = Callable[[], Sequence[Stage]] | Sequence[str | type[Stage]] | str
-
-logger = logging.getLogger(__name__)
-
-
-class _HeldOnce:
-    """Holds a lock from ``async with`` until :meth:`release` or the block's end."""
-
-    def __init__(self, lock: anyio.Lock) -> None:
-        self.lock = lock
-        self.held = False
-
-    async def __aenter__(self) -> _HeldOnce:
-        await self.lock.acquire()
-        self.held = True
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.release()
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            self.lock.release()
-
-
-def default_stages() -> list[Stage]:
-    """The stages run when none are given: ``checksum`` (xxh3_128) and ``verify:etag=false``.
-
-    ``verify`` compares the bytes with a checksum S3 stored (x-amz-checksum-*: a CRC or a
-    SHA, cheap in the same pass); it skips the ETag, whose MD5 would cost more than the
-    download. When S3 stored no checksum nothing is verified, and the report's
-    ``verified`` field is None.
-    """
-    from .stages.checksum import Checksum
-    from .stages.verify import Verify
-
-    return [Checksum(), Verify(etag=False)]
-
-
-def _verified(stages: Sequence[Stage], report: Report) -> str | None:
-    """What the passed stages compared the bytes with (``; `` between them), or None."""
-    found = []
-    for stage, stage_report in zip(stages, report.stages, strict=True):
-        if stage_report.status is Status.PASSED:
-            try:
-                what = stage.verified(stage_report.result)
-            except Exception:  # noqa: BLE001 - a user stage's hook must not lose the report
-                what = None
-            if what:
-                found.append(f"{stage.name}: {what}")
-    return "; ".join(found) or None
-
-
-def _attach(exc: FastpipeError, report: Report) -> FastpipeError:
-    report.error = str(exc)
-    report.error_type = type(exc).__name__
-    exc.report = report
-    return exc
+from ._stagelist import StagesPerObject
+from ._stagelist import default_stages as default_stages
+from .stages._base import Stage
 
 
 class Engine:
@@ -136,10 +75,7 @@ class Engine:
         """Process one object; see :func:`fastpipe.process`."""
         location = parse_source(source)
         placement = Placement(dest, force=force, resume=resume, temp_dir=temp_dir)
-        stage_list = list(default_stages() if stages is None else stages)
-        for stage in stage_list:
-            if not isinstance(stage, (StreamStage, FileStage)):
-                raise UsageError(f"not a stage: {stage!r} (subclass StreamStage or FileStage)")
+        stage_list = _stagelist.stage_list(stages)
         report = Report(source=str(location))
         report.stages = [StageReport(s.name, s.kind) for s in stage_list]
         started = time.perf_counter()
@@ -154,11 +90,13 @@ class Engine:
         except FastpipeError as exc:
             if isinstance(exc, StageFailed):
                 raise  # internal invariant: stage failures are recorded, not raised
-            raise _attach(exc, report) from exc.__cause__
+            report.error, report.error_type = str(exc), type(exc).__name__
+            exc.report = report
+            raise exc from exc.__cause__
         finally:
             report.seconds = time.perf_counter() - started
-            report.verified = _verified(stage_list, report)
-            _log_done(report)
+            report.verified = _stagelist.verified(stage_list, report)
+            log_done(report)
         return report
 
     async def process_many(
@@ -190,7 +128,7 @@ class Engine:
         if max_in_flight < 1:
             raise UsageError(f"max_in_flight must be at least 1, got {max_in_flight}")
         Placement(dest, force=force, resume=resume, temp_dir=temp_dir).check_many()
-        factory = _stage_factory(stages)
+        factory = _stagelist.stage_factory(stages)
         items = list(sources)
         reports: list[Report | None] = [None] * len(items)
         download_gate = anyio.Lock()
@@ -223,8 +161,6 @@ class Engine:
                     tg.start_soon(one, index, source)
         return [r for r in reports if r is not None]
 
-    # -- sources --------------------------------------------------------------------------
-
     async def _process_local(
         self,
         location: LocalLocation,
@@ -232,7 +168,7 @@ class Engine:
         report: Report,
         progress: ProgressSink | None,
     ) -> None:
-        info = _stat_local(location)
+        info = local_object_info(location)
         report.size = info.size
         report.download.plane = Plane.LOCAL
         if not check_info(stages, info, report):
@@ -240,9 +176,8 @@ class Engine:
         watermark = Watermark(info.size, self.config.part_size)
         watermark.complete_all()
         watermark.close()
-        assert info.local_path is not None
-        job = Job(location, info, stages, report, info.local_path, watermark, Plane.LOCAL)
-        job.progress = progress
+        path = info.source  # the absolute path
+        job = Job(location, info, stages, report, path, watermark, Plane.LOCAL, None, progress)
         one = OnePass(job, self.config, None)
         if await one.stream():
             report.passed = await one.file_stages()
@@ -259,32 +194,20 @@ class Engine:
         # Before HEAD: a bad destination, or one another resumable run holds, fails at once.
         placed = ObjectPlacement(placement, location.key)
         try:
-            if gate is None:
-                await self._fetch_and_check(location, stages, placed, report, progress)
-                return
             # process_many: one object downloads at a time (at full concurrency) while the
             # file stages of the one before run; the gate is released when the bytes are in.
-            async with _HeldOnce(gate) as held:
-                await self._fetch_and_check(location, stages, placed, report, progress, held)
+            async with HeldOnce(gate) as held:
+                job = await self._admit(location, stages, placed, report, progress)
+                if job is not None:
+                    await self._fetch_and_check(job, held)
         finally:
             with anyio.CancelScope(shield=True):  # cleans up after a cancel too
                 await anyio.to_thread.run_sync(placed.close)
 
-    async def _fetch_and_check(
-        self,
-        location: S3Location,
-        stages: list[Stage],
-        placed: ObjectPlacement,
-        report: Report,
-        progress: ProgressSink | None,
-        gate: _HeldOnce | None = None,
-    ) -> None:
-        info = await self._s3.head(location)
-        report.size, report.etag, report.version_id = info.size, info.etag, info.version_id
-        if not check_info(stages, info, report):
-            return
-        job = await self._admit(location, info, stages, placed, report)
-        job.progress = progress
+    async def _fetch_and_check(self, job: Job, gate: HeldOnce) -> None:
+        """Download while the stream stages run, then the file stages, then commit."""
+        placed, report = job.placed, job.report
+        assert placed is not None
         fetcher = Fetcher(self._s3, self.config, job)
         one = OnePass(job, self.config, fetcher)
         try:
@@ -296,8 +219,7 @@ class Engine:
             fetcher.stats.fill(report.download)
             placed.record(job.watermark.completed_parts())
         job.temp.close()
-        if gate is not None:
-            gate.release()  # the next object may download while the file stages run
+        gate.release()  # the next object may download while the file stages run
         if ok and await one.file_stages():
             report.dest = await anyio.to_thread.run_sync(placed.commit)
             report.passed = True
@@ -305,17 +227,22 @@ class Engine:
     async def _admit(
         self,
         location: S3Location,
-        info: ObjectInfo,
         stages: list[Stage],
         placed: ObjectPlacement,
         report: Report,
-    ) -> Job:
-        """Make the job once HEAD said what the object is: data plane, part plan, temp file.
+        progress: ProgressSink | None,
+    ) -> Job | None:
+        """HEAD the object and make its job: data plane, part plan, temp file (None: a
+        stage refused it from its metadata).
 
         The single place where an object is admitted after HEAD (its size is known here).
         """
+        info = await self._s3.head(location)
+        report.size, report.etag, report.version_id = info.size, info.etag, info.version_id
+        if not check_info(stages, info, report):
+            return None
         config = self.config
-        plane = _choose_plane(config, location)
+        plane = choose_plane(config, location)
         # Preallocating (and later unlinking) a large file can take a while: not on the loop.
         part_size, reuse = await anyio.to_thread.run_sync(
             placed.open_temp, str(location), info, config.plan_part_size(info.size)
@@ -326,79 +253,8 @@ class Engine:
         dl.part_size, dl.concurrency, dl.plane = part_size, config.max_concurrency, plane
         dl.parts = watermark.parts
         dl.reused_bytes = watermark.preset(reuse) if reuse else 0
-        return Job(location, info, stages, report, placed.temp.path, watermark, plane, placed)
-
-
-def _stat_local(location: LocalLocation) -> ObjectInfo:
-    """What a local source is (its ``stat``), or the error that says why it cannot be read."""
-    path = os.path.abspath(location.path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError as exc:
-        raise ObjectNotFound(f"{path}: no such file") from exc
-    except PermissionError as exc:
-        raise SourceError(f"{path}: permission denied") from exc
-    if not os.path.isfile(path):
-        raise SourceError(f"{path}: not a regular file")
-    return ObjectInfo(source=path, size=st.st_size, local_path=path)
-
-
-def _choose_plane(config: Config, location: S3Location) -> Plane:
-    """The configured data plane; ``auto`` is ``raw`` unless a proxy applies."""
-    plane = config.data_plane
-    if plane == "auto":
-        endpoint = config.resolved_endpoint() or "https://s3.amazonaws.com"
-        plane = "botocore" if proxy_configured(endpoint) else "raw"
-    logger.debug("%s: data plane %s (configured: %s)", location, plane, config.data_plane)
-    return Plane(plane)
-
-
-def _stage_factory(stages: StagesPerObject | None) -> Callable[[], list[Stage]] | None:
-    """A function that builds a fresh stage list for one object (see ``process_many``)."""
-    if stages is None:
-        return None
-    if callable(stages) and not isinstance(stages, type):
-        factory = stages
-        return lambda: list(factory())
-    items: list[Any] = [stages] if isinstance(stages, (str, type)) else list(stages)
-    for item in items:
-        if isinstance(item, Stage):
-            raise UsageError(
-                f"process_many got a stage instance ({item.name}); stages keep per-object "
-                "state, so it needs a factory (stages=lambda: [Checksum(), ...]), spec "
-                "strings ('checksum:algo=sha256') or stage classes"
-            )
-        if not isinstance(item, str) and not (isinstance(item, type) and issubclass(item, Stage)):
-            raise UsageError(
-                f"not a stage spec or stage class: {item!r} (process_many takes a factory, "
-                "spec strings or stage classes)"
-            )
-
-    def build() -> list[Stage]:
-        from .stages import parse_spec
-
-        return [parse_spec(item) if isinstance(item, str) else item() for item in items]
-
-    build()  # a bad spec is a usage error before the first object, not one per object
-    return build
-
-
-def _log_done(report: Report) -> None:
-    """One INFO line per object: the source, the outcome, the time, the bytes."""
-    if report.passed:
-        outcome = "passed"
-    elif report.failed_stage is not None:
-        outcome = f"stage {report.failed_stage} failed"
-    else:
-        outcome = f"{report.error_type or 'error'}: {report.error}"
-    logger.info(
-        "%s: %s in %.3fs (%d bytes fetched, %d retries)",
-        report.source,
-        outcome,
-        report.seconds,
-        report.download.bytes,
-        report.download.retries,
-    )
+        path = placed.temp.path
+        return Job(location, info, stages, report, path, watermark, plane, placed, progress)
 
 
 async def process(
@@ -456,17 +312,6 @@ async def process_many(
         )
 
 
-def run_async(fn: Callable[[], Awaitable[Any]]) -> Any:
-    """Run ``fn`` on asyncio, with uvloop when it is installed."""
-    try:
-        import uvloop  # noqa: F401
-
-        options = {"use_uvloop": True}
-    except ImportError:
-        options = {}
-    return anyio.run(fn, backend="asyncio", backend_options=options)
-
-
 def run_many(
     sources: Iterable[str | os.PathLike[str]],
     stages: StagesPerObject | None = None,
@@ -481,9 +326,7 @@ def run_many(
 ) -> list[Report]:
     """Synchronous :func:`process_many`."""
     many = partial(process_many, force=force, resume=resume, temp_dir=temp_dir)
-    return run_async(  # type: ignore[no-any-return]
-        partial(many, sources, stages, dest, config, max_in_flight, progress)
-    )
+    return run_async(partial(many, sources, stages, dest, config, max_in_flight, progress))
 
 
 def run(
@@ -499,7 +342,7 @@ def run(
 ) -> Report:
     """Synchronous :func:`process` (runs its own event loop; uvloop when installed)."""
     one = partial(process, force=force, resume=resume, temp_dir=temp_dir)
-    return run_async(partial(one, source, stages, dest, config, progress))  # type: ignore[no-any-return]
+    return run_async(partial(one, source, stages, dest, config, progress))
 
 
 __all__ = ["Engine", "process", "process_many", "run", "run_many"]

@@ -32,6 +32,7 @@ from ._s3meta import (
     quoted_etag,
     request_id_from_headers,
 )
+from ._source import S3Location
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,16 @@ def proxy_configured(endpoint: str) -> bool:
     if parts.scheme not in proxies:
         return False
     return not urllib.request.proxy_bypass_environment(parts.hostname or "")  # type: ignore[attr-defined]
+
+
+def choose_plane(config: Config, location: S3Location) -> Plane:
+    """The configured data plane; ``auto`` is ``raw`` unless a proxy applies."""
+    plane = config.data_plane
+    if plane == "auto":
+        endpoint = config.resolved_endpoint() or "https://s3.amazonaws.com"
+        plane = "botocore" if proxy_configured(endpoint) else "raw"
+    logger.debug("%s: data plane %s (configured: %s)", location, plane, config.data_plane)
+    return Plane(plane)
 
 
 class Fetcher:

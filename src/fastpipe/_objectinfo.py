@@ -7,12 +7,14 @@ that check what S3 stored (``verify``) need both before the first byte arrives.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._exceptions import ObjectNotFound, SourceError
 from ._s3meta import CHECKSUM_ALGORITHMS, parts_from_etag, strip_etag
-from ._source import S3Location
+from ._source import LocalLocation, S3Location
 
 
 @dataclass(frozen=True)
@@ -118,3 +120,17 @@ class PinnedObject:
 
     def __str__(self) -> str:
         return str(self.location)
+
+
+def local_object_info(location: LocalLocation) -> ObjectInfo:
+    """What a local source is (its ``stat``), or the error that says why it cannot be read."""
+    path = os.path.abspath(location.path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as exc:
+        raise ObjectNotFound(f"{path}: no such file") from exc
+    except PermissionError as exc:
+        raise SourceError(f"{path}: permission denied") from exc
+    if not os.path.isfile(path):
+        raise SourceError(f"{path}: not a regular file")
+    return ObjectInfo(source=path, size=st.st_size, local_path=path)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 # str-valued (not StrEnum: Python 3.10 is supported), so that a member compares equal to
@@ -150,3 +153,21 @@ class Progress:
     eta_seconds: float | None
     phase: Phase
     stage: str | None = None
+
+
+def log_done(report: Report) -> None:
+    """One INFO line per object: the source, the outcome, the time, the bytes."""
+    if report.passed:
+        outcome = "passed"
+    elif report.failed_stage is not None:
+        outcome = f"stage {report.failed_stage} failed"
+    else:
+        outcome = f"{report.error_type or 'error'}: {report.error}"
+    logger.info(
+        "%s: %s in %.3fs (%d bytes fetched, %d retries)",
+        report.source,
+        outcome,
+        report.seconds,
+        report.download.bytes,
+        report.download.retries,
+    )

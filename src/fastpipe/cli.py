@@ -244,7 +244,8 @@ def _run_setup(args: argparse.Namespace) -> tuple[list[Stage] | None, Config] | 
 def _cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
-    from ._engine import process, run_async
+    from ._engine import process
+    from ._groups import run_async
 
     _log_to_stderr(args.verbose)
     setup = _run_setup(args)
