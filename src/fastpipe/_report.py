@@ -10,41 +10,38 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
-# str-valued (not StrEnum: Python 3.10 is supported), so that a member compares equal to
-# its value and the JSON report holds the same strings as before.
-class Status(str, Enum):
+class _StrEnum(str, Enum):
+    """str-valued (not StrEnum: Python 3.10 is supported): a member compares equal to its
+    value, prints as it, and the JSON report holds the same strings as before."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Status(_StrEnum):
     """A stage's outcome in the report."""
 
     PASSED = "passed"
     FAILED = "failed"
     SKIPPED = "skipped"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Kind(str, Enum):
+class Kind(_StrEnum):
     """A stage's kind: ``stream`` (fed the bytes in order) or ``file`` (the whole file)."""
 
     STREAM = "stream"
     FILE = "file"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Phase(str, Enum):
+class Phase(_StrEnum):
     """What a progress event is about: the download, a local file streamed, a file stage."""
 
     DOWNLOAD = "download"
     STREAM = "stream"
     FILE = "file"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Plane(str, Enum):
+class Plane(_StrEnum):
     """The data plane that read the bytes.
 
     ``raw``: presigned GETs read by a buffered protocol; ``botocore``: aiobotocore's
@@ -54,9 +51,6 @@ class Plane(str, Enum):
     RAW = "raw"
     BOTOCORE = "botocore"
     LOCAL = "local"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass
@@ -76,8 +70,7 @@ class DownloadReport:
     """How the bytes were read.
 
     ``plane`` is the data plane that ran (a :class:`Plane`: ``raw``, ``botocore`` or
-    ``local``).
-    ``bytes`` counts bytes fetched from S3; ``reused_bytes`` those taken from a resumed
+    ``local``). ``bytes`` counts bytes fetched from S3; ``reused_bytes`` those taken from a resumed
     temp file.
     """
 
