@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from ._config import Config
@@ -31,6 +31,9 @@ from ._console import (
 from ._exceptions import FastpipeError, UsageError
 from ._report import Report
 from ._source import parse_source
+
+if TYPE_CHECKING:
+    from .stages import Stage
 
 EXIT_OK, EXIT_STAGE, EXIT_USAGE, EXIT_SOURCE, EXIT_INTEGRITY, EXIT_LOCAL_IO = 0, 1, 2, 3, 4, 5
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
@@ -233,13 +236,10 @@ def _error(message: object) -> None:
     print(f"fastpipe: error: {printable(message)}", file=sys.stderr)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    import anyio
-
-    from ._engine import process, run_async
+def _run_setup(args: argparse.Namespace) -> tuple[list[Stage] | None, Config] | int:
+    """The stages and the config of ``fastpipe run``, or the usage exit code (said why)."""
     from .stages import parse_spec
 
-    _log_to_stderr(args.verbose)
     try:
         stages = [parse_spec(spec) for spec in args.stage] if args.stage else None
         config = Config(
@@ -256,6 +256,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
             write_stdout(_error_json(args.source, str(exc), type(exc).__name__, EXIT_USAGE))
         _error(exc)
         return EXIT_USAGE
+    return stages, config
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import anyio
+
+    from ._engine import process
+    from ._groups import run_async
+
+    _log_to_stderr(args.verbose)
+    setup = _run_setup(args)
+    if isinstance(setup, int):
+        return setup
+    stages, config = setup
     show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
     bar = ProgressBar(sys.stderr) if show_progress else None
     outcome: dict[str, Any] = {}
@@ -292,6 +306,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     run_async(main)
     if bar is not None:
         bar.close()
+    return _run_outcome(args, outcome)
+
+
+def _run_outcome(args: argparse.Namespace, outcome: dict[str, Any]) -> int:
+    """Print what ``fastpipe run`` came to (report, error or signal); its exit code."""
     if "signal" in outcome:
         return _interrupted(args, outcome["signal"])
     if "error" in outcome:

@@ -796,7 +796,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 128 + exc.signum
 
 
-def _bench(args: argparse.Namespace, rates: Sequence[int | None]) -> int:
+def _installed_variants(args: argparse.Namespace) -> list[str]:
+    """The variants asked for whose tools are installed, ``fastpipe`` always among them."""
     available = available_variants()
     wanted = args.variants or list(VARIANTS)
     variants = [v for v in wanted if v in available]
@@ -805,6 +806,32 @@ def _bench(args: argparse.Namespace, rates: Sequence[int | None]) -> int:
             print(f"fastpipe bench: skipping {v}: its tool is not installed", file=sys.stderr)
     if "fastpipe" not in variants:
         variants.insert(0, "fastpipe")  # the reference of every ratio
+    return variants
+
+
+def _make_targets(
+    args: argparse.Namespace, sizes: Sequence[int], bucket: str, workdir: str
+) -> list[Target]:
+    """Write the local objects to upload: random data per size, low-entropy at the first."""
+    targets: list[Target] = []
+    for size in sizes:
+        local = os.path.join(workdir, f"random-{size}.bin")
+        write_random(local, size)
+        targets.append(Target(bucket, f"{KEY_PREFIX}random-{size}.bin", size, local))
+    if not args.no_low_entropy:
+        from .demo import write_sample
+
+        size = sizes[0]
+        local = os.path.join(workdir, f"low-entropy-{size}.bin")
+        write_sample(local, size)
+        targets.append(
+            Target(bucket, f"{KEY_PREFIX}low-entropy-{size}.bin", size, local, "low-entropy")
+        )
+    return targets
+
+
+def _bench(args: argparse.Namespace, rates: Sequence[int | None]) -> int:
+    variants = _installed_variants(args)
     sizes = sorted(set(args.sizes or [parse_size(t) for t in DEFAULT_SIZES.split(",")]))
     bucket = args.bucket or DEFAULT_BUCKET
     os.makedirs(args.out, exist_ok=True)
@@ -815,20 +842,7 @@ def _bench(args: argparse.Namespace, rates: Sequence[int | None]) -> int:
         _endpoint(args) as (endpoint, env, server_version, server_pid),
     ):
         say(f"endpoint {endpoint}, bucket {bucket}, variants {', '.join(variants)}")
-        targets: list[Target] = []
-        for size in sizes:
-            local = os.path.join(workdir, f"random-{size}.bin")
-            write_random(local, size)
-            targets.append(Target(bucket, f"{KEY_PREFIX}random-{size}.bin", size, local))
-        if not args.no_low_entropy:
-            from .demo import write_sample
-
-            size = sizes[0]
-            local = os.path.join(workdir, f"low-entropy-{size}.bin")
-            write_sample(local, size)
-            targets.append(
-                Target(bucket, f"{KEY_PREFIX}low-entropy-{size}.bin", size, local, "low-entropy")
-            )
+        targets = _make_targets(args, sizes, bucket, workdir)
         started = time.perf_counter()
         upload_targets(endpoint, bucket, [(t.local, t.key) for t in targets])
         say(f"uploaded {len(targets)} objects in {time.perf_counter() - started:.1f}s")
@@ -860,6 +874,18 @@ def _bench(args: argparse.Namespace, rates: Sequence[int | None]) -> int:
             "link_rates": list(rates),
             "runs": runs,
         }
+    _write_and_print(args, runs, results, rates)
+    return EXIT_FAILED if any(r["exit_code"] for r in runs) else EXIT_OK
+
+
+def _write_and_print(
+    args: argparse.Namespace,
+    runs: list[dict[str, Any]],
+    results: dict[str, Any],
+    rates: Sequence[int | None],
+) -> None:
+    """Write results.json (and the copy ``estimate`` reads), plot, print the tables."""
+    say = _say
     results_path = os.path.join(args.out, "results.json")
     _write_json_atomic(results_path, results)
     # `fastpipe estimate` fits one link rate: the unshaped one when it ran.
@@ -888,7 +914,6 @@ def _bench(args: argparse.Namespace, rates: Sequence[int | None]) -> int:
     print(f"results: {results_path} (copy for estimate: {default_results_path()})")
     if plotted:
         print(f"plot: {png}")
-    return EXIT_FAILED if any(r["exit_code"] for r in runs) else EXIT_OK
 
 
 def _rounds(
