@@ -7,11 +7,13 @@ not from the start of its part.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import ssl
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -77,8 +79,16 @@ def choose_plane(config: Config, location: S3Location) -> Plane:
 class Fetcher:
     """Downloads one object's parts into a temp file."""
 
-    def __init__(self, s3: S3Control, config: Config, job: Job) -> None:
+    def __init__(
+        self,
+        s3: S3Control,
+        config: Config,
+        job: Job,
+        connection_slot: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+    ) -> None:
         self.s3 = s3
+        #: One slot of the engine's ``max_connections`` per ranged GET in flight.
+        self._slot = connection_slot or contextlib.nullcontext
         self.config = config
         self.pinned = job.pinned
         self.location = job.pinned.location
@@ -165,16 +175,17 @@ class Fetcher:
                 return
             attempts += 1
             try:
-                if conn is not None:
-                    await self._get_raw(conn, index, position, end)
-                else:
-                    await self.s3.stream_range(
-                        self.pinned,
-                        position,
-                        end,
-                        self._sink(index),
-                        self.config.receive_buffer,
-                    )
+                async with self._slot():
+                    if conn is not None:
+                        await self._get_raw(conn, index, position, end)
+                    else:
+                        await self.s3.stream_range(
+                            self.pinned,
+                            position,
+                            end,
+                            self._sink(index),
+                            self.config.receive_buffer,
+                        )
             except ExpiredURL:
                 # A signature that expired is not the server's fault: sign again.
                 expired_retries += 1

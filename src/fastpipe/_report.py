@@ -100,7 +100,12 @@ class Report:
     error: str | None = None
     error_type: str | None = None
     seconds: float = 0.0
+    #: Seconds of ``seconds`` spent waiting for admission (the engine's object slots
+    #: and disk budget).
+    queued_seconds: float = 0.0
     dest: str | None = None
+    #: What went wrong writing this report to a result sink (``--tag``, ``--results``).
+    sink_errors: list[str] = field(default_factory=list)
     download: DownloadReport = field(default_factory=DownloadReport)
     stages: list[StageReport] = field(default_factory=list)
 

@@ -278,6 +278,26 @@ class S3Control:
         # Renew well before expiry so a slow part does not start with a stale signature.
         return str(url), time.monotonic() + expires * 0.8
 
+    async def get_tags(self, location: S3Location, version_id: str | None) -> dict[str, str]:
+        """The object's tags (GetObjectTagging)."""
+        client = await self.client()
+        params: dict[str, Any] = {"Bucket": location.bucket, "Key": location.key}
+        if version_id:
+            params["VersionId"] = version_id
+        answer = await self._call(location, client.get_object_tagging, **params)
+        return {t["Key"]: t["Value"] for t in answer.get("TagSet", [])}
+
+    async def put_tags(
+        self, location: S3Location, version_id: str | None, tags: dict[str, str]
+    ) -> None:
+        """Replace the object's tags (PutObjectTagging)."""
+        client = await self.client()
+        params: dict[str, Any] = {"Bucket": location.bucket, "Key": location.key}
+        if version_id:
+            params["VersionId"] = version_id
+        tag_set = [{"Key": k, "Value": v} for k, v in tags.items()]
+        await self._call(location, client.put_object_tagging, Tagging={"TagSet": tag_set}, **params)
+
     async def stream_range(
         self,
         obj: PinnedObject,
