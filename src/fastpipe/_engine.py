@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 
 import anyio
 
-from . import _many, _stagelist
+from . import _listing, _many, _stagelist
 from ._budgets import Budgets
 from ._config import Config
 from ._exceptions import FastpipeError, StageFailed, UsageError
@@ -66,6 +66,10 @@ class Engine:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    def list_prefix(self, bucket: str, prefix: str) -> AsyncIterator[str]:
+        """The ``s3://`` URIs of every object under ``prefix``, streamed as listed."""
+        return _listing.list_uris(self._s3, bucket, prefix)
 
     def tag_sink(self) -> TagSink:
         """A :class:`TagSink` that tags objects through this engine's S3 client."""
@@ -140,6 +144,7 @@ class Engine:
         temp_dir: str | os.PathLike[str] | None = None,
         progress: ProgressCallback | None = None,
         sinks: Sequence[Sink] = (),
+        progress_for: Callable[[str], ProgressCallback | None] | None = None,
     ) -> AsyncIterator[Report]:
         """Process a stream of objects; yield each one's report as it finishes.
 
@@ -150,11 +155,15 @@ class Engine:
         object is kept under a path made from its key (``key_paths``). An object that
         fails with an error does not stop the others: its report carries the error. Each
         report is written to every sink before it is yielded (a sink's failure lands in
-        ``report.sink_errors``); the caller closes its sinks. Break out of the loop inside
-        ``async with contextlib.aclosing(engine.map(...)) as reports:`` to stop early.
+        ``report.sink_errors``); the caller closes its sinks. ``progress_for(source)``, if
+        given, makes each object's own progress callback (instead of ``progress``). To stop
+        early, break out of a loop inside ``async with contextlib.aclosing(engine.map(...))
+        as reports:``.
         """
         return _many.reports_only(
-            self._map_indexed(sources, stages, dest, force, resume, temp_dir, progress, sinks)
+            self._map_indexed(
+                sources, stages, dest, force, resume, temp_dir, progress, sinks, None, progress_for
+            )
         )
 
     def _map_indexed(
@@ -168,18 +177,20 @@ class Engine:
         progress: ProgressCallback | None,
         sinks: Sequence[Sink],
         limit: int | None = None,
+        progress_for: Callable[[str], ProgressCallback | None] | None = None,
     ) -> AsyncIterator[tuple[int, Report]]:
         Placement(dest, force=force, resume=resume, temp_dir=temp_dir).check_many()
         factory = _stagelist.stage_factory(stages)
 
         async def one(source: str | os.PathLike[str]) -> Report:
             stage_list = None if factory is None else factory()
+            callback = progress if progress_for is None else progress_for(str(source))
             try:
                 return await self.process(
                     source,
                     stage_list,
                     dest,
-                    progress,
+                    callback,
                     force=force,
                     resume=resume,
                     temp_dir=temp_dir,

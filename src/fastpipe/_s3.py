@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from ._config import Config
@@ -277,6 +277,20 @@ class S3Control:
         logger.debug("%s: presigned a GET URL valid for %ss", location, expires)  # not the URL
         # Renew well before expiry so a slow part does not start with a stale signature.
         return str(url), time.monotonic() + expires * 0.8
+
+    async def list_keys(self, bucket: str, prefix: str) -> AsyncIterator[str]:
+        """Every key under ``prefix`` (ListObjectsV2, page by page, as pages arrive)."""
+        client = await self.client()
+        where = S3Location(bucket, prefix or "/")
+        params: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+        while True:
+            page = await self._call(where, client.list_objects_v2, **params)
+            for item in page.get("Contents", []):
+                yield item["Key"]
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+            params["ContinuationToken"] = token
 
     async def get_tags(self, location: S3Location, version_id: str | None) -> dict[str, str]:
         """The object's tags (GetObjectTagging)."""
