@@ -256,10 +256,9 @@ async def test_max_connections_holds_across_concurrent_calls(
     config = Config(
         endpoint_url=proxy.url, max_connections=8, part_size=256 * KiB, max_concurrency=16
     )
-    async with Engine(config) as engine:
-        async with anyio.create_task_group() as tg:
-            for source in sources:
-                tg.start_soon(engine.process, source, [Checksum()])
+    async with Engine(config) as engine, anyio.create_task_group() as tg:
+        for source in sources:
+            tg.start_soon(engine.process, source, [Checksum()])
     gets = proxy.gets()
     assert len(gets) == 64
     events = sorted(
