@@ -180,6 +180,11 @@ def _add_tool_parsers(sub: Any) -> None:
     )
     bench.add_argument("--no-low-entropy", action="store_true", help="skip the low-entropy object")
     bench.add_argument(
+        "--many",
+        action="store_true",
+        help="only the many-objects case: 16 x 64MiB through one engine vs one 1GiB object",
+    )
+    bench.add_argument(
         "--link-rate",
         type=_link_rates,
         default=None,
