@@ -39,12 +39,17 @@ logger = logging.getLogger(__name__)
 DISK_SHARE = 0.9
 
 
-def default_disk_budget(folder: str | None = None) -> int:
-    """90% of the free space of ``folder`` (default: the temp folder), at least 1 byte."""
+def default_disk_budget(folder: str | os.PathLike[str] | None = None) -> int:
+    """90% of the free space where ``folder`` is (its nearest existing parent: a ``dest``
+    may name a file not written yet; default the temp folder), at least 1 byte. When the
+    space cannot be read, no limit (a full disk is still a LocalIOError)."""
+    path = os.path.abspath(os.fspath(folder or tempfile.gettempdir()))
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
     try:
-        free = shutil.disk_usage(folder or tempfile.gettempdir()).free
+        free = shutil.disk_usage(path).free
     except OSError:
-        free = 0
+        return 1 << 62
     return max(1, int(free * DISK_SHARE))
 
 
