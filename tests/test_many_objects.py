@@ -377,3 +377,37 @@ async def test_json_lines_sink_writes_whole_lines(tmp_path: Path, put_object: An
     assert {json.loads(line)["source"] for line in lines} == set(sources)
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     assert all(isinstance(r, Report) and r.passed for r in seen)
+
+
+def test_one_object_with_results_and_tag(
+    put_object: Any, s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    uri = put_object(b"single", Tagging="keep=me")
+    results = tmp_path / "r.jsonl"
+    proc = run_cli("run", uri, "--json", "--results", str(results), "--tag", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)  # one JSON report, not lines and a summary
+    assert report["passed"] and report["sink_errors"] == []
+    assert [json.loads(line)["source"] for line in results.read_text().splitlines()] == [uri]
+    answer = s3_client.get_object_tagging(Bucket=bucket, Key=uri.split("/", 3)[3])
+    tags = {t["Key"]: t["Value"] for t in answer["TagSet"]}
+    assert tags["keep"] == "me" and tags["fastpipe-status"] == "passed"
+    assert len(tags["fastpipe-xxh3"]) == 32  # the default checksum is xxh3_128
+
+
+def test_many_progress_line() -> None:
+    import io
+
+    from fastpipe import Phase, Progress
+    from fastpipe._many_cli import ManyProgress
+
+    stream = io.StringIO()
+    bar = ManyProgress(stream)
+    callback = bar.for_object("s3://b/k/one\x1b.bin")
+    callback(Progress(5 * MiB, 10 * MiB, 1.0, None, Phase.DOWNLOAD))
+    bar.draw(force=True)
+    assert "0/? objects" in stream.getvalue() and "5.0 MiB" in stream.getvalue()
+    assert "one\\x1b.bin" in stream.getvalue()  # escaped
+    bar.total = 1
+    bar.finished(Report(source="s3://b/k/one\x1b.bin", size=10 * MiB))
+    assert "1/1 objects" in stream.getvalue().rsplit("\r", 1)[-1]
