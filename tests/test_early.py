@@ -17,6 +17,8 @@ from fastpipe.stages import Checksum, Chunk, FileStage, LocalFile, StreamStage
 PART = 256 << 10
 
 
+
+
 class InOrder(FileStage):
     """Reads windows in order; notes when the first one arrived."""
 

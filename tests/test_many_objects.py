@@ -411,3 +411,39 @@ def test_many_progress_line() -> None:
     bar.total = 1
     bar.finished(Report(source="s3://b/k/one\x1b.bin", size=10 * MiB))
     assert "1/1 objects" in stream.getvalue().rsplit("\r", 1)[-1]
+
+
+@pytest.mark.anyio
+async def test_disk_budget_is_first_come_first_served() -> None:
+    from fastpipe._budgets import DiskBudget
+
+    budget = DiskBudget(100)
+    order: list[str] = []
+    assert await budget.acquire(60, "a") == 60
+
+    async def take(name: str, size: int) -> None:
+        await budget.acquire(size, name)
+        order.append(name)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(take, "big", 90)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(take, "small", 20)  # fits now (60 + 20), but must not overtake "big"
+        await anyio.wait_all_tasks_blocked()
+        assert order == []
+        budget.release(60)
+        await anyio.wait_all_tasks_blocked()
+        assert order == ["big"]
+        budget.release(90)
+    assert order == ["big", "small"]
+    with pytest.raises(fastpipe.BudgetExceeded, match="101 bytes .* 100 bytes"):
+        await budget.acquire(101, "huge")
+    loose = DiskBudget(100, strict=False)
+    assert await loose.acquire(50, "x") == 50
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(loose.acquire, 500, "alone")  # admitted alone, as the whole budget
+            await anyio.wait_all_tasks_blocked()
+            assert loose.used == 50
+            loose.release(50)
+    assert loose.used == 100

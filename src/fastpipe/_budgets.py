@@ -8,7 +8,8 @@ which are built on it) takes from the same :class:`Budgets`:
   given back when its temp file is gone (committed or removed). Admission is a strict
   FIFO queue: a large object at the head is not overtaken by small ones behind it;
 - ``max_connections``: ranged GETs in flight across objects (a fetcher holds one slot per
-  request; the queue is FIFO, so each object downloading gets its turn);
+  part it fetches, its retries included; the queue is FIFO, so each object downloading
+  gets its turn);
 - ``file_stage_slots``: heavy (file) stages running at once.
 
 The time an object waits for ``max_objects`` and ``disk_budget`` is its report's
@@ -69,24 +70,33 @@ class _Waiter:
 
 
 class DiskBudget:
-    """Bytes of temp files at once; FIFO admission by size (no overtaking)."""
+    """Bytes of temp files at once; FIFO admission by size (no overtaking).
 
-    def __init__(self, capacity: int) -> None:
+    A ``strict`` budget (given by the caller) refuses an object larger than itself; the
+    default one (a guess from the free space) admits it alone instead, so that the
+    destination's own checks still say what is wrong with a full or odd folder.
+    """
+
+    def __init__(self, capacity: int, strict: bool = True) -> None:
         self.capacity = capacity
+        self.strict = strict
         self.used = 0
         self._queue: deque[_Waiter] = deque()
 
-    async def acquire(self, size: int, what: str) -> None:
-        """Wait until ``size`` bytes fit, in arrival order; :class:`BudgetExceeded` when
-        ``size`` is larger than the whole budget (it would never fit)."""
+    async def acquire(self, size: int, what: str) -> int:
+        """Wait until ``size`` bytes fit, in arrival order; return the bytes taken.
+        :class:`BudgetExceeded` when a strict budget is smaller than ``size``."""
         if size > self.capacity:
-            raise BudgetExceeded(
-                f"{what}: object of {size} bytes ({format_size(size)}) is larger than the "
-                f"disk budget of {self.capacity} bytes ({format_size(self.capacity)})"
-            )
+            if not self.strict:
+                size = self.capacity  # alone: it waits until nothing else holds disk
+            else:
+                raise BudgetExceeded(
+                    f"{what}: object of {size} bytes ({format_size(size)}) is larger than "
+                    f"the disk budget of {self.capacity} bytes ({format_size(self.capacity)})"
+                )
         if not self._queue and self.used + size <= self.capacity:
             self.used += size
-            return
+            return size
         waiter = _Waiter(size, anyio.Event())
         self._queue.append(waiter)
         logger.debug(
@@ -99,6 +109,7 @@ class DiskBudget:
         )
         try:
             await waiter.event.wait()
+            return size
         except BaseException:
             if waiter.granted:
                 self.release(size)
@@ -131,7 +142,7 @@ class Budgets:
         self._objects = anyio.Semaphore(self.max_objects)
         self._connections = anyio.Semaphore(self.max_connections)
         self._file_stages = anyio.Semaphore(self.file_stage_slots)
-        self.disk = DiskBudget(self.disk_budget)
+        self.disk = DiskBudget(self.disk_budget, strict=config.disk_budget is not None)
 
     @asynccontextmanager
     async def object_slot(self, what: str) -> AsyncIterator[float]:
@@ -142,11 +153,12 @@ class Budgets:
         async with self._objects:
             yield time.perf_counter() - started
 
-    async def take_disk(self, size: int, what: str) -> float:
-        """Take ``size`` bytes of the disk budget; returns the seconds waited."""
+    async def take_disk(self, size: int, what: str) -> tuple[float, int]:
+        """Take ``size`` bytes of the disk budget; returns the seconds waited and the
+        bytes taken (to give back)."""
         started = time.perf_counter()
-        await self.disk.acquire(size, what)
-        return time.perf_counter() - started
+        taken = await self.disk.acquire(size, what)
+        return time.perf_counter() - started, taken
 
     def give_disk(self, size: int) -> None:
         """Give back what :meth:`take_disk` took (the temp file is gone)."""
@@ -154,7 +166,7 @@ class Budgets:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[None]:
-        """One ranged GET in flight (FIFO across objects)."""
+        """One part's ranged GET in flight (FIFO across objects)."""
         async with self._connections:
             yield
 

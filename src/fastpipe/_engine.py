@@ -322,8 +322,8 @@ class Engine:
         if not check_info(stages, info, report):
             return None
         # Admission: the temp file's bytes must fit the disk budget (FIFO; may wait).
-        report.queued_seconds += await self.budgets.take_disk(info.size, report.source)
-        disk.size = info.size
+        waited, disk.size = await self.budgets.take_disk(info.size, report.source)
+        report.queued_seconds += waited
         config = self.config
         plane = choose_plane(config, location)
         # Preallocating (and later unlinking) a large file can take a while: not on the loop.

@@ -87,7 +87,7 @@ class Fetcher:
         connection_slot: Callable[[], AbstractAsyncContextManager[None]] | None = None,
     ) -> None:
         self.s3 = s3
-        #: One slot of the engine's ``max_connections`` per ranged GET in flight.
+        #: One slot of the engine's ``max_connections`` per part being fetched.
         self._slot = connection_slot or contextlib.nullcontext
         self.config = config
         self.pinned = job.pinned
@@ -132,7 +132,8 @@ class Fetcher:
             while (index := self._take_part()) is not None:
                 if self.plane is Plane.RAW and conn is None:
                     conn = await self._connection()
-                await self._fetch_part(index, conn)
+                async with self._slot():  # one part's GET (and its retries) at a time
+                    await self._fetch_part(index, conn)
         finally:
             if conn is not None:
                 conn.close()
@@ -175,17 +176,16 @@ class Fetcher:
                 return
             attempts += 1
             try:
-                async with self._slot():
-                    if conn is not None:
-                        await self._get_raw(conn, index, position, end)
-                    else:
-                        await self.s3.stream_range(
-                            self.pinned,
-                            position,
-                            end,
-                            self._sink(index),
-                            self.config.receive_buffer,
-                        )
+                if conn is not None:
+                    await self._get_raw(conn, index, position, end)
+                else:
+                    await self.s3.stream_range(
+                        self.pinned,
+                        position,
+                        end,
+                        self._sink(index),
+                        self.config.receive_buffer,
+                    )
             except ExpiredURL:
                 # A signature that expired is not the server's fault: sign again.
                 expired_retries += 1

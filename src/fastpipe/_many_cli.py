@@ -70,11 +70,6 @@ def budget_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The ``Config`` fields the budget flags set (those given)."""
     names = ("max_connections", "disk_budget", "file_stage_slots", "max_objects")
     settings = {name: getattr(args, name, None) for name in names}
-    if settings["disk_budget"] is None:
-        from ._budgets import default_disk_budget
-
-        folder = getattr(args, "dest", None) or getattr(args, "temp_dir", None)
-        settings["disk_budget"] = default_disk_budget(folder) if folder else None
     return {name: value for name, value in settings.items() if value is not None}
 
 
@@ -213,6 +208,12 @@ class ManyProgress:
 
     def for_object(self, source: str) -> Callable[[Progress], None]:
         """The progress callback of one object."""
+        from ._source import parse_source
+
+        try:
+            source = str(parse_source(source))  # as its report will name it
+        except UsageError:
+            pass
         self.current[source] = 0
 
         def callback(event: Progress) -> None:
