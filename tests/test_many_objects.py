@@ -447,3 +447,37 @@ async def test_disk_budget_is_first_come_first_served() -> None:
             assert loose.used == 50
             loose.release(50)
     assert loose.used == 100
+
+
+def test_a_signal_stops_a_many_object_run_and_leaves_no_temp_file(
+    proxy: FaultProxy, put_object: Any, tmp_path: Path
+) -> None:
+    import signal
+    import time
+
+    from faultproxy import Fault, always
+
+    sources = [put_object(os.urandom(512 * KiB)) for _ in range(3)]
+    proxy.reset(always(Fault("hold")))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastpipe.cli", "run", *sources, "--endpoint-url", proxy.url]
+        + ["--temp-dir", str(tmp_path), "--part-size", "256KiB", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while proxy.held() < 1:  # the downloads are under way, held by the proxy
+            assert time.monotonic() < deadline and proc.poll() is None, "no GET arrived"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proxy.release()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
