@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, _worker_cli
 from ._config import Config
 from ._console import (
     ProgressBar,
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("stages", help="list the built-in stages and their options")
 
     _add_tool_parsers(sub)
+    _worker_cli.add_parsers(sub)  # worker, enqueue
     return parser
 
 
@@ -374,6 +375,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cmd_stages()
     if args.command in ("demo", "bench", "estimate"):
         return _cmd_tool(args)
+    if args.command in ("worker", "enqueue"):
+        _log_to_stderr(args.verbose)
+        return _worker_cli.run_command(args)
     raise AssertionError(args.command)
 
 
