@@ -40,6 +40,7 @@ from ._report import DownloadReport as DownloadReport
 from ._report import Progress as Progress
 from ._report import Report as Report
 from ._report import StageReport as StageReport
+from ._worker import Worker as Worker
 
 __version__ = "0.1.0"
 
@@ -65,6 +66,7 @@ __all__ = [
     "StageReport",
     "StageTimeout",
     "UsageError",
+    "Worker",
     "__version__",
     "parse_size",
     "process",

@@ -40,7 +40,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
@@ -52,10 +52,12 @@ from ._exceptions import (
     ObjectNotFound,
     UsageError,
 )
-from ._metrics import WorkerMetrics
 from ._queue import MAX_WAIT_SECONDS, Message, Queue
 from ._report import Report
 from .stages import Stage, parse_spec
+
+if TYPE_CHECKING:
+    from ._metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +255,11 @@ class Worker:
         self.wait_seconds = wait_seconds
         self._visibility = visibility_timeout
         self.release_backoff = release_backoff
-        self.metrics = metrics or WorkerMetrics()
+        if metrics is None:
+            from ._metrics import WorkerMetrics  # prometheus-client loads only for a worker
+
+            metrics = WorkerMetrics()
+        self.metrics = metrics
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.stats = WorkerStats()
         self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
