@@ -370,3 +370,79 @@ def test_second_signal_stops_at_once(
     assert temp_files(tmp_path) == []
     # Not released: the message stays invisible until its visibility timeout.
     assert counts(sqs, queue) == (0, 1)
+
+
+def test_stale_event_gone_object_results_queue_and_enqueue_from_file(
+    sqs_server: Any, queues: tuple[str, str], s3_client: Any, bucket: str, tmp_path: Path,
+    workers: Any
+) -> None:
+    queue, _ = queues
+    sqs = sqs_server.client()
+    results_queue, _ = sqs_server.create_queue(f"res-{uuid.uuid4().hex[:8]}")
+    key = f"stale/{uuid.uuid4().hex} a+b.bin"
+    s3_client.put_object(Bucket=bucket, Key=key, Body=b"first")
+    put_event(sqs, queue, s3_client, bucket, key)  # announces the first ETag
+    s3_client.put_object(Bucket=bucket, Key=key, Body=b"second, newer")
+    gone = f"stale/{uuid.uuid4().hex}-gone.bin"
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# objects to check\n\ns3://{bucket}/{gone}\n")
+    env = dict(os.environ, PYTHONPATH=REPO_SRC)
+    sent = subprocess.run(
+        [sys.executable, "-m", "fastpipe.cli", "enqueue", "--from", str(listing),
+         "--queue", queue],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert sent.returncode == 0, sent.stderr
+    out = tmp_path / "results.jsonl"
+    proc = workers("--queue", queue, "--once", "--wait-seconds", "1", "--results", str(out),
+                   "--results-queue", results_queue, "--temp-dir", str(tmp_path))
+    assert proc.wait() == 0, proc.stderr
+    got = {r["key"]: r for r in results(out)}
+    assert set(got) == {key, gone}
+    stale = got[key]
+    assert stale["outcome"] == "passed" and stale["newer_than_event"] is True
+    assert "newer than the event" in stale["note"]
+    assert stale["size"] == len(b"second, newer")
+    assert got[gone]["outcome"] == "gone"
+    assert got[gone]["error_type"] == "ObjectNotFound"
+    assert counts(sqs, queue) == (0, 0)
+    answer = sqs.receive_message(QueueUrl=results_queue, MaxNumberOfMessages=10,
+                                 WaitTimeSeconds=1)
+    sent_results = {json.loads(m["Body"])["key"] for m in answer["Messages"]}
+    assert sent_results == {key, gone}
+
+
+@pytest.mark.parametrize(
+    ("fault", "summary"),
+    [
+        # Retries exhausted: visible again after a backoff (not at once, not deleted).
+        (
+            Fault("error", status=503, code="SlowDown"),
+            "0 deleted, 1 released, 0 skipped, 0 left",
+        ),
+        # Access denied: left for the visibility timeout and the redrive policy.
+        (
+            Fault("error", status=403, code="AccessDenied"),
+            "0 deleted, 0 released, 0 skipped, 1 left",
+        ),
+    ],
+    ids=["retries-exhausted", "access-denied"],
+)
+def test_transient_and_denied_outcomes_keep_the_message(
+    sqs_server: Any, queues: tuple[str, str], proxy: FaultProxy, s3_client: Any, bucket: str,
+    tmp_path: Path, workers: Any, fault: Fault, summary: str
+) -> None:
+    queue, _ = queues
+    sqs = sqs_server.client()
+    key = f"keep/{uuid.uuid4().hex}.bin"
+    s3_client.put_object(Bucket=bucket, Key=key, Body=os.urandom(1000))
+    put_event(sqs, queue, s3_client, bucket, key)
+    proxy.reset(always(fault))
+    out = tmp_path / "results.jsonl"
+    proc = workers("--queue", queue, "--endpoint-url", proxy.url, "--once", "--wait-seconds",
+                   "1", "--max-attempts", "1", "--results", str(out), "--temp-dir", str(tmp_path))
+    assert proc.wait() == 0, proc.stderr
+    assert summary in proc.stderr
+    assert results(out) == []
+    assert counts(sqs, queue) == (0, 1)  # kept, invisible for now
+    assert temp_files(tmp_path) == []

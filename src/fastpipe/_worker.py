@@ -93,7 +93,7 @@ class JsonLinesFile:
         if written != len(line):  # a regular file takes it whole unless the disk is full
             raise OSError(errno.ENOSPC, f"{self.path}: short write of a result line")
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         """Close the file."""
         os.close(self._fd)
 
@@ -107,6 +107,10 @@ class QueueSink:
     async def write(self, result: dict[str, Any]) -> None:
         """Send ``result`` as a JSON message."""
         await self.queue.send(json.dumps(result, default=str, ensure_ascii=False))
+
+    async def aclose(self) -> None:
+        """Close the queue's client."""
+        await self.queue.aclose()
 
 
 @dataclass
@@ -205,9 +209,9 @@ class Worker:
     ``stages`` is a factory of fresh stage lists or a list of spec strings (default: the
     engine's default stages). ``dest`` is a folder that keeps each object that passed
     (replacing an older copy); without it the bytes go to this worker's temp folder under
-    ``temp_dir`` and are removed. ``sinks`` receive each terminal result. ``engine`` may be
-    shared with the caller (else one is created from ``config``). See the module docstring
-    for the delivery rules.
+    ``temp_dir`` and are removed. ``sinks`` receive each terminal result (the caller closes
+    them). ``engine`` may be shared with the caller (else one is created from ``config``).
+    See the module docstring for the delivery rules.
     """
 
     def __init__(
@@ -321,10 +325,6 @@ class Worker:
                 if own_engine:
                     await engine.aclose()
                 await self.queue.aclose()
-                for sink in self.sinks:
-                    close = getattr(sink, "close", None)
-                    if callable(close):
-                        close()
             self._temp.release()
         return self.stats
 

@@ -63,6 +63,9 @@ def add_parsers(sub: Any) -> None:
         default=None,
         help="seconds a heartbeat extends visibility by (default: the queue's own)",
     )
+    worker.add_argument(
+        "--max-attempts", type=positive_int, default=5, help="attempts per part (default 5)"
+    )
     worker.add_argument("--metrics-port", type=int, default=None, help="serve /metrics here")
     worker.add_argument("--metrics-addr", default="127.0.0.1", help="default 127.0.0.1")
     _add_endpoints(worker)
@@ -106,12 +109,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from ._engine import run_async
     from ._metrics import WorkerMetrics
     from ._queue import Queue
-    from ._worker import JsonLinesFile, QueueSink, ResultSink, Worker
+    from ._worker import JsonLinesFile, QueueSink, Worker
 
     if not 0 <= args.wait_seconds <= 20:
         raise UsageError(f"--wait-seconds must be 0..20, got {args.wait_seconds}")
-    config = Config(endpoint_url=args.endpoint_url, region=args.region)
-    sinks: list[ResultSink] = []
+    config = Config(
+        endpoint_url=args.endpoint_url, region=args.region, max_attempts=args.max_attempts
+    )
+    sinks: list[JsonLinesFile | QueueSink] = []
     if args.results:
         try:
             sinks.append(JsonLinesFile(args.results))
@@ -169,6 +174,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
                 outcome["stats"] = await worker.run()
             finally:
                 tg.cancel_scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    for sink in sinks:
+                        await sink.aclose()
 
     try:
         run_async(main)
