@@ -7,6 +7,7 @@ fault proxy holds GETs where a test needs an object in flight.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -446,3 +447,54 @@ def test_transient_and_denied_outcomes_keep_the_message(
     assert results(out) == []
     assert counts(sqs, queue) == (0, 1)  # kept, invisible for now
     assert temp_files(tmp_path) == []
+
+
+def test_temp_folder_of_a_live_worker_is_kept_and_a_dead_ones_removed(tmp_path: Path) -> None:
+    from fastpipe._worker import _TempFolder
+
+    alive, dead = _TempFolder(str(tmp_path)), _TempFolder(str(tmp_path))
+    assert alive.claim() == [] and dead.claim() == []
+    Path(alive.path, ".fastpipe-a.fastpipe-tmp").write_bytes(b"x")
+    Path(dead.path, ".fastpipe-b.fastpipe-tmp").write_bytes(b"y")
+    assert dead._lock_fd is not None
+    os.close(dead._lock_fd)  # what the kernel does when a process dies: the flock goes
+    dead._lock_fd = None
+    newcomer = _TempFolder(str(tmp_path))
+    assert newcomer.claim() == [dead.path]
+    assert temp_files(tmp_path) == [os.path.join(alive.path, ".fastpipe-a.fastpipe-tmp")]
+    for folder in (alive, newcomer):
+        folder.release()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.anyio
+async def test_library_worker_in_the_callers_event_loop(
+    sqs_server: Any, queues: tuple[str, str], s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    import anyio
+
+    import fastpipe
+    from fastpipe._worker import JsonLinesFile
+
+    queue, _ = queues
+    sqs = sqs_server.client()
+    key = f"lib/{uuid.uuid4().hex}.bin"
+    s3_client.put_object(Bucket=bucket, Key=key, Body=b"library")
+    put_event(sqs, queue, s3_client, bucket, key)
+    sink = JsonLinesFile(tmp_path / "r.jsonl")
+    worker = fastpipe.Worker(queue, ["checksum:algo=sha256"], sinks=[sink], wait_seconds=1,
+                             temp_dir=tmp_path)
+    async with anyio.create_task_group() as tg:
+
+        async def stop_when_done() -> None:
+            while not (tmp_path / "r.jsonl").read_text():
+                await anyio.sleep(0.05)
+            worker.stop()
+
+        tg.start_soon(stop_when_done)
+        with anyio.fail_after(60):
+            stats = await worker.run()
+    await sink.aclose()
+    assert stats.deleted == 1 and stats.outcomes == {"passed": 1}
+    [result] = results(tmp_path / "r.jsonl")
+    assert result["stages"][0]["result"]["hexdigest"] == hashlib.sha256(b"library").hexdigest()
