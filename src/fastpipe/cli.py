@@ -136,7 +136,12 @@ def _add_tool_parsers(sub: Any) -> None:
     """``demo``, ``bench`` and ``estimate``: their code lives in :mod:`fastpipe.tools`,
     imported only when one of them runs (``fastpipe run`` never loads it)."""
     demo = sub.add_parser("demo", help="run the main job on an embedded local S3 server")
-    demo.add_argument("--size", type=size_arg, default=256 << 20, help="default 256MiB")
+    demo.add_argument(
+        "what", nargs="?", choices=["service"], help="service: workers on a local SQS queue"
+    )
+    demo.add_argument(
+        "--size", type=size_arg, default=None, help="default 256MiB (service: largest, 32MiB)"
+    )
     demo.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     demo.set_defaults(tool="demo")
 
@@ -322,10 +327,14 @@ def _log_to_stderr(verbosity: int) -> None:
 
 def _cmd_tool(args: argparse.Namespace) -> int:
     """``demo``, ``bench``, ``estimate``: the tools are imported here, not before."""
+    if args.tool == "demo" and args.what == "service":
+        from .tools.demo_service import run_demo_service
+
+        return run_demo_service(args.size or 32 << 20)
     if args.tool == "demo":
         from .tools.demo import run_demo
 
-        return run_demo(args.size, as_json=args.json)
+        return run_demo(args.size or 256 << 20, as_json=args.json)
     from .tools import bench
 
     return bench.cmd_bench(args) if args.tool == "bench" else bench.cmd_estimate(args)
