@@ -159,7 +159,7 @@ def _object_event(bucket: str, key: str, obj: dict[str, Any], name: str) -> Item
     etag = obj.get("eTag", obj.get("etag"))
     version = obj.get("versionId", obj.get("version-id"))
     sequencer = obj.get("sequencer")
-    return ObjectEvent(
+    event = ObjectEvent(
         bucket,
         key,
         size=size,
@@ -168,6 +168,14 @@ def _object_event(bucket: str, key: str, obj: dict[str, Any], name: str) -> Item
         sequencer=sequencer if isinstance(sequencer, str) else None,
         event_name=name,
     )
+    try:
+        # What the engine will be given must parse back to this object (a NUL in the key,
+        # a bucket name of the wrong length, a key that looks like a version query).
+        if parse_source(event.source) != S3Location(bucket, key, event.version_id):
+            return Malformed(f"{name}: key {key!r} cannot be named by an s3:// URI")
+    except UsageError as exc:
+        return Malformed(f"{name}: {exc}")
+    return event
 
 
 def _name(container: Any, field: str) -> str | None:
