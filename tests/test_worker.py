@@ -498,3 +498,19 @@ async def test_library_worker_in_the_callers_event_loop(
     assert stats.deleted == 1 and stats.outcomes == {"passed": 1}
     [result] = results(tmp_path / "r.jsonl")
     assert result["stages"][0]["result"]["hexdigest"] == hashlib.sha256(b"library").hexdigest()
+
+
+def test_unreachable_queue_and_bad_arguments_are_one_line_errors(
+    s3_server: Any, tmp_path: Path, workers: Any
+) -> None:
+    from fastpipe.tools.locals3 import free_ports
+
+    (port,) = free_ports(1)  # nothing listens there
+    queue = f"http://127.0.0.1:{port}/123456789012/nowhere"
+    proc = workers("--queue", queue, "--once", "--temp-dir", str(tmp_path))
+    assert proc.wait() == 3, proc.stderr
+    assert proc.stderr.startswith("fastpipe: error: ") and "Traceback" not in proc.stderr
+    assert "unreachable" in proc.stderr and queue in proc.stderr
+    assert os.listdir(tmp_path) == []  # its temp folder and lock are gone
+    proc = workers("--queue", queue, "--wait-seconds", "30")
+    assert proc.wait() == 2 and "--wait-seconds" in proc.stderr

@@ -52,6 +52,7 @@ from ._exceptions import (
     ObjectNotFound,
     UsageError,
 )
+from ._groups import unwrap_groups
 from ._queue import MAX_WAIT_SECONDS, Message, Queue
 from ._report import Report
 from .stages import Stage, parse_spec
@@ -317,9 +318,10 @@ class Worker:
                 self._main_scope = main_scope
                 if self._aborting:
                     main_scope.cancel()
-                async with anyio.create_task_group() as tg:
-                    await self._receive_loop(tg, engine, visibility)
-                    await self._drain()
+                with unwrap_groups():
+                    async with anyio.create_task_group() as tg:
+                        await self._receive_loop(tg, engine, visibility)
+                        await self._drain()
         finally:
             with anyio.CancelScope(shield=True):
                 if own_engine:

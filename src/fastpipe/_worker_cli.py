@@ -107,6 +107,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     import anyio
 
     from ._engine import run_async
+    from ._groups import unwrap_groups
     from ._metrics import WorkerMetrics
     from ._queue import Queue
     from ._worker import JsonLinesFile, QueueSink, Worker
@@ -156,6 +157,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     outcome: dict[str, Any] = {}
 
     async def main() -> None:
+        with unwrap_groups():
+            await serve()
+
+    async def serve() -> None:
         async with anyio.create_task_group() as tg:
 
             async def watch_signals() -> None:
