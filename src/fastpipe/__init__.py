@@ -23,6 +23,7 @@ from ._engine import process as process
 from ._engine import process_many as process_many
 from ._engine import run as run
 from ._engine import run_many as run_many
+from ._events import s3_event as s3_event
 from ._exceptions import AccessDenied as AccessDenied
 from ._exceptions import DestinationError as DestinationError
 from ._exceptions import EndpointUnreachable as EndpointUnreachable
@@ -73,4 +74,5 @@ __all__ = [
     "process_many",
     "run",
     "run_many",
+    "s3_event",
 ]

@@ -21,8 +21,8 @@ import time
 import urllib.request
 from typing import Any
 
+from .. import s3_event
 from .._console import format_size, printable, write_stdout
-from .._events import s3_event
 from .locals3 import LocalS3, free_ports
 from .localsqs import LocalSQS
 
