@@ -166,10 +166,12 @@ def test_three_workers_give_one_result_per_object(
     assert sent.returncode == 0, sent.stderr
     assert f"{len(keys)} message(s) sent" in sent.stderr
     files = [tmp_path / f"results-{n}.jsonl" for n in range(3)]
+    dest = tmp_path / "kept"
+    dest.mkdir()
     procs = [
         workers("--queue", queue, "--once", "--wait-seconds", "2", "--results", str(f),
                 "--stage", "checksum", "--stage", "limits:max_size=2MiB",
-                "--temp-dir", str(tmp_path))
+                "--temp-dir", str(tmp_path), "--dest", str(dest))
         for f in files
     ]
     for proc in procs:
@@ -185,6 +187,12 @@ def test_three_workers_give_one_result_per_object(
     assert counts(sqs, queue) == (0, 0)
     assert counts(sqs, dlq) == (0, 0)
     assert temp_files(tmp_path) == []
+    # Each object that passed is kept under its key's last segment; the failed one is not.
+    kept = sorted(p.name for p in dest.iterdir())
+    assert kept == sorted(k.rsplit("/", 1)[1] for k in keys if k != too_big)
+    for key in keys[:3]:
+        body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert (dest / key.rsplit("/", 1)[1]).read_bytes() == body
 
 
 def test_killed_worker_message_reappears_and_its_temp_file_is_removed(
@@ -500,17 +508,14 @@ async def test_library_worker_in_the_callers_event_loop(
     assert result["stages"][0]["result"]["hexdigest"] == hashlib.sha256(b"library").hexdigest()
 
 
-def test_unreachable_queue_and_bad_arguments_are_one_line_errors(
-    s3_server: Any, tmp_path: Path, workers: Any
+def test_missing_queue_and_bad_arguments_are_one_line_errors(
+    sqs_server: Any, s3_server: Any, tmp_path: Path, workers: Any
 ) -> None:
-    from fastpipe.tools.locals3 import free_ports
-
-    (port,) = free_ports(1)  # nothing listens there
-    queue = f"http://127.0.0.1:{port}/123456789012/nowhere"
+    queue = f"{sqs_server.endpoint_url}/123456789012/no-such-queue-{uuid.uuid4().hex[:8]}"
     proc = workers("--queue", queue, "--once", "--temp-dir", str(tmp_path))
     assert proc.wait() == 3, proc.stderr
     assert proc.stderr.startswith("fastpipe: error: ") and "Traceback" not in proc.stderr
-    assert "unreachable" in proc.stderr and queue in proc.stderr
+    assert queue in proc.stderr and "GetQueueAttributes" in proc.stderr
     assert os.listdir(tmp_path) == []  # its temp folder and lock are gone
     proc = workers("--queue", queue, "--wait-seconds", "30")
     assert proc.wait() == 2 and "--wait-seconds" in proc.stderr
