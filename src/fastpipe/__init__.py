@@ -23,6 +23,7 @@ from ._engine import process as process
 from ._engine import process_many as process_many
 from ._engine import run as run
 from ._engine import run_many as run_many
+from ._events import s3_event as s3_event
 from ._exceptions import AccessDenied as AccessDenied
 from ._exceptions import BudgetExceeded as BudgetExceeded
 from ._exceptions import DestinationError as DestinationError
@@ -48,6 +49,7 @@ from ._report import Status as Status
 from ._sinks import JsonLinesSink as JsonLinesSink
 from ._sinks import Sink as Sink
 from ._sinks import TagSink as TagSink
+from ._worker import Worker as Worker
 
 __version__ = "0.1.0"
 
@@ -81,10 +83,12 @@ __all__ = [
     "Status",
     "TagSink",
     "UsageError",
+    "Worker",
     "__version__",
     "parse_size",
     "process",
     "process_many",
     "run",
     "run_many",
+    "s3_event",
 ]
