@@ -56,7 +56,9 @@ class JsonLinesSink:
         if isinstance(target, (str, os.PathLike)):
             self.name = os.fspath(target)
             try:
-                self._fd = os.open(self.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                self._fd = os.open(
+                    self.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
             except OSError as exc:
                 raise LocalIOError(
                     f"results file {self.name}: cannot open: {exc.strerror or exc}"
