@@ -30,9 +30,10 @@ if TYPE_CHECKING:
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
-def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+def add_budget_arguments(parser: argparse.ArgumentParser, objects: bool = True) -> None:
     """``--max-connections``, ``--disk-budget``, ``--file-stage-slots``, ``--max-objects``
-    (their defaults, computed for this machine, shown by ``--help``)."""
+    (their defaults, computed for this machine, shown by ``--help``). ``objects`` False:
+    the parser has its own ``--max-objects`` (the worker's)."""
     from ._budgets import DISK_SHARE, default_disk_budget, default_file_stage_slots
 
     defaults = Config()
@@ -58,12 +59,13 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"file stages running at once (default: the CPU count, {default_file_stage_slots()})",
     )
-    parser.add_argument(
-        "--max-objects",
-        type=positive_int,
-        default=None,
-        help=f"objects in progress at once (default {defaults.max_objects})",
-    )
+    if objects:
+        parser.add_argument(
+            "--max-objects",
+            type=positive_int,
+            default=None,
+            help=f"objects in progress at once (default {defaults.max_objects})",
+        )
 
 
 def budget_settings(args: argparse.Namespace) -> dict[str, Any]:
