@@ -1,4 +1,4 @@
-"""The bench's fit and `fastpipe estimate`; the engine's ETA does not read bench results."""
+"""The bench's fit; neither the engine's ETA nor `fastpipe estimate` reads bench results."""
 
 from __future__ import annotations
 
@@ -40,18 +40,11 @@ def test_linear_fit_recovers_a_line() -> None:
     assert fitting.linear_fit([(GiB, 1.0), (GiB, 2.0)]) is None  # one size: no line
 
 
-def test_estimate_seconds_and_cli(tmp_path: Path) -> None:
+def test_estimate_seconds(tmp_path: Path) -> None:
     path = tmp_path / "results.json"
     assert fitting.estimate_seconds(GiB, str(path)) is None
     _results(path, per_gib=1.5, intercept=0.5)
     assert fitting.estimate_seconds(10 * GiB, str(path)) == pytest.approx(15.5)
-    out = subprocess.run(
-        [sys.executable, "-m", "fastpipe.cli", "estimate", "10GiB", "--results", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "15.5" in out.stdout
 
 
 def test_progress_eta_ignores_bench_results(tmp_path: Path, monkeypatch: Any) -> None:
@@ -112,7 +105,8 @@ def test_bench_refuses_an_unknown_variant(tmp_path: Path) -> None:
 
 
 def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
-    """`fastpipe bench` on its own embedded server, then `fastpipe estimate` from it."""
+    """`fastpipe bench` on its own embedded server; `fastpipe estimate` then still works
+    (from the time model, not from the bench's results)."""
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
     out = subprocess.run(
         [sys.executable, "-m", "fastpipe.cli", "bench", "--sizes", "1MiB,2MiB", "--repeat", "1"]

@@ -1,4 +1,4 @@
-"""``fastpipe bench`` and ``fastpipe estimate``: end-to-end time against object size.
+"""``fastpipe bench``: end-to-end time against object size.
 
 ``fastpipe bench`` uploads random objects of a few sizes (plus one low-entropy object, so
 that chunking finds duplicates) to an S3 endpoint (the embedded SeaweedFS by default)
@@ -19,10 +19,10 @@ Every run is its own process (wall seconds from spawn to exit, its own peak RSS 
 ``wait4``), preceded by ``os.sync()`` so that the writeback of a previous run's file does
 not land in the next one's time. Runs are interleaved across variants, ``--repeat`` times;
 the median is quoted. ``results.json`` keeps every run; ``time_vs_size.png`` plots seconds
-against size with a linear fit per variant, and :mod:`fastpipe.tools.fit` reads the fit
-of the ``fastpipe`` variant back (``fastpipe estimate SIZE``).
+against size with a linear fit per variant (:mod:`fastpipe.tools.fit`). ``fastpipe
+estimate`` asks the engine's time model instead (:mod:`fastpipe._model`).
 
-The command line (``fastpipe bench``/``estimate``) is defined in :mod:`fastpipe.cli`;
+The command line (``fastpipe bench``) is defined in :mod:`fastpipe.cli`;
 ``python -m fastpipe.tools.bench variant NAME`` is the internal entry of one timed run.
 """
 
@@ -44,7 +44,7 @@ from typing import Any
 
 from .. import Config, FastpipeError, Report, StageReport, UsageError, parse_size, run
 from .._console import format_size, printable
-from .fit import GiB, default_results_path, fits, load_results
+from .fit import GiB, default_results_path, fits
 from .locals3 import LocalS3, find_weed
 from .s3 import ensure_bucket, s3_client, upload_file
 
@@ -772,42 +772,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print("targets:")
     print(format_targets(runs))
     print()
-    print(f"results: {results_path} (copy for estimate: {default_results_path()})")
+    print(f"results: {results_path} (copy: {default_results_path()})")
     if plotted:
         print(f"plot: {png}")
     return EXIT_FAILED if any(r["exit_code"] for r in runs) else EXIT_OK
-
-
-def cmd_estimate(args: argparse.Namespace) -> int:
-    """``fastpipe estimate SIZE``: 0, or 2 when there are no usable results."""
-    path = args.results or default_results_path()
-    data = load_results(path)
-    if data is None:
-        print(
-            f"fastpipe estimate: no benchmark results at {printable(path)}; "
-            "run `fastpipe bench` first",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    fit = fits(data["runs"]).get("fastpipe")
-    if fit is None:
-        print(
-            f"fastpipe estimate: {printable(path)} has no fastpipe runs over two sizes or more",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    seconds = max(0.0, fit.seconds(args.size))
-    print(f"{format_size(args.size)}: about {seconds:.1f} s end to end ({data.get('stages', '')})")
-    print(f"  fit: seconds = {fit.intercept:.3f} + {fit.per_gib:.3f} * GiB (R²={fit.r2:.4f})")
-    sizes = data.get("sizes") or []
-    machine = data.get("machine", {})
-    print(
-        f"  from {fit.points} runs of {', '.join(format_size(s) for s in sizes)} "
-        f"on {machine.get('cpu_count', '?')} cores, {data.get('created', '?')} ({printable(path)})"
-    )
-    if sizes and args.size > 4 * max(sizes):
-        print(f"  note: {format_size(args.size)} is far beyond the largest size measured")
-    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
