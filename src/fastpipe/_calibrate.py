@@ -216,7 +216,7 @@ def _estimate(args: argparse.Namespace, path: str | None) -> int:
     prediction = model.predict(
         args.size,
         stage_costs(stages),
-        download_key=None if args.local else "download",
+        download_key=None if args.local else "download:raw",
         load=Load.shared(args.in_flight),
     )
     if args.json:

@@ -32,10 +32,14 @@ import os
 import statistics
 import tempfile
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
+
+import anyio
 
 logger = logging.getLogger(__name__)
 
@@ -628,3 +632,79 @@ def _floats(mapping: Any) -> dict[str, float]:
         if math.isfinite(x) and x > 0:
             out[str(key)] = x
     return out
+
+
+class EngineModel:
+    """The engine's time model: loaded from ``path`` lazily and off the event loop, fed
+    each object that passed, saved off the loop every ``save_every`` seconds and at close.
+
+    ``path`` None keeps the model in memory only. A state file that cannot be written is
+    said in a warning; it never fails an object.
+    """
+
+    def __init__(self, path: str | None, save_every: float = 30.0) -> None:
+        self.path = path
+        self.save_every = save_every
+        self._model: TimeModel | None = None
+        self._saved_at = time.monotonic()
+
+    async def get(self) -> TimeModel:
+        """The model (loaded on first use, in a worker thread)."""
+        if self._model is None:
+            path = self.path
+            loaded = await anyio.to_thread.run_sync(TimeModel.load, path) if path else TimeModel()
+            if self._model is None:  # another object may have loaded it meanwhile
+                self._model = loaded
+        return self._model
+
+    async def predict(
+        self,
+        stages: Sequence[Any],
+        info: Any,
+        *,
+        download_key: str | None,
+        early_file_stages: bool = True,
+        load: Load | None = None,
+    ) -> Prediction:
+        """The prediction for one object after HEAD (``info``), before its first byte."""
+        model = await self.get()
+        costs = stage_costs(stages, info, early_file_stages=early_file_stages)
+        return model.predict(int(info.size), costs, download_key=download_key, load=load)
+
+    async def learn(
+        self, report: Any, prediction: Prediction, busy: Mapping[int, float] | None = None
+    ) -> None:
+        """Learn from a finished object (nothing when it did not pass); ``busy`` replaces
+        the seconds of stages (by index) that also waited (the early file stage)."""
+        obs = Observation.from_report(
+            report,
+            prediction.stages,
+            download_key=(
+                prediction.download_rate.key if prediction.download_rate is not None else None
+            ),
+            load=prediction.load,
+        )
+        if obs is None:
+            return
+        if busy:
+            obs = replace(
+                obs,
+                stages=tuple(
+                    (cost, busy.get(i, seconds)) for i, (cost, seconds) in enumerate(obs.stages)
+                ),
+            )
+        model = await self.get()
+        model.learn(obs)
+        if time.monotonic() - self._saved_at >= self.save_every:
+            await self.save()
+
+    async def save(self) -> None:
+        """Write the state file if anything changed (off the loop; a failure is a warning)."""
+        model, path = self._model, self.path
+        self._saved_at = time.monotonic()
+        if model is None or not path:
+            return
+        try:
+            await anyio.to_thread.run_sync(partial(model.save, path, only_if_changed=True))
+        except OSError as exc:
+            logger.warning("time model not saved to %s: %s", path, exc)
