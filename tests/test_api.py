@@ -183,16 +183,18 @@ def test_console_script_exits_with_main_code(tmp_path: Path) -> None:
 
 def test_range_response_checks_run_before_the_body() -> None:
     """Both data planes refuse a 2xx that is not the asked range of the HEAD'ed object."""
+    from fastpipe._objectinfo import ObjectInfo, PinnedObject
     from fastpipe._s3 import check_range_response
 
     loc = S3Location("bucket", "key")
+    obj = PinnedObject(loc, ObjectInfo(source=str(loc), size=100, etag="abc"))
 
     def check(**kw: object) -> None:
         args = dict(
             status=206, content_length=10, content_range="bytes 10-19/100", response_etag='"abc"'
         )
         args.update(kw)
-        check_range_response(loc, 100, "abc", 10, 20, **args)  # type: ignore[arg-type]
+        check_range_response(obj, 10, 20, **args)  # type: ignore[arg-type]
 
     check()
     with pytest.raises(fastpipe.IntegrityError, match="another range"):
@@ -205,3 +207,25 @@ def test_range_response_checks_run_before_the_body() -> None:
         check(response_etag='"def"')
     with pytest.raises(fastpipe.IntegrityError, match="ignored the byte range"):
         check(status=200)
+
+
+def test_report_enums_are_their_strings_in_json(tmp_path: Path) -> None:
+    """Status, kind and plane are str-valued enums: the JSON report holds plain strings."""
+    import json
+
+    from fastpipe.stages import Checksum
+
+    local = tmp_path / "local.bin"
+    local.write_bytes(b"x" * 1000)
+    events: list[fastpipe.Progress] = []
+    report = fastpipe.run(str(local), stages=[Checksum()], progress=events.append)
+    assert report.stages[0].status is fastpipe.Status.PASSED
+    assert report.stages[0].kind is fastpipe.Kind.STREAM
+    assert report.download.plane is fastpipe.Plane.LOCAL
+    assert events and all(e.phase is fastpipe.Phase.STREAM for e in events)
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["download"]["plane"] == "local" and "path" not in data["download"]
+    assert data["stages"][0]["status"] == "passed" and data["stages"][0]["kind"] == "stream"
+    for enum in (fastpipe.Status, fastpipe.Kind, fastpipe.Phase, fastpipe.Plane):
+        assert enum.__doc__
+        assert all(isinstance(m, str) and str(m) == m.value for m in enum)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -134,3 +137,111 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
     )
     assert estimate.returncode == 0, estimate.stderr
     assert "end to end" in estimate.stdout
+
+
+def _run(variant: str, seconds: float, rate: int | None, size: int = GiB) -> dict[str, Any]:
+    return {
+        "variant": variant,
+        "size": size,
+        "seconds": seconds,
+        "peak_rss": 1 << 20,
+        "link_rate": rate,
+    }
+
+
+def test_targets_and_table_per_link_rate() -> None:
+    """Shaped rates get the network-bound targets, with D = s5cmd and S = local-stages."""
+    from fastpipe.tools.bench import check_targets, format_table
+
+    rate = 2_400_000_000
+    seconds = {
+        "fastpipe": 4.0,
+        "fastpipe-download": 3.9,
+        "sequential": 4.5,
+        "s5cmd": 3.6,
+        "local-stages": 0.9,
+        "three-services": 11.0,
+    }
+    runs = [_run(v, s, rate) for v, s in seconds.items()]
+    runs += [_run("fastpipe", 1.5, None), _run("sequential", 1.8, None)]
+    checks = {name: (value, limit) for name, value, limit, _ in check_targets(runs)}
+    at = "1.0 GiB at 2.4Gbit"
+    assert checks[f"{at}: fastpipe / fastpipe-download"] == (pytest.approx(4.0 / 3.9), 1.05)
+    bound = 3.6 / (3.6 + 0.9)
+    (name,) = [n for n in checks if n.startswith(f"{at}: (fastpipe / sequential)")]
+    assert checks[name] == (pytest.approx((4.0 / 4.5) / bound), 1.05)
+    assert checks[f"{at}: fastpipe / three-services"] == (pytest.approx(4.0 / 11.0), 0.40)
+    assert checks[f"{at}: fastpipe-download / s5cmd"] == (pytest.approx(3.9 / 3.6), 1.05)
+    assert checks["1.0 GiB at unlimited: fastpipe / sequential"] == (pytest.approx(1.5 / 1.8), 0.8)
+    table = format_table(runs).splitlines()
+    assert table[0].split()[0] == "link"
+    assert [line.split()[0] for line in table[1:3]] == ["unlimited", "unlimited"]
+    assert {line.split()[0] for line in table[3:]} == {"2.4Gbit"}
+
+
+needs_root_and_tc = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("tc") is None, reason="shaping lo needs root and tc"
+)
+
+
+def _lo_root() -> str:
+    out = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True)
+    return " ".join(out.stdout.split()[:3])
+
+
+@needs_root_and_tc
+def test_tiny_bench_with_link_rates(tmp_path: Path) -> None:
+    """Two link rates in one call: each run records its rate, lo is as before after."""
+    before = _lo_root()
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    out = subprocess.run(
+        [sys.executable, "-m", "fastpipe.cli", "bench", "--sizes", "1MiB", "--repeat", "1"]
+        + ["--warmup", "0", "--variants", "fastpipe,local-stages", "--no-low-entropy"]
+        + ["--link-rate", "unlimited,800Mbit", "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "shaping lo: from port" in out.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["link_rates"] == [None, 800_000_000]
+    assert sorted((r["variant"], r["link_rate"] or 0) for r in results["runs"]) == [
+        ("fastpipe", 0),
+        ("fastpipe", 800_000_000),
+        ("local-stages", 0),
+        ("local-stages", 800_000_000),
+    ]
+    assert all(r["exit_code"] == 0 and r["detail"].get("passed") for r in results["runs"])
+    assert (tmp_path / "out" / "time_vs_size.png").stat().st_size > 0
+    assert _lo_root() == before
+
+
+@needs_root_and_tc
+def test_sigterm_during_a_shaped_bench_cleans_up(tmp_path: Path) -> None:
+    """SIGTERM while shaped: exit 143, lo as before, the embedded server stopped."""
+    before = _lo_root()
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    argv = [sys.executable, "-m", "fastpipe.cli", "bench", "--sizes", "8MiB", "--repeat", "50"]
+    argv += ["--warmup", "0", "--variants", "fastpipe", "--no-low-entropy"]
+    argv += ["--link-rate", "800Mbit", "--out", str(tmp_path / "out")]
+    with subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        assert proc.stderr is not None
+        endpoint = None
+        for line in proc.stderr:
+            if line.startswith("endpoint "):
+                endpoint = line.split()[1].rstrip(",")
+            if line.startswith("shaping lo:"):
+                break
+        assert endpoint is not None
+        assert _lo_root().startswith("qdisc htb fa57:")
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=60)
+    assert code == 143, rest
+    assert "interrupted by SIGTERM" in rest
+    assert _lo_root() == before
+    port = int(endpoint.rsplit(":", 1)[1])
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # the server is gone

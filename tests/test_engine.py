@@ -68,7 +68,7 @@ def test_sizes_round_trip(put_object: Any, tmp_path: Any, size: int, concurrency
     assert report.size == size
     assert report.download.bytes == size
     assert report.download.parts == -(-size // PART)
-    assert report.download.path == "raw"
+    assert report.download.plane == "raw"
     assert oct(dest.stat().st_mode & 0o777) == oct(0o600)
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
 
@@ -117,7 +117,7 @@ def test_botocore_data_plane(put_object: Any, tmp_path: Any) -> None:
         config=Config(part_size=PART, data_plane="botocore", max_concurrency=4),
     )
     assert report.passed
-    assert report.download.path == "botocore"
+    assert report.download.plane == "botocore"
     assert dest.read_bytes() == data
 
 
@@ -138,7 +138,7 @@ def test_local_file_source(tmp_path: Any) -> None:
 
     report = fastpipe.run(str(path), stages=[Checksum("sha256"), SeePath()])
     assert report.passed
-    assert report.download.path == "local"
+    assert report.download.plane == "local"
     assert report.download.bytes == 0
     assert seen == [str(path)]  # processed in place, no copy
     assert report.stage("checksum").result["hexdigest"] == hashlib.sha256(data).hexdigest()
@@ -201,7 +201,7 @@ def test_progress_ends_at_the_total_with_real_seconds(
     assert download and download[-1].bytes_done == size == download[-1].total
     assert download[-1].eta_seconds == 0.0
     assert [e.bytes_done for e in download] == sorted(e.bytes_done for e in download)
-    staged = [e for e in events if e.phase == "noop"]
+    staged = [e for e in events if e.phase == "file" and e.stage == "noop"]
     assert staged and all(e.seconds > 0.0 and e.bytes_done == size for e in staged)
     assert events.index(staged[0]) > events.index(download[-1])
     # A local file: the stream phase ends at its size too.

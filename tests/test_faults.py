@@ -157,7 +157,7 @@ def test_faults_on_a_share_of_gets_lose_nothing(
         config=config(proxy, plane, max_attempts=max_attempts),
     )
     assert report.passed, report.error
-    assert report.download.path == plane
+    assert report.download.plane == plane
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
     assert report.stage("checksum").result["hexdigest"] == hashlib.sha256(data).hexdigest()
     injected = sum(proxy.faults.values())

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import fastpipe
 
@@ -151,7 +152,8 @@ def test_the_graph_sees_real_imports() -> None:
     """The reader finds the edges it must: relative, lazy, ``from . import module``."""
     graph = import_graph()
     assert "fastpipe._engine" in graph["fastpipe"]
-    assert "fastpipe.stages.checksum" in graph["fastpipe._engine"]  # a lazy import
+    assert "fastpipe.stages.checksum" in graph["fastpipe._stagelist"]  # a lazy import
+    assert "fastpipe._stagelist" in graph["fastpipe._engine"]  # from . import module
     assert "fastpipe._console" in graph["fastpipe.cli"]
     assert "fastpipe.tools.bench" in graph["fastpipe.cli"]  # lazy, in its subcommand
 
@@ -233,3 +235,50 @@ def test_cli_run_loads_no_tool(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "[]"
+
+
+#: Modules the CLI's run path does not use: loading them is start-up time for nothing.
+NOT_ON_THE_RUN_PATH = ("awscrt", "crc32c", "fastpipe.tools")
+
+
+def _loaded(prefixes: tuple[str, ...]) -> str:
+    """Python that prints which modules under ``prefixes`` are in ``sys.modules``."""
+    return (
+        "import sys\n"
+        f"prefixes = {prefixes!r}\n"
+        "print(sorted(m for m in sys.modules"
+        " if any(m == p or m.startswith(p + '.') for p in prefixes)))\n"
+    )
+
+
+def test_import_fastpipe_loads_no_crt_crc32c_or_tool() -> None:
+    env = dict(os.environ, PYTHONPATH=REPO_SRC)
+    code = "import fastpipe, fastpipe.cli\n" + _loaded(NOT_ON_THE_RUN_PATH)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_cli_run_on_s3_loads_no_crt(put_object: Any) -> None:
+    """botocore loads awscrt whenever it is installed (about 40 ms); the CLI keeps it out,
+    and a stage that needs awscrt can still import it afterwards."""
+    import awscrt  # noqa: F401  (installed: else the test would prove nothing)
+
+    uri = put_object(os.urandom(4096))
+    env = dict(os.environ, PYTHONPATH=REPO_SRC)
+    code = (
+        "import sys, fastpipe.cli\n"
+        f"code = fastpipe.cli.main(['run', {uri!r}, '--json', '--no-progress'])\n"
+        "assert code == 0, code\n" + _loaded(NOT_ON_THE_RUN_PATH) + "import botocore.compat\n"
+        "print(botocore.compat.HAS_CRT)\n"
+        "from awscrt import checksums\n"
+        "print(checksums.crc32c(b'abc'))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[-3:] == ["[]", "False", "910901175"]

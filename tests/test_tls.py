@@ -88,7 +88,7 @@ def test_trusted_with_ca_bundle(
         config=Config(endpoint_url=tls_env, part_size=PART, data_plane=plane),
     )
     assert report.passed, report.error
-    assert report.download.path == plane
+    assert report.download.plane == plane
     assert dest.read_bytes() == data
     assert report.stage("checksum").result["hexdigest"] == hashlib.sha256(data).hexdigest()
 
@@ -172,6 +172,6 @@ def test_raw_plane_through_the_split_proxy_when_all_trusted(
         config=Config(endpoint_url=proxy.url, part_size=PART, data_plane="raw"),
     )
     assert report.passed, report.error
-    assert report.download.path == "raw"
+    assert report.download.plane == "raw"
     assert report.stage("checksum").result["hexdigest"] == hashlib.sha256(data).hexdigest()
     assert len(proxy.gets()) == 6

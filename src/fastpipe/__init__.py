@@ -37,9 +37,13 @@ from ._exceptions import StageFailed as StageFailed
 from ._exceptions import StageTimeout as StageTimeout
 from ._exceptions import UsageError as UsageError
 from ._report import DownloadReport as DownloadReport
+from ._report import Kind as Kind
+from ._report import Phase as Phase
+from ._report import Plane as Plane
 from ._report import Progress as Progress
 from ._report import Report as Report
 from ._report import StageReport as StageReport
+from ._report import Status as Status
 
 __version__ = "0.1.0"
 
@@ -54,9 +58,12 @@ __all__ = [
     "Engine",
     "FastpipeError",
     "IntegrityError",
+    "Kind",
     "LocalIOError",
     "ObjectChanged",
     "ObjectNotFound",
+    "Phase",
+    "Plane",
     "Progress",
     "Report",
     "RetriesExhausted",
@@ -64,6 +71,7 @@ __all__ = [
     "StageFailed",
     "StageReport",
     "StageTimeout",
+    "Status",
     "UsageError",
     "__version__",
     "parse_size",

@@ -19,13 +19,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._config import Config, format_size
 from ._exceptions import FastpipeError, LocalIOError, UsageError
 from ._model import Load, TimeModel, stage_costs
 from ._objectinfo import ObjectInfo
-from .stages._base import FileStage, LocalFile, Stage, StreamStage
+
+if TYPE_CHECKING:  # the CLI builds its parser from here: the stages load only when used
+    from .stages._base import FileStage, Stage, StreamStage
 
 DEFAULT_SIZE = 64 << 20
 #: Bytes per ``update`` call, as the engine's stream buffer.
@@ -93,6 +95,8 @@ def _time_stream(stage: StreamStage, info: ObjectInfo, data: memoryview) -> floa
 
 
 def _time_file(stage: FileStage, path: str, info: ObjectInfo) -> float:
+    from .stages._base import LocalFile
+
     started = time.perf_counter()
     stage.run(LocalFile(path=path, size=info.size, info=info))
     return time.perf_counter() - started

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from ._config import format_size, parse_size
 from ._exceptions import UsageError
-from ._report import Progress, Report
+from ._report import Phase, Progress, Report
 
 __all__ = [
     "ProgressBar",
@@ -113,9 +113,9 @@ class ProgressBar:
 
     def __call__(self, event: Progress) -> None:
         now = time.monotonic()
-        if event.phase not in ("download", "stream"):
+        if event.phase is Phase.FILE:
             # A file stage: the bytes are all there; say which stage runs.
-            self._write(f"{'stage':>8} {printable(event.phase)} running on the local file")
+            self._write(f"{'stage':>8} {printable(event.stage or '')} running on the local file")
             return
         if now - self._last < 0.2 and event.bytes_done < event.total:
             return
@@ -127,7 +127,7 @@ class ProgressBar:
         rate = event.bytes_done / event.seconds if event.seconds > 0 else 0.0
         eta = f"ETA {event.eta_seconds:5.1f}s" if event.eta_seconds is not None else "ETA -"
         self._write(
-            f"{printable(event.phase):>8} [{bar}] {format_size(event.bytes_done)} / "
+            f"{printable(event.phase.value):>8} [{bar}] {format_size(event.bytes_done)} / "
             f"{format_size(event.total)}  {format_size(rate)}/s  {eta}"
         )
 
@@ -171,7 +171,7 @@ def summary(report: Report) -> str:
             f"  download  {format_size(dl.bytes)} in {dl.seconds:.2f}s "
             f"({format_size(dl.bytes / dl.seconds)}/s, {dl.parts} parts of "
             f"{format_size(dl.part_size)}, concurrency {dl.concurrency}, "
-            f"retries {dl.retries}, path {dl.path})"
+            f"retries {dl.retries}, plane {dl.plane})"
         )
     for stage in report.stages:
         detail = ""

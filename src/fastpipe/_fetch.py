@@ -19,10 +19,10 @@ import anyio
 
 from ._config import Config
 from ._exceptions import AccessDenied, LocalIOError, RetriesExhausted
-from ._file import TempFile, Watermark
 from ._groups import unwrap_groups
 from ._http import HTTPFault, RawConnection, Response
-from ._objectinfo import ObjectInfo
+from ._job import Job
+from ._report import DownloadReport, Plane
 from ._s3 import S3Control, check_range_response
 from ._s3meta import (
     ExpiredURL,
@@ -46,6 +46,12 @@ class FetchStats:
     started: float = 0.0
     finished: float = 0.0
 
+    def fill(self, download: DownloadReport) -> None:
+        """Copy the counters into the report's download section."""
+        download.bytes, download.retries = self.bytes, self.retries
+        if self.finished:
+            download.seconds = self.finished - self.started
+
 
 def proxy_configured(endpoint: str) -> bool:
     """True when an HTTP(S) proxy applies to ``endpoint`` (the raw path cannot serve)."""
@@ -58,26 +64,28 @@ def proxy_configured(endpoint: str) -> bool:
     return not urllib.request.proxy_bypass_environment(parts.hostname or "")  # type: ignore[attr-defined]
 
 
+def choose_plane(config: Config, location: S3Location) -> Plane:
+    """The configured data plane; ``auto`` is ``raw`` unless a proxy applies."""
+    plane = config.data_plane
+    if plane == "auto":
+        endpoint = config.resolved_endpoint() or "https://s3.amazonaws.com"
+        plane = "botocore" if proxy_configured(endpoint) else "raw"
+    logger.debug("%s: data plane %s (configured: %s)", location, plane, config.data_plane)
+    return Plane(plane)
+
+
 class Fetcher:
     """Downloads one object's parts into a temp file."""
 
-    def __init__(
-        self,
-        s3: S3Control,
-        config: Config,
-        location: S3Location,
-        info: ObjectInfo,
-        tmp: TempFile,
-        watermark: Watermark,
-        path: str,
-    ) -> None:
+    def __init__(self, s3: S3Control, config: Config, job: Job) -> None:
         self.s3 = s3
         self.config = config
-        self.location = location
-        self.info = info
-        self.tmp = tmp
-        self.watermark = watermark
-        self.path = path  # "raw" or "botocore"
+        self.pinned = job.pinned
+        self.location = job.pinned.location
+        self.info = job.info
+        self.tmp = job.temp
+        self.watermark = job.watermark
+        self.plane = job.plane  # raw or botocore
         self.stats = FetchStats()
         self._next_part = 0
         self._url: str | None = None
@@ -88,7 +96,7 @@ class Fetcher:
     async def run(self, concurrency: int) -> None:
         """Fetch every part not yet complete, with ``concurrency`` fetchers."""
         self.stats.started = time.perf_counter()
-        if self.path == "raw":
+        if self.plane is Plane.RAW:
             await self._signed_url()  # fail fast (credentials) before starting fetchers
         workers = max(1, min(concurrency, self.watermark.parts))
         with unwrap_groups():
@@ -107,10 +115,12 @@ class Fetcher:
         return None
 
     async def _worker(self) -> None:
+        # One worker is one connection for its whole life (raw plane: one keep-alive
+        # socket): a limit on connections across objects is taken and given back here.
         conn: RawConnection | None = None
         try:
             while (index := self._take_part()) is not None:
-                if self.path == "raw" and conn is None:
+                if self.plane is Plane.RAW and conn is None:
                     conn = await self._connection()
                 await self._fetch_part(index, conn)
         finally:
@@ -159,10 +169,7 @@ class Fetcher:
                     await self._get_raw(conn, index, position, end)
                 else:
                     await self.s3.stream_range(
-                        self.location,
-                        self.info.size,
-                        self.info.etag,
-                        self.info.version_id,
+                        self.pinned,
                         position,
                         end,
                         self._sink(index),
@@ -236,9 +243,7 @@ class Fetcher:
 
         def check_head(response: Response) -> None:
             check_range_response(
-                self.location,
-                self.info.size,
-                self.info.etag,
+                self.pinned,
                 start,
                 end,
                 status=response.status,

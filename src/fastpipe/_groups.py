@@ -1,10 +1,14 @@
-"""Unwrap anyio task-group exception groups into the one error a caller should see."""
+"""anyio helpers: the one error a caller should see out of a task group's exception
+group, a lock held until released once, and the event loop runner."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
+
+import anyio
 
 if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backport there
     from exceptiongroup import BaseExceptionGroup
@@ -46,3 +50,40 @@ def unwrap_groups() -> Iterator[None]:
         # The group only wraps this error: hide it, but keep the error's own cause (a bare
         # "from None" here erased the cause of every error raised inside a task group).
         raise error from error.__cause__
+
+
+class HeldOnce:
+    """Holds a lock from ``async with`` until :meth:`release` or the block's end (no
+    lock: holds nothing)."""
+
+    def __init__(self, lock: anyio.Lock | None) -> None:
+        self.lock = lock
+        self.held = False
+
+    async def __aenter__(self) -> HeldOnce:
+        if self.lock is not None:
+            await self.lock.acquire()
+            self.held = True
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.held and self.lock is not None:
+            self.held = False
+            self.lock.release()
+
+
+T = TypeVar("T")
+
+
+def run_async(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run ``fn`` on asyncio, with uvloop when it is installed."""
+    try:
+        import uvloop  # noqa: F401
+
+        options = {"use_uvloop": True}
+    except ImportError:
+        options = {}
+    return anyio.run(fn, backend="asyncio", backend_options=options)

@@ -161,32 +161,9 @@ class _ResponseProtocol(asyncio.BufferedProtocol):
                 raise HTTPFault("response head too large")
             return
         head = bytes(self._view[:end]).decode("latin-1")
-        status_line, *lines = head.split("\r\n")
-        parts = status_line.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise HTTPFault(f"bad status line {status_line[:80]!r}")
-        headers: dict[str, str] = {}
-        for line in lines:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        status = int(parts[1])
-        keep_alive = headers.get("connection", "").lower() != "close" and parts[0] != "HTTP/1.0"
-        req.response = Response(
-            status, parts[2] if len(parts) > 2 else "", headers, b"", 0, keep_alive
-        )
-        req.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        if "content-length" in headers:
-            req.body_length = int(headers["content-length"])
-        elif req.chunked:
-            if 200 <= status < 300:
-                raise HTTPFault("chunked body on a ranged GET is not supported")
-            req.body_length = -1
-        elif status in (204, 304) or 100 <= status < 200:
-            req.body_length = 0
-        else:
-            req.body_length = -1  # until the connection closes
-            req.response.keep_alive = False
+        status, reason, keep_alive, headers = _split_head(head)
+        req.response = Response(status, reason, headers, b"", 0, keep_alive)
+        _frame_body(req, status, headers)
         if 200 <= status < 300:
             # Before any body byte reaches the sink: a wrong range or another object
             # must never be written to the file.
@@ -356,3 +333,35 @@ class RawConnection:
         if self._protocol is not None:
             self._protocol.close()
             self._protocol = None
+
+
+def _split_head(head: str) -> tuple[int, str, bool, dict[str, str]]:
+    """A response head's status, reason, keep-alive and headers (names lowercased)."""
+    status_line, *lines = head.split("\r\n")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise HTTPFault(f"bad status line {status_line[:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    keep_alive = headers.get("connection", "").lower() != "close" and parts[0] != "HTTP/1.0"
+    return int(parts[1]), parts[2] if len(parts) > 2 else "", keep_alive, headers
+
+
+def _frame_body(req: _Request, status: int, headers: dict[str, str]) -> None:
+    """How the body ends: its length, -1 until the connection closes (or chunked)."""
+    assert req.response is not None
+    req.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+    if "content-length" in headers:
+        req.body_length = int(headers["content-length"])
+    elif req.chunked:
+        if 200 <= status < 300:
+            raise HTTPFault("chunked body on a ranged GET is not supported")
+        req.body_length = -1
+    elif status in (204, 304) or 100 <= status < 200:
+        req.body_length = 0
+    else:
+        req.body_length = -1  # until the connection closes
+        req.response.keep_alive = False

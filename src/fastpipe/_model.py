@@ -39,8 +39,6 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-import anyio
-
 logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
@@ -650,6 +648,8 @@ class EngineModel:
 
     async def get(self) -> TimeModel:
         """The model (loaded on first use, in a worker thread)."""
+        import anyio
+
         if self._model is None:
             path = self.path
             loaded = await anyio.to_thread.run_sync(TimeModel.load, path) if path else TimeModel()
@@ -704,6 +704,8 @@ class EngineModel:
         self._saved_at = time.monotonic()
         if model is None or not path:
             return
+        import anyio
+
         try:
             await anyio.to_thread.run_sync(partial(model.save, path, only_if_changed=True))
         except OSError as exc:

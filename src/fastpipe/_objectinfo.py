@@ -7,11 +7,14 @@ that check what S3 stored (``verify``) need both before the first byte arrives.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._exceptions import ObjectNotFound, SourceError
 from ._s3meta import CHECKSUM_ALGORITHMS, parts_from_etag, strip_etag
+from ._source import LocalLocation, S3Location
 
 
 @dataclass(frozen=True)
@@ -103,3 +106,31 @@ def object_info_from_head(
         parts_count=parts_count,
         multipart_part_size=part_size,
     )
+
+
+@dataclass(frozen=True)
+class PinnedObject:
+    """One S3 object version as HEAD saw it: where it lives and what every GET must match.
+
+    The part of a job the data planes need (size, ETag and version pin each ranged GET).
+    """
+
+    location: S3Location
+    info: ObjectInfo
+
+    def __str__(self) -> str:
+        return str(self.location)
+
+
+def local_object_info(location: LocalLocation) -> ObjectInfo:
+    """What a local source is (its ``stat``), or the error that says why it cannot be read."""
+    path = os.path.abspath(location.path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as exc:
+        raise ObjectNotFound(f"{path}: no such file") from exc
+    except PermissionError as exc:
+        raise SourceError(f"{path}: permission denied") from exc
+    if not os.path.isfile(path):
+        raise SourceError(f"{path}: not a regular file")
+    return ObjectInfo(source=path, size=st.st_size, local_path=path)

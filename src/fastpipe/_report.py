@@ -2,17 +2,64 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class _StrEnum(str, Enum):
+    """str-valued (not StrEnum: Python 3.10 is supported): a member compares equal to its
+    value, prints as it, and the JSON report holds the same strings as before."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Status(_StrEnum):
+    """A stage's outcome in the report."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class Kind(_StrEnum):
+    """A stage's kind: ``stream`` (fed the bytes in order) or ``file`` (the whole file)."""
+
+    STREAM = "stream"
+    FILE = "file"
+
+
+class Phase(_StrEnum):
+    """What a progress event is about: the download, a local file streamed, a file stage."""
+
+    DOWNLOAD = "download"
+    STREAM = "stream"
+    FILE = "file"
+
+
+class Plane(_StrEnum):
+    """The data plane that read the bytes.
+
+    ``raw``: presigned GETs read by a buffered protocol; ``botocore``: aiobotocore's
+    response bodies; ``local``: a local file.
+    """
+
+    RAW = "raw"
+    BOTOCORE = "botocore"
+    LOCAL = "local"
 
 
 @dataclass
 class StageReport:
-    """One stage's outcome: ``status`` is ``passed``, ``failed`` or ``skipped``."""
+    """One stage's outcome: ``status`` is a :class:`Status`, ``kind`` a :class:`Kind`."""
 
     name: str
-    kind: str
-    status: str = "skipped"
+    kind: Kind
+    status: Status = Status.SKIPPED
     seconds: float = 0.0
     result: Any = None
     error: str | None = None
@@ -22,9 +69,8 @@ class StageReport:
 class DownloadReport:
     """How the bytes were read.
 
-    ``path`` is the data plane that ran: ``raw`` (presigned GETs read by a buffered
-    protocol), ``botocore`` (aiobotocore's response bodies) or ``local`` (a local file).
-    ``bytes`` counts bytes fetched from S3; ``reused_bytes`` those taken from a resumed
+    ``plane`` is the data plane that ran (a :class:`Plane`: ``raw``, ``botocore`` or
+    ``local``). ``bytes`` counts bytes fetched from S3; ``reused_bytes`` those taken from a resumed
     temp file.
     """
 
@@ -34,7 +80,7 @@ class DownloadReport:
     part_size: int = 0
     concurrency: int = 0
     retries: int = 0
-    path: str = "raw"
+    plane: Plane = Plane.RAW
     reused_bytes: int = 0
 
 
@@ -78,16 +124,43 @@ class Report:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        """The report as plain JSON-serialisable data (the CLI's ``--json`` shape)."""
+        """The report as plain JSON-serialisable data (the CLI's ``--json`` shape).
+
+        The enums are str-valued: ``json.dumps`` writes them as their values.
+        """
         return asdict(self)
 
 
 @dataclass(frozen=True)
 class Progress:
-    """A progress event: ``phase`` is ``download``, ``stream`` or a file stage's name."""
+    """A progress event.
+
+    ``phase`` is ``download`` (an S3 object's bytes arriving), ``stream`` (a local file
+    read by the stream stages) or ``file`` (a file stage, named by ``stage``, at its start
+    and its end).
+    """
 
     bytes_done: int
     total: int
     seconds: float
     eta_seconds: float | None
-    phase: str
+    phase: Phase
+    stage: str | None = None
+
+
+def log_done(report: Report) -> None:
+    """One INFO line per object: the source, the outcome, the time, the bytes."""
+    if report.passed:
+        outcome = "passed"
+    elif report.failed_stage is not None:
+        outcome = f"stage {report.failed_stage} failed"
+    else:
+        outcome = f"{report.error_type or 'error'}: {report.error}"
+    logger.info(
+        "%s: %s in %.3fs (%d bytes fetched, %d retries)",
+        report.source,
+        outcome,
+        report.seconds,
+        report.download.bytes,
+        report.download.retries,
+    )

@@ -25,7 +25,7 @@ from ._exceptions import (
     UsageError,
 )
 from ._http import parse_content_range
-from ._objectinfo import object_info_from_head
+from ._objectinfo import PinnedObject, object_info_from_head
 from ._s3meta import (
     TransientError,
     map_s3_error,
@@ -43,9 +43,7 @@ logger = logging.getLogger(__name__)
 
 
 def check_range_response(
-    location: S3Location,
-    size: int,
-    etag: str | None,
+    obj: PinnedObject,
     start: int,
     end: int,
     *,
@@ -56,6 +54,7 @@ def check_range_response(
 ) -> None:
     """Refuse a 2xx answer to ``GET bytes=start..end-1`` that is not that range of the
     object seen by HEAD (both data planes call this before writing a byte)."""
+    location, size, etag = obj.location, obj.info.size, obj.info.etag
     if status == 200 and not (start == 0 and end == size):
         raise IntegrityError(f"{location}: server ignored the byte range")
     if content_length is not None and content_length != end - start:
@@ -281,10 +280,7 @@ class S3Control:
 
     async def stream_range(
         self,
-        location: S3Location,
-        size: int,
-        etag: str | None,
-        version_id: str | None,
+        obj: PinnedObject,
         start: int,
         end: int,
         sink: Callable[[memoryview], None],
@@ -294,6 +290,7 @@ class S3Control:
         from aiohttp import ClientError as AioHttpClientError
         from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
 
+        location, etag, version_id = obj.location, obj.info.etag, obj.info.version_id
         client = await self.data_client()
         params: dict[str, Any] = {
             "Bucket": location.bucket,
@@ -313,9 +310,7 @@ class S3Control:
         try:
             async with body:
                 check_range_response(
-                    location,
-                    size,
-                    etag,
+                    obj,
                     start,
                     end,
                     status=int(response["ResponseMetadata"].get("HTTPStatusCode", 206)),

@@ -49,23 +49,28 @@ def parse_source(source: str | os.PathLike[str]) -> Location:
         raise UsageError("source contains a NUL character")
     lowered = text.lower()
     if lowered.startswith("s3:"):
-        if not lowered.startswith("s3://"):
-            raise UsageError(f"malformed S3 URI {text!r}: expected s3://bucket/key")
-        rest = text[5:]
-        version_id = None
-        if "?versionId=" in rest:
-            rest, _, version_id = rest.partition("?versionId=")
-        bucket, slash, key = rest.partition("/")
-        if not bucket:
-            raise UsageError(f"malformed S3 URI {text!r}: no bucket (expected s3://bucket/key)")
-        if not slash or not key:
-            raise UsageError(f"malformed S3 URI {text!r}: no key (expected s3://bucket/key)")
-        if len(bucket) < 3 or len(bucket) > 63:
-            raise UsageError(f"malformed S3 URI {text!r}: bucket names have 3 to 63 characters")
-        return S3Location(bucket, key, version_id or None)
+        return _parse_s3_uri(text)
     if "://" in text:
         scheme = text.split("://", 1)[0]
         raise UsageError(f"unsupported source scheme {scheme!r} in {text!r}; use s3:// or a path")
     if not text:
         raise UsageError("empty source")
     return LocalLocation(text)
+
+
+def _parse_s3_uri(text: str) -> S3Location:
+    """``s3://bucket/key[?versionId=...]``, or a UsageError that says what is wrong."""
+    if not text.lower().startswith("s3://"):
+        raise UsageError(f"malformed S3 URI {text!r}: expected s3://bucket/key")
+    rest = text[5:]
+    version_id = None
+    if "?versionId=" in rest:
+        rest, _, version_id = rest.partition("?versionId=")
+    bucket, slash, key = rest.partition("/")
+    if not bucket:
+        raise UsageError(f"malformed S3 URI {text!r}: no bucket (expected s3://bucket/key)")
+    if not slash or not key:
+        raise UsageError(f"malformed S3 URI {text!r}: no key (expected s3://bucket/key)")
+    if len(bucket) < 3 or len(bucket) > 63:
+        raise UsageError(f"malformed S3 URI {text!r}: bucket names have 3 to 63 characters")
+    return S3Location(bucket, key, version_id or None)

@@ -10,42 +10,32 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
+from functools import partial
 
-from ._exceptions import LocalIOError, StageFailed, StageTimeout
-from ._file import Watermark, aligned_buffer
-from ._report import StageReport
-from .stages._base import ObjectInfo, StreamStage
+from ._exceptions import LocalIOError, StageTimeout
+from ._file import aligned_buffer
+from ._job import Job
+from ._report import Status
+from .stages._base import StreamStage
 
 #: Wait for at least this much new data before waking the stages (fewer, larger calls).
 _MIN_STEP = 1 << 20
 
 
-def describe_exception(exc: BaseException) -> str:
-    """A one-line message for a stage's exception (its type when it is not ours)."""
-    if isinstance(exc, StageFailed):
-        return str(exc)
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 class StreamRunner:
     """Feeds stream stages in order; stops at the first failure (gating)."""
 
-    def __init__(
-        self,
-        stages: Sequence[StreamStage],
-        reports: Sequence[StageReport],
-        info: ObjectInfo,
-        path: str,
-        watermark: Watermark,
-        buffer_size: int,
-    ) -> None:
-        self.stages = list(stages)
-        self.reports = list(reports)
-        self.info = info
-        self.path = path
-        self.watermark = watermark
+    def __init__(self, job: Job, buffer_size: int) -> None:
+        self.stages: list[StreamStage] = []
+        for i in job.stream_indices:
+            stage = job.stages[i]
+            assert isinstance(stage, StreamStage)
+            self.stages.append(stage)
+        self.reports = [job.report.stages[i] for i in job.stream_indices]
+        self.info = job.info
+        self.path = job.path
+        self.watermark = job.watermark
         self.buffer_size = buffer_size
         self.position = 0
         self.failed_index: int | None = None
@@ -62,52 +52,61 @@ class StreamRunner:
         return self.failed_index is not None
 
     def _fail(self, index: int, exc: BaseException) -> None:
-        # The engine writes the stage's report from these (as for every other failure).
+        # The one pass writes the stage's report from these (as for every other failure);
+        # ``index`` counts stream stages only.
         self.failed_index = index
         self.error = exc
 
-    def _timed(self, index: int, fn: object, *args: object) -> object:
+    def _timed(self, index: int, fn: Callable[..., object], *args: object) -> object:
         report = self.reports[index]
         stage = self.stages[index]
         start = time.perf_counter()
         try:
-            return fn(*args)  # type: ignore[operator]
+            return fn(*args)
         finally:
             report.seconds += time.perf_counter() - start
             if stage.timeout is not None and report.seconds > stage.timeout:
                 raise StageTimeout(f"stage {stage.name} ran past its timeout of {stage.timeout}s")
 
-    def run(self) -> None:
-        """Run every stream stage over the whole object (the worker thread's body)."""
+    def _each(self, call: Callable[[int, StreamStage], object]) -> bool:
+        """``call`` each stage in order; False (the failure noted) at the first that raises."""
         for i, stage in enumerate(self.stages):
             try:
-                self._timed(i, stage.start, self.info)
+                call(i, stage)
             except BaseException as exc:  # noqa: BLE001 - a user stage may raise anything
                 self._fail(i, exc)
-                return
+                return False
+        return True
+
+    def _start(self, index: int, stage: StreamStage) -> None:
+        self._timed(index, stage.start, self.info)
+
+    def _update(self, chunk: memoryview, index: int, stage: StreamStage) -> None:
+        self._timed(index, stage.update, chunk)
+
+    def _finish(self, index: int, stage: StreamStage) -> None:
+        self.reports[index].result = self._timed(index, stage.finish)
+        self.reports[index].status = Status.PASSED
+
+    def run(self) -> None:
+        """Run every stream stage over the whole object (the worker thread's body)."""
+        if self._each(self._start) and self._read_all():
+            self._each(self._finish)
+
+    def _read_all(self) -> bool:
+        """Feed every byte to the stages in order. False: stopped, or a stage failed."""
         size = self.watermark.size
         buffer = aligned_buffer(max(self.buffer_size, 4096))
         view = memoryview(buffer)
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             while self.position < size:
-                if self._stop.is_set():
-                    return
-                available = self.watermark.wait(self.position, _MIN_STEP) - self.position
-                if available <= 0:
-                    if self.watermark.closed:
-                        return
-                    continue
-                n = os.preadv(fd, [view[: min(available, self.buffer_size)]], self.position)
-                if n <= 0:
-                    raise LocalIOError(f"short read at offset {self.position} of {self.path}")
+                n = self._read_next(fd, view)
+                if n is None:
+                    return False
                 chunk = view[:n].toreadonly()  # stages read, never write
-                for i, stage in enumerate(self.stages):
-                    try:
-                        self._timed(i, stage.update, chunk)
-                    except BaseException as exc:  # noqa: BLE001
-                        self._fail(i, exc)
-                        return
+                if not self._each(partial(self._update, chunk)):
+                    return False
                 try:
                     chunk.release()
                 except BufferError:
@@ -120,10 +119,19 @@ class StreamRunner:
                 buffer.close()
             except BufferError:
                 pass  # a stage kept a view; the buffer is freed with it
-        for i, stage in enumerate(self.stages):
-            try:
-                self.reports[i].result = self._timed(i, stage.finish)
-                self.reports[i].status = "passed"
-            except BaseException as exc:  # noqa: BLE001
-                self._fail(i, exc)
-                return
+        return True
+
+    def _read_next(self, fd: int, view: memoryview) -> int | None:
+        """Read the next new bytes at ``position`` into ``view``: their count, or None when
+        the reader is stopped (or the download ended short)."""
+        while not self._stop.is_set():
+            available = self.watermark.wait(self.position, _MIN_STEP) - self.position
+            if available <= 0:
+                if self.watermark.closed:
+                    return None
+                continue
+            n = os.preadv(fd, [view[: min(available, self.buffer_size)]], self.position)
+            if n <= 0:
+                raise LocalIOError(f"short read at offset {self.position} of {self.path}")
+            return n
+        return None

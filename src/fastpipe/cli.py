@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from ._config import Config
@@ -31,6 +31,9 @@ from ._console import (
 from ._exceptions import FastpipeError, UsageError
 from ._report import Report
 from ._source import parse_source
+
+if TYPE_CHECKING:
+    from .stages import Stage
 
 EXIT_OK, EXIT_STAGE, EXIT_USAGE, EXIT_SOURCE, EXIT_INTEGRITY, EXIT_LOCAL_IO = 0, 1, 2, 3, 4, 5
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
@@ -164,9 +167,18 @@ def _add_tool_parsers(sub: Any) -> None:
         type=_names,
         default=None,
         help="comma-separated subset of: fastpipe, sequential, three-services, "
-        "fastpipe-download, s5cmd, boto3, fastpipe-chunk, pyfastcdc",
+        "fastpipe-download, s5cmd, boto3, local-stages, fastpipe-chunk, pyfastcdc",
     )
     bench.add_argument("--no-low-entropy", action="store_true", help="skip the low-entropy object")
+    bench.add_argument(
+        "--link-rate",
+        type=_link_rates,
+        default=None,
+        metavar="RATE[,RATE...]",
+        help="shape the embedded server's traffic on lo to this rate with tc (root): e.g. "
+        "2.4Gbit, 800Mbit; a list such as unlimited,2.4Gbit,800Mbit runs each in turn "
+        "(default unlimited)",
+    )
     bench.set_defaults(tool="bench")
 
     from ._calibrate import add_parsers  # the time model: calibrate, estimate
@@ -176,6 +188,15 @@ def _add_tool_parsers(sub: Any) -> None:
 
 def _sizes(text: str) -> list[int]:
     return [size_arg(part) for part in text.split(",") if part.strip()]
+
+
+def _link_rates(text: str) -> list[int | None]:
+    from .tools.shaping import parse_rates  # only when --link-rate is given
+
+    try:
+        return parse_rates(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _names(text: str) -> list[str]:
@@ -209,13 +230,10 @@ def _error(message: object) -> None:
     print(f"fastpipe: error: {printable(message)}", file=sys.stderr)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    import anyio
-
-    from ._engine import process, run_async
+def _run_setup(args: argparse.Namespace) -> tuple[list[Stage] | None, Config] | int:
+    """The stages and the config of ``fastpipe run``, or the usage exit code (said why)."""
     from .stages import parse_spec
 
-    _log_to_stderr(args.verbose)
     try:
         stages = [parse_spec(spec) for spec in args.stage] if args.stage else None
         config = Config(
@@ -232,6 +250,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
             write_stdout(_error_json(args.source, str(exc), type(exc).__name__, EXIT_USAGE))
         _error(exc)
         return EXIT_USAGE
+    return stages, config
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import anyio
+
+    from ._engine import process
+    from ._groups import run_async
+
+    _log_to_stderr(args.verbose)
+    setup = _run_setup(args)
+    if isinstance(setup, int):
+        return setup
+    stages, config = setup
     show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
     bar = ProgressBar(sys.stderr) if show_progress else None
     outcome: dict[str, Any] = {}
@@ -264,9 +296,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
             finally:
                 tg.cancel_scope.cancel()
 
+    _import_botocore_without_crt(args.source)
     run_async(main)
     if bar is not None:
         bar.close()
+    return _run_outcome(args, outcome)
+
+
+def _run_outcome(args: argparse.Namespace, outcome: dict[str, Any]) -> int:
+    """Print what ``fastpipe run`` came to (report, error or signal); its exit code."""
     if "signal" in outcome:
         return _interrupted(args, outcome["signal"])
     if "error" in outcome:
@@ -285,6 +323,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not report.passed and not args.json:
         print(f"fastpipe: {printable(report.error)}", file=sys.stderr)
     return report.exit_code
+
+
+def _import_botocore_without_crt(source: str) -> None:
+    """Import botocore so that it does not load awscrt (about 40 ms of a 0.35 s run).
+
+    botocore imports awscrt whenever it is installed, and then signs with it; without it,
+    it signs SigV4 in Python, the same headers. fastpipe installs awscrt for the verify
+    stage (CRC64NVME), which imports it itself when it needs it. Only the CLI does this:
+    its process is its own, while a library caller may want botocore's CRT elsewhere. ARN
+    buckets (access points, Outposts) may need SigV4a, which only the CRT signs: they keep
+    it.
+    """
+    if not source.startswith("s3://") or source.startswith("s3://arn:"):
+        return  # a local file needs no botocore; an ARN may need the CRT
+    if "botocore.compat" in sys.modules or "awscrt" in sys.modules:
+        return
+    sys.modules["awscrt"] = None  # type: ignore[assignment]  # `import awscrt` fails
+    try:
+        import botocore.compat  # noqa: F401  (reads HAS_CRT once, at its import)
+    except ImportError:
+        pass  # no botocore: the engine says so in its own words
+    finally:
+        if "awscrt" in sys.modules and sys.modules["awscrt"] is None:
+            del sys.modules["awscrt"]  # the verify stage may import it later
 
 
 def _interrupted(args: argparse.Namespace, signum: int) -> int:

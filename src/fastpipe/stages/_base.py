@@ -17,16 +17,20 @@ from typing import Any, ClassVar
 
 # Built from HEAD by the transport, which must not import the stages: defined there.
 from .._objectinfo import ObjectInfo as ObjectInfo
+from .._report import Kind
 
 
 class Stage(ABC):
     """Common base of stream and file stages."""
 
-    kind: ClassVar[str]
+    kind: ClassVar[Kind]
     #: Name used in reports and ``--stage`` specs.
     name: str = "stage"
     #: Seconds the stage may take in all before it fails (None: no limit).
     timeout: float | None = None
+
+    def check_info(self, info: ObjectInfo) -> None:  # noqa: B027 - optional hook
+        """Called before any byte is fetched; raise StageFailed to reject from metadata."""
 
     def verified(self, result: Any) -> str | None:
         """What a passed stage compared the bytes with, in a few words, or None.
@@ -56,10 +60,7 @@ class StreamStage(Stage):
     worker thread, never on the event loop.
     """
 
-    kind: ClassVar[str] = "stream"
-
-    def check_info(self, info: ObjectInfo) -> None:  # noqa: B027 - optional hook
-        """Called before any byte is fetched; raise StageFailed to reject from metadata."""
+    kind: ClassVar[Kind] = Kind.STREAM
 
     def start(self, info: ObjectInfo) -> None:  # noqa: B027 - optional hook
         """Prepare for a new object."""
@@ -79,16 +80,13 @@ class FileStage(Stage):
     ``run`` is called in a worker thread; an ``async def run`` is awaited on the loop.
     """
 
-    kind: ClassVar[str] = "file"
+    kind: ClassVar[Kind] = Kind.FILE
     #: True when ``run`` reads the file only through ``local.window``/``local.windows`` in
     #: increasing offsets and has no side effect before its last window. The engine then
     #: starts it while the download is still running (each window waits for its bytes),
     #: and hands it the last window only once every stream stage passed; if one fails, the
     #: window raises and the stage is reported skipped. Its ``timeout`` must be None.
     reads_in_order: ClassVar[bool] = False
-
-    def check_info(self, info: ObjectInfo) -> None:  # noqa: B027 - optional hook
-        """Called before any byte is fetched; raise StageFailed to reject from metadata."""
 
     @abstractmethod
     def run(self, local: LocalFile) -> Any:

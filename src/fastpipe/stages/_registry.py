@@ -87,6 +87,25 @@ def parse_spec(spec: str) -> Stage:
         raise UsageError(f"unknown stage {name!r} in {spec!r}; built-in stages: {known}")
     cls, own_options, _ = _REGISTRY[name]
     options = dict(COMMON_OPTIONS, **own_options)
+    kwargs = _parse_options(spec, name, rest, options)
+    _check_required(name, cls, options, kwargs)
+    # `timeout` is every stage's (Stage.timeout) unless the stage defines its own.
+    timeout = (
+        kwargs.pop("timeout") if "timeout" in kwargs and "timeout" not in own_options else None
+    )
+    try:
+        stage = cls(**kwargs)
+    except UsageError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"bad options for stage {name!r}: {exc}") from None
+    if timeout is not None:
+        stage.timeout = timeout
+    return stage
+
+
+def _parse_options(spec: str, name: str, rest: str, options: dict[str, Option]) -> dict[str, Any]:
+    """The ``key=value`` options of ``spec``, converted (a UsageError names a bad one)."""
     kwargs: dict[str, Any] = {}
     for item in _split_options(rest):
         key, eq, value = item.partition("=")
@@ -105,6 +124,13 @@ def parse_spec(spec: str) -> Stage:
             kwargs[key] = options[key].convert(value)
         except (ValueError, UsageError) as exc:
             raise UsageError(f"bad value for {name}:{key}: {exc}") from None
+    return kwargs
+
+
+def _check_required(
+    name: str, cls: type[Stage], options: dict[str, Option], kwargs: dict[str, Any]
+) -> None:
+    """Refuse a spec that lacks an option the stage's constructor requires."""
     missing = [
         p.name
         for p in inspect.signature(cls).parameters.values()
@@ -118,19 +144,6 @@ def parse_spec(spec: str) -> Stage:
             f"stage {name!r} needs option {', '.join(missing)} "
             f"(e.g. {name}:{missing[0]}=...){'; ' + needed if needed else ''}"
         )
-    # `timeout` is every stage's (Stage.timeout) unless the stage defines its own.
-    timeout = (
-        kwargs.pop("timeout") if "timeout" in kwargs and "timeout" not in own_options else None
-    )
-    try:
-        stage = cls(**kwargs)
-    except UsageError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"bad options for stage {name!r}: {exc}") from None
-    if timeout is not None:
-        stage.timeout = timeout
-    return stage
 
 
 def _seconds(text: str) -> float:

@@ -266,76 +266,99 @@ class Chunk(FileStage):
             self._cancelled.clear()
 
     def _run(self, local: LocalFile) -> dict[str, Any]:
-        p = self.params
         source = local.info.source
-        previous = self._load_previous(source)
-        writer = None
-        if self.manifest:
-            try:
-                writer = _ManifestWriter(self.manifest, p)
-            except OSError as exc:
-                raise StageFailed(
-                    f"{source}: cannot write the manifest beside {self.manifest}: "
-                    f"{exc.strerror or exc}"
-                ) from None
-        seen: set[int] = set()
-        chunks = duplicate_bytes = new_chunks = new_bytes = 0
-        pos = 0
+        tally = _Tally(self._load_previous(source))
+        writer = self._open_writer(source)
         try:
             with ThreadPoolExecutor(self.threads, thread_name_prefix="fastpipe-chunk") as ex:
+                pos = 0
                 while pos < local.size:
-                    if self._cancelled.is_set():
-                        raise StageFailed(f"{source}: chunk was cancelled")
-                    length = min(self.window_size, local.size - pos)
-                    final = pos + length == local.size
-                    with local.window(pos, length) as view:
-                        ends = _cut_array(view, p, self.threads, ex).tolist()
-                        if not final:
-                            # Keep the chunks decided by bytes inside the window: a chunk
-                            # starting more than max_size before its end.
-                            keep = 0
-                            while keep < len(ends) and (
-                                keep == 0 or ends[keep - 1] + p.max_size < length
-                            ):
-                                keep += 1
-                            del ends[keep:]
-                        # xxh3 runs near memory speed on one thread (about 30 GB/s)
-                        fps = fingerprints(view, ends)
-                        view.release()  # the mapping closes on exit only without exports
-                    records = []
-                    start = 0
-                    for end, fp in zip(ends, fps, strict=True):
-                        size = end - start
-                        records.append((pos + start, size, fp))
-                        if fp in seen:
-                            duplicate_bytes += size
-                        else:
-                            seen.add(fp)
-                            if previous is not None and fp not in previous:
-                                new_chunks += 1
-                                new_bytes += size
-                        start = end
-                    chunks += len(records)
+                    self._check_cancelled(source)
+                    records = self._window_chunks(local, pos, ex)
+                    tally.add(records)
                     if writer is not None:
                         writer.add(records)
-                    pos += ends[-1]
-            if self._cancelled.is_set():
-                raise StageFailed(f"{source}: chunk was cancelled")
+                    pos = records[-1][0] + records[-1][1]
+            self._check_cancelled(source)
             if writer is not None:
                 writer.commit()
         except BaseException:
             if writer is not None:
                 writer.abort()
             raise
-        result: dict[str, Any] = {
-            "chunks": chunks,
-            "avg_chunk": local.size / chunks if chunks else 0,
-            "unique_chunks": len(seen),
-            "duplicate_bytes": duplicate_bytes,
-        }
-        if previous is not None:
-            result["new_chunks"] = new_chunks
-            result["new_bytes"] = new_bytes
+        result = tally.result(local.size)
         if writer is not None:
             result["manifest"] = writer.path
+        return result
+
+    def _check_cancelled(self, source: str) -> None:
+        if self._cancelled.is_set():
+            raise StageFailed(f"{source}: chunk was cancelled")
+
+    def _open_writer(self, source: str) -> _ManifestWriter | None:
+        if not self.manifest:
+            return None
+        try:
+            return _ManifestWriter(self.manifest, self.params)
+        except OSError as exc:
+            raise StageFailed(
+                f"{source}: cannot write the manifest beside {self.manifest}: {exc.strerror or exc}"
+            ) from None
+
+    def _window_chunks(
+        self, local: LocalFile, pos: int, ex: ThreadPoolExecutor
+    ) -> list[tuple[int, int, int]]:
+        """The chunks decided by the window at ``pos``: (offset, size, fingerprint)."""
+        p = self.params
+        length = min(self.window_size, local.size - pos)
+        final = pos + length == local.size
+        with local.window(pos, length) as view:
+            ends = _cut_array(view, p, self.threads, ex).tolist()
+            if not final:
+                # Keep the chunks decided by bytes inside the window: a chunk
+                # starting more than max_size before its end.
+                keep = 0
+                while keep < len(ends) and (keep == 0 or ends[keep - 1] + p.max_size < length):
+                    keep += 1
+                del ends[keep:]
+            # xxh3 runs near memory speed on one thread (about 30 GB/s)
+            fps = fingerprints(view, ends)
+            view.release()  # the mapping closes on exit only without exports
+        records = []
+        start = 0
+        for end, fp in zip(ends, fps, strict=True):
+            records.append((pos + start, end - start, fp))
+            start = end
+        return records
+
+
+class _Tally:
+    """Counts chunks as they are cut: unique, duplicate bytes, new against a manifest."""
+
+    def __init__(self, previous: set[int] | None) -> None:
+        self.previous = previous
+        self.seen: set[int] = set()
+        self.chunks = self.duplicate_bytes = self.new_chunks = self.new_bytes = 0
+
+    def add(self, records: list[tuple[int, int, int]]) -> None:
+        for _, size, fp in records:
+            if fp in self.seen:
+                self.duplicate_bytes += size
+            else:
+                self.seen.add(fp)
+                if self.previous is not None and fp not in self.previous:
+                    self.new_chunks += 1
+                    self.new_bytes += size
+        self.chunks += len(records)
+
+    def result(self, size: int) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "chunks": self.chunks,
+            "avg_chunk": size / self.chunks if self.chunks else 0,
+            "unique_chunks": len(self.seen),
+            "duplicate_bytes": self.duplicate_bytes,
+        }
+        if self.previous is not None:
+            result["new_chunks"] = self.new_chunks
+            result["new_bytes"] = self.new_bytes
         return result

@@ -80,23 +80,27 @@ def placeholder_in_quotes(script: str) -> bool:
     while i < len(script):
         if quote is not None and script.startswith(PLACEHOLDER, i):
             return True
-        ch = script[i]
-        if quote == "'":
-            if ch == "'":
-                quote = None
-        elif quote == '"':
-            if ch == "\\":
-                i += 1
-            elif ch == '"':
-                quote = None
-        elif ch == "\\":
-            if script.startswith(PLACEHOLDER, i + 1):
-                return True
-            i += 1
-        elif ch in "'\"":
-            quote = ch
-        i += 1
+        if quote is None and script[i] == "\\" and script.startswith(PLACEHOLDER, i + 1):
+            return True
+        quote, i = _shell_step(script, i, quote)
     return False
+
+
+def _shell_step(script: str, i: int, quote: str | None) -> tuple[str | None, int]:
+    """The quote state after the character at ``i`` (``'``, ``"`` or None), and where the
+    next character to read is (a backslash escapes the one after it, except in ``'...'``)."""
+    ch = script[i]
+    if quote == "'":
+        return (None if ch == "'" else quote), i + 1
+    if quote == '"':
+        if ch == "\\":
+            return quote, i + 2
+        return (None if ch == '"' else quote), i + 1
+    if ch == "\\":
+        return None, i + 2
+    if ch in "'\"":
+        return ch, i + 1
+    return None, i + 1
 
 
 @register(

@@ -156,47 +156,74 @@ def choose_plan(
     reasons: list[str] = []
     checksums = {k.upper(): v.strip() for k, v in info.checksums.items()}
     ctype = (info.checksum_type or "").upper() or None
-
+    plan = None
     if ctype in (None, "FULL_OBJECT"):
-        for name in CHECKSUM_ALGORITHMS:
-            value = checksums.get(name)
-            if value is None or COMPOSITE_CHECKSUM.match(value):
-                continue
-            if new_digest(name) is None:
-                reasons.append(f"{name} checksum needs awscrt (pip install awscrt)")
-                continue
-            stored = _normalize_checksum(expected, name) if expected else value
-            return _Plan(f"checksum-{name.lower()}", name, stored)
+        plan = _full_object_plan(checksums, expected, reasons)
+    if plan is None and ctype in (None, "COMPOSITE"):
+        plan = _composite_plan(info, checksums, expected, reasons)
+    if plan is None:
+        plan = _etag_plan(info, checksums, expected, use_etag, reasons)
+    return reasons if plan is None else plan
 
-    if ctype in (None, "COMPOSITE"):
-        for name in CHECKSUM_ALGORITHMS:
-            m = COMPOSITE_CHECKSUM.match(checksums.get(name, ""))
-            if not m:
-                continue
-            if new_digest(name) is None:
-                reasons.append(f"{name} checksum needs awscrt (pip install awscrt)")
-                continue
-            parts = int(m.group(2))
-            part_size, why = _multipart_plan(info, parts, f"composite {name} checksum")
-            if part_size is None:
-                reasons.append(str(why))
-                continue
-            stored = checksums[name]
-            if expected:
-                value, _, suffix = expected.strip().rpartition("-")
-                stored = (
-                    f"{_normalize_checksum(value, name)}-{suffix}"
-                    if value and suffix.isdigit()
-                    else expected.strip()
-                )
-            return _Plan(f"composite-{name.lower()}", name, stored, part_size, parts)
 
+def _full_object_plan(
+    checksums: dict[str, str], expected: str | None, reasons: list[str]
+) -> _Plan | None:
+    """A stored whole-object checksum to compare with (the first usable one), else None."""
+    for name in CHECKSUM_ALGORITHMS:
+        value = checksums.get(name)
+        if value is None or COMPOSITE_CHECKSUM.match(value):
+            continue
+        if new_digest(name) is None:
+            reasons.append(f"{name} checksum needs awscrt (pip install awscrt)")
+            continue
+        stored = _normalize_checksum(expected, name) if expected else value
+        return _Plan(f"checksum-{name.lower()}", name, stored)
+    return None
+
+
+def _composite_plan(
+    info: ObjectInfo, checksums: dict[str, str], expected: str | None, reasons: list[str]
+) -> _Plan | None:
+    """A stored composite (per-part) checksum to compare with, else None."""
+    for name in CHECKSUM_ALGORITHMS:
+        m = COMPOSITE_CHECKSUM.match(checksums.get(name, ""))
+        if not m:
+            continue
+        if new_digest(name) is None:
+            reasons.append(f"{name} checksum needs awscrt (pip install awscrt)")
+            continue
+        parts = int(m.group(2))
+        part_size, why = _multipart_plan(info, parts, f"composite {name} checksum")
+        if part_size is None:
+            reasons.append(str(why))
+            continue
+        stored = checksums[name]
+        if expected:
+            value, _, suffix = expected.strip().rpartition("-")
+            stored = (
+                f"{_normalize_checksum(value, name)}-{suffix}"
+                if value and suffix.isdigit()
+                else expected.strip()
+            )
+        return _Plan(f"composite-{name.lower()}", name, stored, part_size, parts)
+    return None
+
+
+def _etag_plan(
+    info: ObjectInfo,
+    checksums: dict[str, str],
+    expected: str | None,
+    use_etag: bool,
+    reasons: list[str],
+) -> _Plan | None:
+    """The ETag (single or multipart MD5) to compare with, else None."""
     if not use_etag:
         if info.etag or expected:
             reasons.append("no stored checksum, and the ETag (an MD5) is not checked (etag=false)")
         else:
             reasons.append("no stored checksum and no ETag")
-        return reasons
+        return None
     etag = (strip_etag(info.etag) or "").lower()
     if expected and not etag:
         etag = expected.strip().lower()
@@ -214,7 +241,7 @@ def choose_plan(
         reasons.append(f"ETag {etag!r} is not an MD5 (encrypted object or another server)")
     if not info.etag and not checksums and not expected:
         reasons.append("no stored checksum and no ETag")
-    return reasons
+    return None
 
 
 def _lane_main(

@@ -11,16 +11,26 @@ and times the same work, checksum + scan + chunk, done several ways:
                        queue latency left out, so a lower bound);
 ``fastpipe-download``, ``s5cmd``, ``boto3``
                        download only, to a file;
+``local-stages``       the same three stages on a local copy (``fastpipe run PATH ...``):
+                       no download, so with s5cmd's download time D and this time S,
+                       no design can beat max(D, S) and the sequential one takes D + S;
 ``fastpipe-chunk``, ``pyfastcdc``
                        the heavy stage alone on the local file (pyfastcdc: ``cut_buf`` on
                        an mmap, cut points only).
+
+``--link-rate 2.4Gbit`` (root, Linux ``tc``) shapes what the embedded server sends on
+``lo`` to that rate (:mod:`fastpipe.tools.shaping`), so that the client waits on the
+network as it would with a remote S3; a list (``unlimited,2.4Gbit,800Mbit``) runs every
+variant under each rate in turn. Each run records its ``link_rate`` (bits per second,
+``null`` when unlimited).
 
 Every run is its own process (wall seconds from spawn to exit, its own peak RSS from
 ``wait4``), preceded by ``os.sync()`` so that the writeback of a previous run's file does
 not land in the next one's time. Runs are interleaved across variants, ``--repeat`` times;
 the median is quoted. ``results.json`` keeps every run; ``time_vs_size.png`` plots seconds
-against size with a linear fit per variant (:mod:`fastpipe.tools.fit`). ``fastpipe
-estimate`` asks the engine's time model instead (:mod:`fastpipe._model`).
+against size with a linear fit per variant, one panel per link rate
+(:mod:`fastpipe.tools.fit`). ``fastpipe estimate`` asks the engine's time model instead
+(:mod:`fastpipe._model`).
 
 The command line (``fastpipe bench``) is defined in :mod:`fastpipe.cli`;
 ``python -m fastpipe.tools.bench variant NAME`` is the internal entry of one timed run.
@@ -47,6 +57,14 @@ from .._console import format_size, printable
 from .fit import GiB, default_results_path, fits
 from .locals3 import LocalS3, find_weed
 from .s3 import ensure_bucket, s3_client, upload_file
+from .shaping import (
+    Interrupted,
+    ShapingError,
+    check_can_shape,
+    format_rate,
+    shape_port,
+    signals_raise,
+)
 
 #: Every variant, in table order.
 VARIANTS = (
@@ -56,11 +74,14 @@ VARIANTS = (
     "fastpipe-download",
     "s5cmd",
     "boto3",
+    "local-stages",
     "fastpipe-chunk",
     "pyfastcdc",
 )
 DOWNLOAD_ONLY = ("fastpipe-download", "s5cmd", "boto3")
 HEAVY_ONLY = ("fastpipe-chunk", "pyfastcdc")
+#: Variants that read the local copy only (the link rate does not touch them).
+LOCAL_ONLY = ("local-stages", *HEAVY_ONLY)
 DEFAULT_SIZES = "64MiB,256MiB,1GiB"
 DEFAULT_BUCKET = "fastpipe-bench"
 KEY_PREFIX = "fastpipe-bench/"
@@ -192,6 +213,8 @@ class RunRecord:
     server_cpu_seconds: float | None = None
     exit_code: int = 0
     detail: dict[str, Any] = field(default_factory=dict)
+    #: The rate the server's traffic was shaped to, bits per second; None: unlimited.
+    link_rate: int | None = None
 
 
 @dataclass
@@ -317,10 +340,14 @@ def variant_argv(
     ep = endpoint or ""
     dest = os.path.join(workdir, f"{variant}.out")
     own = [py, "-m", "fastpipe.tools.bench", "variant", "--endpoint-url", ep]
+    stages = ["--stage", "checksum", "--stage", "scan", "--stage", "chunk"]
     if variant == "fastpipe":
         argv = [py, "-m", "fastpipe.cli", "run", target.uri, "--json", "--no-progress"]
-        argv += ["--stage", "checksum", "--stage", "scan", "--stage", "chunk"]
-        return (argv + (["--endpoint-url", ep] if ep else [])), None
+        return (argv + stages + (["--endpoint-url", ep] if ep else [])), None
+    if variant == "local-stages":
+        # The same CLI and stages on the local copy: S of the bound max(D, S).
+        argv = [py, "-m", "fastpipe.cli", "run", target.local, "--json", "--no-progress"]
+        return argv + stages, None
     if variant in ("sequential", "three-services"):
         return own + [variant, "--uri", target.uri, "--workdir", workdir], None
     if variant == "fastpipe-download":
@@ -351,7 +378,7 @@ def _detail(variant: str, stdout: str) -> dict[str, Any]:
         data = json.loads(lines[-1])
     except ValueError:
         return {}
-    if variant == "fastpipe":
+    if variant in ("fastpipe", "local-stages"):
         return {"passed": data.get("passed"), **_chunk_detail([_report_from_dict(data)])}
     return {k: v for k, v in data.items() if k in ("passed", "chunks", "duplicate_bytes")}
 
@@ -416,12 +443,27 @@ def delete_keys(endpoint_url: str | None, bucket: str, keys: Sequence[str]) -> N
 
 # -- statistics -----------------------------------------------------------------------------
 
+#: A group of runs: (link rate in bits/s or None, variant, size, object kind).
+Key = tuple[int | None, str, int, str]
 
-def _medians(runs: Sequence[dict[str, Any]]) -> dict[tuple[str, int, str], dict[str, float]]:
-    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+
+def link_rates_of(runs: Sequence[dict[str, Any]]) -> list[int | None]:
+    """The link rates present, unlimited first, then from the fastest."""
+    rates = {r.get("link_rate") for r in runs}
+    return sorted(rates, key=lambda rate: -1 if rate is None else 1 / rate)
+
+
+def runs_at(runs: Sequence[dict[str, Any]], rate: int | None) -> list[dict[str, Any]]:
+    """The runs made at link rate ``rate`` (None: unshaped)."""
+    return [r for r in runs if r.get("link_rate") == rate]
+
+
+def _medians(runs: Sequence[dict[str, Any]]) -> dict[Key, dict[str, float]]:
+    groups: dict[Key, list[dict[str, Any]]] = {}
     for r in runs:
         if r.get("exit_code", 0) == 0:
-            groups.setdefault((r["variant"], r["size"], r.get("object", "random")), []).append(r)
+            key = (r.get("link_rate"), r["variant"], r["size"], r.get("object", "random"))
+            groups.setdefault(key, []).append(r)
     return {
         key: {
             "seconds": statistics.median(r["seconds"] for r in rs),
@@ -435,68 +477,106 @@ def _medians(runs: Sequence[dict[str, Any]]) -> dict[tuple[str, int, str], dict[
 
 
 def format_table(runs: Sequence[dict[str, Any]]) -> str:
-    """Median seconds, ratio to ``fastpipe`` of the same object, peak RSS, CPU seconds of
-    the run and of the S3 server during it (the local server shares the machine's cores)."""
+    """Median seconds, ratio to ``fastpipe`` of the same object and link rate, peak RSS,
+    CPU seconds of the run and of the S3 server during it (the local server shares the
+    machine's cores)."""
     med = _medians(runs)
     failed = [r for r in runs if r.get("exit_code", 0) != 0]
     lines = [
-        f"{'size':>10}  {'object':11} {'variant':18} {'median s':>9} {'x fastpipe':>10}"
-        f" {'peak RSS':>10} {'CPU s':>7} {'server':>7} {'runs':>4}"
+        f"{'link':>9}  {'size':>10}  {'object':11} {'variant':18} {'median s':>9}"
+        f" {'x fastpipe':>10} {'peak RSS':>10} {'CPU s':>7} {'server':>7} {'runs':>4}"
     ]
     order = {v: i for i, v in enumerate(VARIANTS)}
-    for key in sorted(med, key=lambda k: (k[2] != "random", k[1], order.get(k[0], 99))):
-        variant, size, kind = key
+    rank = {rate: i for i, rate in enumerate(link_rates_of(runs))}
+    for key in sorted(
+        med, key=lambda k: (rank.get(k[0], 99), k[3] != "random", k[2], order.get(k[1], 99))
+    ):
+        rate, variant, size, kind = key
         m = med[key]
-        base = med.get(("fastpipe", size, kind))
+        base = med.get((rate, "fastpipe", size, kind))
         ratio = f"{m['seconds'] / base['seconds']:.2f}" if base else "-"
         lines.append(
-            f"{format_size(size):>10}  {kind:11} {variant:18} {m['seconds']:9.2f} {ratio:>10}"
-            f" {m['peak_rss'] / (1 << 20):7.0f} MiB {m['cpu_seconds']:7.2f}"
-            f" {m['server_cpu_seconds']:7.2f} {m['runs']:4d}"
+            f"{format_rate(rate):>9}  {format_size(size):>10}  {kind:11} {variant:18}"
+            f" {m['seconds']:9.2f} {ratio:>10} {m['peak_rss'] / (1 << 20):7.0f} MiB"
+            f" {m['cpu_seconds']:7.2f} {m['server_cpu_seconds']:7.2f} {m['runs']:4d}"
         )
     for r in failed:
-        lines.append(f"FAILED: {r['variant']} {format_size(r['size'])}: exit {r['exit_code']}")
+        lines.append(
+            f"FAILED: {r['variant']} {format_size(r['size'])} at "
+            f"{format_rate(r.get('link_rate'))}: exit {r['exit_code']}"
+        )
     return "\n".join(lines)
 
 
-def check_targets(runs: Sequence[dict[str, Any]]) -> list[tuple[str, float | None, float, bool]]:
-    """The project's targets on the largest size: ``(name, value, limit, met)``."""
+#: One target: (name, value, limit, met).
+TargetCheck = tuple[str, "float | None", float, bool]
+
+
+def check_targets(runs: Sequence[dict[str, Any]]) -> list[TargetCheck]:
+    """The project's targets on the largest size, for each link rate.
+
+    Unshaped (CPU-bound here): fastpipe / sequential, / three-services, download / s5cmd,
+    fastpipe / max(download, chunk), peak RSS flat in size, the fit's R². Shaped (the
+    client waits on the network): with D the s5cmd download and S the stages on the local
+    file (``local-stages``), no design beats max(D, S) and the sequential one takes D + S,
+    so fastpipe / sequential is checked against the bound max(D, S) / (D + S).
+    """
     med = _medians(runs)
-    sizes = sorted({k[1] for k in med if k[2] == "random"})
-    if not sizes:
-        return []
-    top, low = sizes[-1], sizes[0]
-
-    def sec(variant: str, size: int = top) -> float | None:
-        m = med.get((variant, size, "random"))
-        return m["seconds"] if m else None
-
-    out: list[tuple[str, float | None, float, bool]] = []
+    out: list[TargetCheck] = []
 
     def add(name: str, value: float | None, limit: float, higher_is_better: bool = False) -> None:
         met = value is not None and (value >= limit if higher_is_better else value <= limit)
         out.append((name, value, limit, met))
 
-    fp, seq, three = sec("fastpipe"), sec("sequential"), sec("three-services")
-    dl, s5, chunk = sec("fastpipe-download"), sec("s5cmd"), sec("fastpipe-chunk")
-    label = format_size(top)
-    add(f"{label}: fastpipe / sequential", fp / seq if fp and seq else None, 0.8)
-    add(f"{label}: fastpipe / three-services", fp / three if fp and three else None, 0.6)
-    add(f"{label}: fastpipe-download / s5cmd", dl / s5 if dl and s5 else None, 0.9)
-    add(
-        f"{label}: fastpipe / max(download, chunk alone)",
-        fp / max(dl, chunk) if fp and dl and chunk else None,
-        1.15,
-    )
-    rss_top = med.get(("fastpipe", top, "random"))
-    rss_low = med.get(("fastpipe", low, "random"))
-    add(
-        f"fastpipe peak RSS {label} / {format_size(low)}",
-        rss_top["peak_rss"] / rss_low["peak_rss"] if rss_top and rss_low and top != low else None,
-        1.2,
-    )
-    fit = fits(runs).get("fastpipe")
-    add("fastpipe fit R²", fit.r2 if fit else None, 0.99, higher_is_better=True)
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    for rate in link_rates_of(runs):
+        sizes = sorted({k[2] for k in med if k[0] == rate and k[3] == "random"})
+        if not sizes:
+            continue
+        top, low = sizes[-1], sizes[0]
+
+        def sec(variant: str, rate: int | None = rate, top: int = top) -> float | None:
+            m = med.get((rate, variant, top, "random"))
+            return m["seconds"] if m else None
+
+        fp, seq, three = sec("fastpipe"), sec("sequential"), sec("three-services")
+        dl, s5, chunk = sec("fastpipe-download"), sec("s5cmd"), sec("fastpipe-chunk")
+        label = f"{format_size(top)} at {format_rate(rate)}"
+        if rate is None:
+            add(f"{label}: fastpipe / sequential", ratio(fp, seq), 0.8)
+            add(f"{label}: fastpipe / three-services", ratio(fp, three), 0.6)
+            add(f"{label}: fastpipe-download / s5cmd", ratio(dl, s5), 0.9)
+            add(
+                f"{label}: fastpipe / max(download, chunk alone)",
+                ratio(fp, max(dl, chunk)) if dl and chunk else None,
+                1.15,
+            )
+            rss_top = med.get((rate, "fastpipe", top, "random"))
+            rss_low = med.get((rate, "fastpipe", low, "random"))
+            add(
+                f"fastpipe peak RSS {label} / {format_size(low)}",
+                ratio(rss_top["peak_rss"], rss_low["peak_rss"])
+                if rss_top and rss_low and top != low
+                else None,
+                1.2,
+            )
+            fit = fits(runs_at(runs, None)).get("fastpipe")
+            add("fastpipe fit R² (unlimited)", fit.r2 if fit else None, 0.99, True)
+            continue
+        local = sec("local-stages")
+        bound = max(s5, local) / (s5 + local) if s5 and local else None
+        add(f"{label}: fastpipe / fastpipe-download", ratio(fp, dl), 1.05)
+        add(
+            f"{label}: (fastpipe / sequential) / (max(D, S) / (D + S)), bound {bound:.3f}"
+            if bound
+            else f"{label}: fastpipe / sequential vs bound",
+            ratio(ratio(fp, seq), bound),
+            1.05,
+        )
+        add(f"{label}: fastpipe / three-services", ratio(fp, three), 0.40)
+        add(f"{label}: fastpipe-download / s5cmd", ratio(dl, s5), 1.05)
     return out
 
 
@@ -510,44 +590,71 @@ def format_targets(runs: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(runs: Sequence[dict[str, Any]], path: str) -> None:
-    """Seconds against size, one line per variant, its linear fit in the legend."""
+    """One panel per link rate: seconds against size, one line per variant with its linear
+    fit in the legend; a panel with a single size shows the medians as bars instead."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fitted = fits(runs)
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
-    for variant in [v for v in VARIANTS if v in fitted] + [v for v in fitted if v not in VARIANTS]:
-        pts = sorted(
-            (r["size"] / GiB, r["seconds"])
-            for r in runs
-            if r["variant"] == variant
-            and r.get("object", "random") == "random"
-            and r.get("exit_code", 0) == 0
-        )
-        fit = fitted[variant]
+    rates = link_rates_of(runs)
+    fig, axes = plt.subplots(1, len(rates), figsize=(9 * len(rates), 6), dpi=110, squeeze=False)
+    for ax, rate in zip(axes[0], rates, strict=True):
+        _plot_panel(ax, runs_at(runs, rate), rate)
+    fig.suptitle("fastpipe bench: checksum + scan + chunk, and download / chunk alone")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_panel(ax: Any, runs: Sequence[dict[str, Any]], rate: int | None) -> None:
+    ok = [r for r in runs if r.get("object", "random") == "random" and r.get("exit_code", 0) == 0]
+    present = {r["variant"] for r in ok}
+    variants = [v for v in VARIANTS if v in present] + sorted(present - set(VARIANTS))
+    title = f"link {format_rate(rate)}" + (" (server's traffic shaped on lo)" if rate else "")
+    ax.set_title(title)
+    if len({r["size"] for r in ok}) < 2:  # one size: a bar per variant
+        med = _medians(ok)
+        values = [next((m["seconds"] for k, m in med.items() if k[1] == v), 0.0) for v in variants]
+        bars = ax.barh(variants[::-1], values[::-1])
+        for bar, value in zip(bars, values[::-1], strict=True):
+            ax.annotate(
+                f"{value:.2f} s",
+                (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+                xytext=(3, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
+            )
+        size = ok[0]["size"] if ok else 0
+        ax.set_xlabel(f"median end-to-end seconds, {format_size(size)} (each run its own process)")
+        ax.grid(True, axis="x", alpha=0.3)
+        return
+    fitted = fits(ok)
+    for variant in variants:
+        pts = sorted((r["size"] / GiB, r["seconds"]) for r in ok if r["variant"] == variant)
         xs = sorted({x for x, _ in pts})
         style = "-" if variant == "fastpipe" else "--"
         width = 2.5 if variant == "fastpipe" else 1.3
-        (line,) = ax.plot(
-            xs,
-            [fit.intercept + fit.per_gib * x for x in xs],
-            style,
-            linewidth=width,
-            label=f"{variant}: {fit.per_gib:.2f} s/GiB + {fit.intercept:.2f} s, R²={fit.r2:.3f}",
-        )
+        fit = fitted.get(variant)
+        if fit is None:
+            (line,) = ax.plot([], [], style, linewidth=width, label=variant)
+        else:
+            (line,) = ax.plot(
+                xs,
+                [fit.intercept + fit.per_gib * x for x in xs],
+                style,
+                linewidth=width,
+                label=f"{variant}: {fit.per_gib:.2f} s/GiB + {fit.intercept:.2f} s,"
+                f" R²={fit.r2:.3f}",
+            )
         ax.plot([x for x, _ in pts], [y for _, y in pts], "o", color=line.get_color(), ms=3.5)
     ax.set_xlabel("object size (GiB)")
     ax.set_ylabel("end-to-end seconds (each run its own process)")
-    ax.set_title("fastpipe bench: checksum + scan + chunk, and download / chunk alone")
     ax.grid(True, alpha=0.3)
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 # -- results on disk ------------------------------------------------------------------------
@@ -630,6 +737,10 @@ def _endpoint(
     env = dict(os.environ)
     src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    # Timed processes run as an installed package does, with its bytecode cached: without
+    # this, a checkout under PYTHONDONTWRITEBYTECODE compiles fastpipe's modules in every
+    # run (about 30 ms a CLI run here), a cost s5cmd and users do not pay.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if args.endpoint_url:
         yield args.endpoint_url, env, None, None
         return
@@ -643,16 +754,50 @@ def _say(*parts: object) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
+def _usage_error(message: object) -> int:
+    print(f"fastpipe bench: error: {printable(message)}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _loopback_port(endpoint: str) -> int:
+    """The port of a loopback endpoint (the one whose traffic ``--link-rate`` shapes)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    if parts.hostname not in ("127.0.0.1", "localhost") or parts.port is None:
+        raise ShapingError(
+            f"--link-rate shapes loopback only; {endpoint} is not a 127.0.0.1 endpoint with a port"
+        )
+    return parts.port
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    """``fastpipe bench``: returns 0, or 1 when a run failed (2: unknown variant)."""
+    """``fastpipe bench``: returns 0, or 1 when a run failed (2: unknown variant, or a
+    link rate that cannot be shaped here; 130/143/129 on SIGINT/SIGTERM/SIGHUP)."""
     unknown = _check_variants(args.variants or [])
     if unknown is not None:
-        print(
-            f"fastpipe bench: error: unknown variant {printable(unknown)!r} "
-            f"(known: {', '.join(VARIANTS)})",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
+        return _usage_error(f"unknown variant {unknown!r} (known: {', '.join(VARIANTS)})")
+    rates: list[int | None] = getattr(args, "link_rate", None) or [None]
+    if any(rate is not None for rate in rates):
+        try:  # refuse before anything starts
+            check_can_shape()
+            if args.endpoint_url:
+                _loopback_port(args.endpoint_url)
+        except ShapingError as exc:
+            return _usage_error(exc)
+    try:
+        # SIGTERM and SIGHUP unwind like Ctrl-C: the shaping and the server go away.
+        with signals_raise():
+            return _bench(args, rates)
+    except ShapingError as exc:
+        return _usage_error(exc)
+    except Interrupted as exc:
+        print(f"fastpipe bench: interrupted by {exc}", file=sys.stderr)
+        return 128 + exc.signum
+
+
+def _installed_variants(args: argparse.Namespace) -> list[str]:
+    """The variants asked for whose tools are installed, ``fastpipe`` always among them."""
     available = available_variants()
     wanted = args.variants or list(VARIANTS)
     variants = [v for v in wanted if v in available]
@@ -661,6 +806,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"fastpipe bench: skipping {v}: its tool is not installed", file=sys.stderr)
     if "fastpipe" not in variants:
         variants.insert(0, "fastpipe")  # the reference of every ratio
+    return variants
+
+
+def _make_targets(
+    args: argparse.Namespace, sizes: Sequence[int], bucket: str, workdir: str
+) -> list[Target]:
+    """Write the local objects to upload: random data per size, low-entropy at the first."""
+    targets: list[Target] = []
+    for size in sizes:
+        local = os.path.join(workdir, f"random-{size}.bin")
+        write_random(local, size)
+        targets.append(Target(bucket, f"{KEY_PREFIX}random-{size}.bin", size, local))
+    if not args.no_low_entropy:
+        from .demo import write_sample
+
+        size = sizes[0]
+        local = os.path.join(workdir, f"low-entropy-{size}.bin")
+        write_sample(local, size)
+        targets.append(
+            Target(bucket, f"{KEY_PREFIX}low-entropy-{size}.bin", size, local, "low-entropy")
+        )
+    return targets
+
+
+def _bench(args: argparse.Namespace, rates: Sequence[int | None]) -> int:
+    variants = _installed_variants(args)
     sizes = sorted(set(args.sizes or [parse_size(t) for t in DEFAULT_SIZES.split(",")]))
     bucket = args.bucket or DEFAULT_BUCKET
     os.makedirs(args.out, exist_ok=True)
@@ -671,78 +842,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _endpoint(args) as (endpoint, env, server_version, server_pid),
     ):
         say(f"endpoint {endpoint}, bucket {bucket}, variants {', '.join(variants)}")
-        targets: list[Target] = []
-        for size in sizes:
-            local = os.path.join(workdir, f"random-{size}.bin")
-            write_random(local, size)
-            targets.append(Target(bucket, f"{KEY_PREFIX}random-{size}.bin", size, local))
-        if not args.no_low_entropy:
-            from .demo import write_sample
-
-            size = sizes[0]
-            local = os.path.join(workdir, f"low-entropy-{size}.bin")
-            write_sample(local, size)
-            targets.append(
-                Target(bucket, f"{KEY_PREFIX}low-entropy-{size}.bin", size, local, "low-entropy")
-            )
+        targets = _make_targets(args, sizes, bucket, workdir)
         started = time.perf_counter()
         upload_targets(endpoint, bucket, [(t.local, t.key) for t in targets])
         say(f"uploaded {len(targets)} objects in {time.perf_counter() - started:.1f}s")
         try:
-            # Warm-up rounds are not recorded: the first reads after an upload run slower
-            # on every variant (measured here: up to 2x on the first round).
-            for repeat in range(-args.warmup, args.repeat):
-                for target in targets:
-                    # rotate the order each round so no variant always follows the same one
-                    names = variants if target.kind == "random" else ["fastpipe"]
-                    shift = repeat % len(names)
-                    for variant in names[shift:] + names[:shift]:
-                        argv, leftover = variant_argv(variant, target, endpoint, workdir)
-                        server_before = process_cpu_seconds(server_pid)
-                        m = measure(argv, env)
-                        server_after = process_cpu_seconds(server_pid)
-                        if leftover:
-                            with contextlib.suppress(FileNotFoundError):
-                                os.unlink(leftover)
-                        if repeat < 0:
-                            say(
-                                f"[warm-up] {format_size(target.size):>10} {variant:18} "
-                                f"{m.seconds:7.2f}s"
-                            )
-                            continue
-                        record = RunRecord(
-                            variant=variant,
-                            size=target.size,
-                            seconds=m.seconds,
-                            peak_rss=m.peak_rss,
-                            object=target.kind,
-                            repeat=repeat,
-                            cpu_seconds=m.cpu_seconds,
-                            server_cpu_seconds=(
-                                server_after - server_before
-                                if server_before is not None and server_after is not None
-                                else None
-                            ),
-                            exit_code=m.exit_code,
-                            detail=_detail(variant, m.stdout),
-                        )
-                        runs.append(asdict(record))
-                        say(
-                            f"[{repeat + 1}/{args.repeat}] {format_size(target.size):>10} "
-                            f"{target.kind:11} {variant:18} {m.seconds:7.2f}s "
-                            f"{m.peak_rss / (1 << 20):6.0f} MiB"
-                            + (
-                                f"  FAILED exit {m.exit_code}: {m.stderr[-400:]}"
-                                if m.exit_code
-                                else ""
-                            )
-                        )
+            for rate in rates:
+                shaping = (
+                    shape_port(_loopback_port(endpoint), rate, say=say)
+                    if rate is not None
+                    else contextlib.nullcontext()
+                )
+                with shaping:
+                    runs += _rounds(
+                        args, rate, variants, targets, endpoint, env, workdir, server_pid
+                    )
         finally:
             if args.endpoint_url:
                 with contextlib.suppress(Exception):
                     delete_keys(endpoint, bucket, [t.key for t in targets])
         results = {
-            "format": 1,
+            "format": 2,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "endpoint": "local SeaweedFS" if not args.endpoint_url else args.endpoint_url,
             "machine": machine_info(),
@@ -751,11 +871,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "sizes": sizes,
             "repeat": args.repeat,
             "variants": variants,
+            "link_rates": list(rates),
             "runs": runs,
         }
+    _write_and_print(args, runs, results, rates)
+    return EXIT_FAILED if any(r["exit_code"] for r in runs) else EXIT_OK
+
+
+def _write_and_print(
+    args: argparse.Namespace,
+    runs: list[dict[str, Any]],
+    results: dict[str, Any],
+    rates: Sequence[int | None],
+) -> None:
+    """Write results.json (and a copy in the user's cache), plot, print the tables."""
+    say = _say
     results_path = os.path.join(args.out, "results.json")
     _write_json_atomic(results_path, results)
-    _write_json_atomic(default_results_path(), results)
+    # The cached copy holds one link rate: the unshaped one when it ran.
+    cached_rate = None if None in rates else rates[0]
+    _write_json_atomic(
+        default_results_path(),
+        {**results, "link_rates": [cached_rate], "runs": runs_at(runs, cached_rate)},
+    )
     png = os.path.join(args.out, "time_vs_size.png")
     plotted = True
     try:
@@ -766,8 +904,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_table(runs))
     print()
     print("linear fits, seconds = intercept + per_gib * GiB:")
-    for variant, fit in fits(runs).items():
-        print(f"  {variant:18} {fit.describe()}")
+    for rate in link_rates_of(runs):
+        for variant, fit in fits(runs_at(runs, rate)).items():
+            print(f"  {format_rate(rate):>9} {variant:18} {fit.describe()}")
     print()
     print("targets:")
     print(format_targets(runs))
@@ -775,7 +914,68 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"results: {results_path} (copy: {default_results_path()})")
     if plotted:
         print(f"plot: {png}")
-    return EXIT_FAILED if any(r["exit_code"] for r in runs) else EXIT_OK
+
+
+def _rounds(
+    args: argparse.Namespace,
+    rate: int | None,
+    variants: Sequence[str],
+    targets: Sequence[Target],
+    endpoint: str,
+    env: dict[str, str],
+    workdir: str,
+    server_pid: int | None,
+) -> list[dict[str, Any]]:
+    """The warm-up and timed rounds of every variant at one link rate."""
+    say = _say
+    link = format_rate(rate)
+    runs: list[dict[str, Any]] = []
+    # Warm-up rounds are not recorded: the first reads after an upload run slower on
+    # every variant (measured here: up to 2x on the first round).
+    for repeat in range(-args.warmup, args.repeat):
+        for target in targets:
+            # rotate the order each round so no variant always follows the same one
+            names = list(variants) if target.kind == "random" else ["fastpipe"]
+            shift = repeat % len(names)
+            for variant in names[shift:] + names[:shift]:
+                argv, leftover = variant_argv(variant, target, endpoint, workdir)
+                server_before = process_cpu_seconds(server_pid)
+                m = measure(argv, env)
+                server_after = process_cpu_seconds(server_pid)
+                if leftover:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(leftover)
+                if repeat < 0:
+                    say(
+                        f"[warm-up] {link:>9} {format_size(target.size):>10} {variant:18} "
+                        f"{m.seconds:7.2f}s"
+                    )
+                    continue
+                record = RunRecord(
+                    variant=variant,
+                    size=target.size,
+                    seconds=m.seconds,
+                    peak_rss=m.peak_rss,
+                    object=target.kind,
+                    repeat=repeat,
+                    cpu_seconds=m.cpu_seconds,
+                    server_cpu_seconds=(
+                        server_after - server_before
+                        if server_before is not None and server_after is not None
+                        else None
+                    ),
+                    exit_code=m.exit_code,
+                    detail=_detail(variant, m.stdout),
+                    link_rate=rate,
+                )
+                runs.append(asdict(record))
+                say(
+                    f"[{repeat + 1}/{args.repeat}] {link:>9} {format_size(target.size):>10} "
+                    f"{target.kind:11} {variant:18} {m.seconds:7.2f}s "
+                    f"{m.peak_rss / (1 << 20):6.0f} MiB"
+                    + (f"  FAILED exit {m.exit_code}: {m.stderr[-400:]}" if m.exit_code else "")
+                )
+    return runs
 
 
 def main(argv: Sequence[str] | None = None) -> int:

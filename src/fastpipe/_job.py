@@ -1,0 +1,119 @@
+"""One object being processed: the values every piece of the engine shares.
+
+A :class:`Job` is made once HEAD (or ``stat``) said what the object is and the temp file
+is planned; the fetchers, the stream runner, the one pass and the placement read it
+instead of passing the same handful of values from call to call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ._exceptions import StageFailed, StageTimeout
+from ._file import TempFile, Watermark
+from ._objectinfo import ObjectInfo, PinnedObject
+from ._placement import ObjectPlacement
+from ._report import Phase, Plane, Progress, Report, Status
+from ._source import LocalLocation, S3Location
+from .stages._base import Stage, StreamStage
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class ProgressSink:
+    """The caller's progress callback, with the clock of one object (file-stage events
+    carry the seconds since the object started)."""
+
+    def __init__(self, callback: ProgressCallback, started: float) -> None:
+        self.callback = callback
+        self.started = started
+
+    def __call__(self, event: Progress) -> None:
+        self.callback(event)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+@dataclass(eq=False)
+class Job:
+    """One object after HEAD: where it is, what it is, where its bytes go, what is known.
+
+    ``path`` is the file the stages read (the temp file, or the local source itself);
+    ``watermark`` tracks which of its bytes are in; ``placed`` (S3 objects only) owns the
+    temp file, the resume journal and the commit; ``report`` is filled as the job goes.
+    """
+
+    location: S3Location | LocalLocation
+    info: ObjectInfo
+    stages: list[Stage]
+    report: Report
+    path: str
+    watermark: Watermark
+    plane: Plane
+    placed: ObjectPlacement | None = None
+    progress: ProgressSink | None = None
+    stream_indices: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stream_indices = [i for i, s in enumerate(self.stages) if isinstance(s, StreamStage)]
+
+    @property
+    def pinned(self) -> PinnedObject:
+        """The S3 object version every ranged GET must match."""
+        assert isinstance(self.location, S3Location)
+        return PinnedObject(self.location, self.info)
+
+    @property
+    def temp(self) -> TempFile:
+        """The temp file the fetchers write (S3 objects only)."""
+        assert self.placed is not None and self.placed.temp is not None
+        return self.placed.temp
+
+    def emit(self, event: Progress) -> None:
+        """Send a progress event to the caller, if it asked for them."""
+        if self.progress is not None:
+            self.progress(event)
+
+    def file_stage_event(self, name: str) -> None:
+        """A file stage's event (at its start and its end): all bytes are in."""
+        if self.progress is not None:
+            size = self.info.size
+            self.progress(Progress(size, size, self.progress.elapsed(), None, Phase.FILE, name))
+
+    def record_failure(self, index: int, exc: BaseException) -> None:
+        """Write stage ``index``'s failure into the report."""
+        record_failure(self.report, index, exc)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """A one-line message for a stage's exception (its type when it is not ours)."""
+    if isinstance(exc, StageFailed):
+        return str(exc)
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def record_failure(report: Report, index: int, exc: BaseException) -> None:
+    """Write stage ``index``'s failure into ``report`` (it becomes the object's verdict)."""
+    stage_report = report.stages[index]
+    stage_report.status = Status.FAILED
+    stage_report.error = describe_exception(exc)
+    if isinstance(exc, StageFailed) and exc.result is not None:
+        stage_report.result = exc.result
+    report.failed_stage = stage_report.name
+    report.error = f"stage {stage_report.name} failed: {stage_report.error}"
+    report.error_type = "StageTimeout" if isinstance(exc, StageTimeout) else "StageFailed"
+
+
+def check_info(stages: list[Stage], info: ObjectInfo, report: Report) -> bool:
+    """Run every stage's metadata check (before any byte is read). True: all accepted."""
+    for i, stage in enumerate(stages):
+        try:
+            stage.check_info(info)
+        except BaseException as exc:  # noqa: BLE001 - user stages may raise anything
+            record_failure(report, i, exc)
+            return False
+    return True
