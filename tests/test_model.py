@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
-from fastpipe import Config, Report
+import fastpipe
+from fastpipe import Config, Engine, Report
 from fastpipe._calibrate import calibrate, measure
+from fastpipe._groups import run_async
 from fastpipe._model import (
     BUILTIN_FIXED,
     BUILTIN_RATES,
@@ -32,7 +34,17 @@ from fastpipe._model import (
     stage_costs,
 )
 from fastpipe._objectinfo import ObjectInfo
-from fastpipe.stages import Checksum, Chunk, Command, Limits, Scan, StreamStage, Verify
+from fastpipe.stages import (
+    Checksum,
+    Chunk,
+    Command,
+    FileStage,
+    Limits,
+    LocalFile,
+    Scan,
+    StreamStage,
+    Verify,
+)
 
 MiB = 1 << 20
 S = 1024 * MiB
@@ -363,3 +375,74 @@ def test_calibrate_and_estimate_cli(tmp_path: Path) -> None:
     assert shared["predicted_seconds"] > alone["predicted_seconds"]
     out = _cli("estimate", "1GiB", "--stage", "nope", env=env)
     assert out.returncode == 2 and "unknown stage" in out.stderr
+
+
+# -- the engine's model: reports, learning, the state file, the end-to-end ETA ------------
+
+
+class _SlowFile(FileStage):
+    """A file stage after the download (not in order): its work is the tail."""
+
+    name = "slowfile"
+
+    def run(self, local: LocalFile) -> int:
+        return local.size
+
+
+def test_reports_carry_the_prediction_and_the_model(put_object: Any, tmp_path: Path) -> None:
+    uri = put_object(os.urandom(5 * MiB))
+    state = tmp_path / "model.json"
+    config = Config(part_size=1 * MiB, model_path=str(state))
+
+    async def main() -> list[Report]:
+        async with Engine(config) as engine:
+            return [await engine.process(uri, [Checksum(), Scan()]) for _ in range(2)]
+
+    first, second = run_async(main)
+    assert first.passed and second.passed
+    assert first.predicted_seconds is not None and first.predicted_seconds > 0
+    model = first.model
+    assert model is not None and model["source"] == "builtin"
+    assert model["predicted_seconds"] == first.predicted_seconds
+    assert model["download"]["key"] == "download:raw"
+    assert model["download"]["source"] == "builtin"
+    assert [s["key"] for s in model["stages"]] == ["checksum:xxh3_128", "scan"]
+    # The second object is predicted from the first one's timings.
+    assert second.model is not None and second.model["source"] == "learned"
+    assert second.model["objects"] == 1
+    assert second.model["download"]["source"] == "learned"
+    assert second.model["download"]["objects"] == 1
+    assert all(s["source"] == "learned" and s["objects"] == 1 for s in second.model["stages"])
+    json.dumps(second.to_dict())
+    # Saved at close, 0600, with both objects.
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    assert TimeModel.load(str(state)).objects == 2
+
+
+def test_no_state_file_with_an_empty_model_path(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = tmp_path / "f.bin"
+    source.write_bytes(os.urandom(MiB))
+    report = fastpipe.run(str(source), [Scan()], config=Config(model_path=""))
+    assert report.passed and report.model is not None
+    assert report.model["download"] is None  # a local file is read in place
+    assert not (tmp_path / "cache").exists()
+
+
+def test_eta_includes_the_file_stages(put_object: Any) -> None:
+    """At the end of the download the ETA still counts the file stage ahead."""
+    size = 6 * MiB
+    uri = put_object(os.urandom(size))
+    events: list[fastpipe.Progress] = []
+    report = fastpipe.run(
+        uri, [Checksum(), _SlowFile()], config=Config(part_size=MiB), progress=events.append
+    )
+    assert report.passed
+    download = [e for e in events if e.phase == "download"]
+    assert download[0].eta_seconds is not None  # from the model, before the first byte
+    assert download[-1].bytes_done == size
+    assert download[-1].eta_seconds is not None and download[-1].eta_seconds > 0
+    staged = [e for e in events if e.stage == "slowfile"]
+    assert len(staged) == 2
+    assert staged[0].eta_seconds is not None and staged[0].eta_seconds > 0
+    assert staged[-1].eta_seconds == 0.0

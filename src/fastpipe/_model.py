@@ -632,6 +632,40 @@ def _floats(mapping: Any) -> dict[str, float]:
     return out
 
 
+def observation_from_described(report: Any) -> Observation | None:
+    """The :class:`Observation` of a report that carries its prediction (``report.model``,
+    as :meth:`Prediction.describe` writes it); None when it has none or did not pass.
+
+    An early file stage's ``busy_seconds`` (its working time, without the waits for bytes)
+    replaces its wall seconds.
+    """
+    described = report.model
+    if not report.passed or not described:
+        return None
+    entries = described["stages"]
+    costs = [StageCost(e["name"], e["key"], e["kind"], bool(e["early"])) for e in entries]
+    download = described.get("download")
+    shares = described.get("load", {})
+    load = Load(
+        connection_share=float(shares.get("connection_share", 1.0)),
+        heavy_share=float(shares.get("heavy_share", 1.0)),
+        admission_wait=float(described.get("admission_wait", 0.0)),
+    )
+    obs = Observation.from_report(
+        report, costs, download_key=download["key"] if download else None, load=load
+    )
+    if obs is None:
+        return None
+    busy = [e.get("busy_seconds") for e in entries]
+    return replace(
+        obs,
+        stages=tuple(
+            (cost, seconds if b is None else float(b))
+            for (cost, seconds), b in zip(obs.stages, busy, strict=True)
+        ),
+    )
+
+
 class EngineModel:
     """The engine's time model: loaded from ``path`` lazily and off the event loop, fed
     each object that passed, saved off the loop every ``save_every`` seconds and at close.
@@ -671,30 +705,18 @@ class EngineModel:
         costs = stage_costs(stages, info, early_file_stages=early_file_stages)
         return model.predict(int(info.size), costs, download_key=download_key, load=load)
 
-    async def learn(
-        self, report: Any, prediction: Prediction, busy: Mapping[int, float] | None = None
-    ) -> None:
-        """Learn from a finished object (nothing when it did not pass); ``busy`` replaces
-        the seconds of stages (by index) that also waited (the early file stage)."""
-        obs = Observation.from_report(
-            report,
-            prediction.stages,
-            download_key=(
-                prediction.download_rate.key if prediction.download_rate is not None else None
-            ),
-            load=prediction.load,
-        )
-        if obs is None:
+    async def learn(self, report: Any) -> None:
+        """Learn from a finished object's report (nothing unless it passed and carries the
+        prediction it was made with). A failure to learn is a warning, never an error."""
+        try:
+            obs = observation_from_described(report)
+            if obs is None:
+                return
+            model = await self.get()
+            model.learn(obs)
+        except Exception:  # noqa: BLE001 - the model must never fail an object
+            logger.warning("%s: not learned by the time model", report.source, exc_info=True)
             return
-        if busy:
-            obs = replace(
-                obs,
-                stages=tuple(
-                    (cost, busy.get(i, seconds)) for i, (cost, seconds) in enumerate(obs.stages)
-                ),
-            )
-        model = await self.get()
-        model.learn(obs)
         if time.monotonic() - self._saved_at >= self.save_every:
             await self.save()
 
