@@ -59,7 +59,7 @@ TAIL = StageCost("tool", "tool", "file")
 def model(**rates: float) -> TimeModel:
     """A model whose rates (MiB/s) are given, fixed cost learned as 1 s."""
     m = TimeModel({k: v * MiB for k, v in rates.items()})
-    m._fixed.append(1.0)
+    m._fixed.append((0.0, 1.0))  # one point: overlap factor 1, fixed cost 1 s
     return m
 
 
@@ -206,6 +206,38 @@ def test_learning_converges_and_ignores_outliers() -> None:
     p = m.predict(S, [A, tail])
     assert p.source == "learned"
     assert p.seconds == pytest.approx(0.3 + 2.56 + 2.048, rel=0.05)
+
+
+def test_overlap_factor_and_fixed_cost_are_fitted() -> None:
+    """Where the phases share the cores the pass runs longer than its slowest phase: a
+    line through (pass, time) points gives that factor and the fixed cost, outliers and
+    all."""
+    rng = random.Random(3)
+    m = TimeModel()
+    for i in range(24):
+        size = rng.choice([32, 64, 128, 256, 512]) * MiB
+        dl_seconds = size / (400 * MiB)
+        stall = 4.0 if i % 8 == 5 else 0.0
+        obs = Observation(
+            size=size,
+            seconds=0.2 + 1.4 * dl_seconds + stall,
+            stages=((A, size / (1000 * MiB)),),
+            download_bytes=size,
+            download_seconds=dl_seconds,
+        )
+        m.learn(obs)
+    fixed, factor, source, objects = m.fit()
+    assert source == "learned" and objects == 24
+    assert factor == pytest.approx(1.4, rel=1e-6) and fixed == pytest.approx(0.2, abs=1e-6)
+    p = m.predict(S, [A])
+    assert p.overlap == pytest.approx(1.4)
+    assert p.seconds == pytest.approx(0.2 + 1.4 * 2.56)
+    assert p.describe()["overlap_factor"] == pytest.approx(1.4)
+    # One size only: no line, the factor stays 1.
+    same = TimeModel()
+    for _ in range(5):
+        same.learn(_observation(S, 400, 1000, 500, 0.3))
+    assert same.fit()[:2] == pytest.approx((0.3, 1.0))
 
 
 def test_small_objects_teach_the_fixed_cost_only() -> None:

@@ -43,7 +43,10 @@ logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
 GiB = 1 << 30
-STATE_VERSION = 1
+STATE_VERSION = 2
+#: Bounds of the learned overlap factor (how much longer the pass runs than its slowest
+#: phase alone, when the phases compete for the same cores).
+OVERLAP_BOUNDS = (0.8, 3.0)
 #: Observations kept per key: the median of these is the rate used.
 WINDOW = 32
 #: Objects smaller than this teach no rate (their time is mostly latency), only the
@@ -215,6 +218,8 @@ class Prediction:
     size: int
     seconds: float
     fixed: float
+    #: How much longer than its slowest phase the pass runs (phases sharing the cores).
+    overlap: float
     admission_wait: float
     download: float
     stream: float
@@ -236,6 +241,7 @@ class Prediction:
             "objects": self.objects,
             "predicted_seconds": self.seconds,
             "fixed_seconds": self.fixed,
+            "overlap_factor": self.overlap,
             "admission_wait": self.admission_wait,
             "download_seconds": self.download,
             "stream_seconds": self.stream,
@@ -290,6 +296,8 @@ class Prediction:
             last = min(EARLY_LAST_WINDOW, size)
             before = max(0, size - last - at.early_done) / c_rate
             pass_left = max(before, stream_left) + max(0, min(last, size - at.early_done)) / c_rate
+        if at.downloaded < size:  # the phases still share the cores
+            pass_left *= self.overlap
         tail_left = 0.0
         for i, (_, r) in enumerate(tail):
             if i < at.file_stages_done:
@@ -404,7 +412,8 @@ class TimeModel:
         self.path = path
         self.calibrated: dict[str, float] = dict(calibrated or {})
         self._rates: dict[str, deque[float]] = {}
-        self._fixed: deque[float] = deque(maxlen=WINDOW)
+        #: (pass seconds at the object's own rates, its time less the tail and the wait)
+        self._fixed: deque[tuple[float, float]] = deque(maxlen=WINDOW)
         self.objects = 0
         self._lock = threading.Lock()
         self._dirty = False
@@ -431,10 +440,28 @@ class TimeModel:
 
     def fixed(self) -> tuple[float, str, int]:
         """The fixed cost per object: ``(seconds, source, objects)``."""
+        fixed, _, source, objects = self.fit()
+        return fixed, source, objects
+
+    def fit(self) -> tuple[float, float, str, int]:
+        """``(fixed seconds, overlap factor, source, objects)``.
+
+        Each object gives a point (its pass at its own rates, its time less its tail and
+        admission wait); a Theil-Sen line through the window's points (the median of the
+        pairwise slopes, then the median intercept) gives the overlap factor (the slope:
+        on a machine whose cores the download and the stages share, the pass runs longer
+        than its slowest phase alone) and the fixed cost (the intercept). With too narrow
+        a spread of sizes the factor is 1 and the fixed cost the median residual.
+        """
         with self._lock:
-            if self._fixed:
-                return statistics.median(self._fixed), "learned", len(self._fixed)
-        return BUILTIN_FIXED, "builtin", 0
+            points = list(self._fixed)
+        if not points:
+            return BUILTIN_FIXED, 1.0, "builtin", 0
+        factor = _theil_sen_slope(points)
+        low, high = OVERLAP_BOUNDS
+        factor = 1.0 if factor is None else min(max(factor, low), high)
+        fixed = max(0.0, statistics.median(y - factor * x for x, y in points))
+        return fixed, factor, "learned", len(points)
 
     @property
     def source(self) -> str:
@@ -468,12 +495,13 @@ class TimeModel:
         ]
         d = dl_rate.rate * load.connection_share if dl_rate else None
         t_dl, stream_end, early_end, tail, bound = combine(size, d, stages, effective)
-        fixed, _, _ = self.fixed()
-        seconds = load.admission_wait + fixed + max(stream_end, early_end) + tail
+        fixed, factor, _, _ = self.fit()
+        seconds = load.admission_wait + fixed + factor * max(stream_end, early_end) + tail
         return Prediction(
             size=size,
             seconds=seconds,
             fixed=fixed,
+            overlap=factor,
             admission_wait=load.admission_wait,
             download=t_dl,
             stream=stream_end,
@@ -522,11 +550,13 @@ class TimeModel:
             self._dirty = True
         if obs.reused_bytes:
             return
-        residual = obs.seconds - obs.load.admission_wait - self._pass_and_tail(obs, big)
-        with self._lock:
-            self._fixed.append(max(0.0, residual))
+        pass_seconds, tail = self._pass_and_tail(obs, big)
+        rest = obs.seconds - obs.load.admission_wait - tail
+        if math.isfinite(rest) and pass_seconds >= 0:
+            with self._lock:
+                self._fixed.append((pass_seconds, max(0.0, rest)))
 
-    def _pass_and_tail(self, obs: Observation, own: bool) -> float:
+    def _pass_and_tail(self, obs: Observation, own: bool) -> tuple[float, float]:
         costs = [c for c, _ in obs.stages]
         if own:
             rates = [
@@ -549,7 +579,7 @@ class TimeModel:
             if obs.download_key:
                 d = self.rate(obs.download_key, "download").rate * load.connection_share
         _, stream_end, early_end, tail, _ = combine(obs.size, d, costs, rates)
-        return max(stream_end, early_end) + tail
+        return max(stream_end, early_end), tail
 
     # -- state file ----------------------------------------------------------------------
 
@@ -559,7 +589,7 @@ class TimeModel:
             return {
                 "version": STATE_VERSION,
                 "objects": self.objects,
-                "fixed": list(self._fixed),
+                "fixed": [list(p) for p in self._fixed],
                 "rates": {k: list(v) for k, v in self._rates.items()},
                 "calibrated": dict(self.calibrated),
             }
@@ -575,7 +605,10 @@ class TimeModel:
             window.extend(_positive(values))
             if window:
                 model._rates[str(key)] = window
-        model._fixed.extend(v for v in _positive(data.get("fixed", []), zero=True))
+        for point in list(data.get("fixed", [])):
+            x, y = (float(v) for v in point)
+            if math.isfinite(x) and math.isfinite(y) and x >= 0 and y >= 0:
+                model._fixed.append((x, y))
         model.objects = int(data.get("objects", 0))
         return model
 
@@ -612,6 +645,20 @@ class TimeModel:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def _theil_sen_slope(points: Sequence[tuple[float, float]]) -> float | None:
+    """The median slope over pairs of points whose x differ by a fifth or more (None when
+    there are fewer than three points or no such pair)."""
+    if len(points) < 3:
+        return None
+    slopes = [
+        (y2 - y1) / (x2 - x1)
+        for i, (x1, y1) in enumerate(points)
+        for x2, y2 in points[i + 1 :]
+        if abs(x2 - x1) >= 0.2 * max(x1, x2) and x1 != x2
+    ]
+    return statistics.median(slopes) if slopes else None
 
 
 def _positive(values: Any, zero: bool = False) -> list[float]:
