@@ -248,3 +248,44 @@ def test_sigterm_during_a_shaped_bench_cleans_up(tmp_path: Path) -> None:
     port = int(endpoint.rsplit(":", 1)[1])
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0  # the server is gone
+
+
+def test_predictability_section(tmp_path: Path) -> None:
+    """`fastpipe bench --predictability` on tiny objects: the spread and error figures."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    out = subprocess.run(
+        [sys.executable, "-m", "fastpipe.cli", "bench", "--predictability"]
+        + ["--sizes", "1MiB,2MiB", "--repeat", "2", "--predict-warmup", "1"]
+        + ["--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "p90/p50" in out.stdout and "eta_10" in out.stdout
+    data = json.loads((tmp_path / "out" / "predictability.json").read_text())
+    assert len(data["runs"]) == 4 and all(r["passed"] for r in data["runs"])
+    assert all(r["predicted"] and r["model_source"] == "learned" for r in data["runs"])
+    assert set(data["summary"]["sizes"]) == {str(1 << 20), str(2 << 20)}
+    assert data["summary"]["errors"]["predicted"]["n"] == 4
+    # The model learned into the bench's own state file, not the user's cache.
+    assert (tmp_path / "out" / "model.json").exists()
+    assert not (tmp_path / "cache" / "fastpipe" / "model.json").exists()
+
+
+def test_predictability_summary_arithmetic() -> None:
+    from fastpipe.tools.predictability import quantile, summarize
+
+    assert quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.9) == pytest.approx(4.6)
+    runs = [
+        {"size": 10, "seconds": s, "predicted": 2.0, "eta_10": 2.0, "eta_50": None}
+        for s in (1.0, 2.0, 4.0)
+    ]
+    summary = summarize(runs)
+    sizes = summary["sizes"]["10"]
+    assert sizes["p50"] == 2.0 and sizes["max"] == 4.0
+    assert sizes["p90_over_p50"] == pytest.approx(3.6 / 2.0)
+    errors = summary["errors"]["predicted"]
+    assert errors["median"] == pytest.approx(0.5) and errors["n"] == 3  # 1.0, 0.0, 0.5
+    assert summary["errors"]["eta_50"] == {"n": 0, "median": None, "p90": None}

@@ -171,6 +171,15 @@ def _add_tool_parsers(sub: Any) -> None:
     )
     bench.add_argument("--no-low-entropy", action="store_true", help="skip the low-entropy object")
     bench.add_argument(
+        "--predictability",
+        action="store_true",
+        help="instead: the time model's prediction errors and the spread of the end-to-end "
+        "time (library path, one engine; use --repeat 10)",
+    )
+    bench.add_argument(
+        "--predict-warmup", type=int, default=3, help="unrecorded objects first (default 3)"
+    )
+    bench.add_argument(
         "--link-rate",
         type=_link_rates,
         default=None,

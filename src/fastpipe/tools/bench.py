@@ -774,6 +774,10 @@ def _loopback_port(endpoint: str) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """``fastpipe bench``: returns 0, or 1 when a run failed (2: unknown variant, or a
     link rate that cannot be shaped here; 130/143/129 on SIGINT/SIGTERM/SIGHUP)."""
+    if getattr(args, "predictability", False):
+        from .predictability import cmd_predictability
+
+        return cmd_predictability(args)
     unknown = _check_variants(args.variants or [])
     if unknown is not None:
         return _usage_error(f"unknown variant {unknown!r} (known: {', '.join(VARIANTS)})")
