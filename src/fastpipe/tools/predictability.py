@@ -27,7 +27,6 @@ from typing import Any
 
 from .. import Config, Engine, Progress
 from .._console import format_size
-from .._groups import run_async
 from ..stages import Checksum, Chunk, Scan
 from .locals3 import LocalS3
 from .s3 import ensure_bucket, s3_client, upload_file
@@ -110,8 +109,9 @@ def run_objects(
                 await _one(engine, uris[size], size)
             return [await _one(engine, uris[size], size) for size in order]
 
-    result: list[dict[str, Any]] = run_async(main)
-    return result
+    import anyio
+
+    return anyio.run(main)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
