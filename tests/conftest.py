@@ -92,3 +92,12 @@ def put_object(s3_client: Any, bucket: str) -> Any:
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
     """Async tests run on asyncio and on asyncio+uvloop."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def sqs_server() -> Iterator[Any]:
+    """moto's SQS server as a loopback subprocess (fastpipe.tools.localsqs), for the session."""
+    from fastpipe.tools.localsqs import LocalSQS
+
+    with LocalSQS() as server:
+        yield server

@@ -23,6 +23,7 @@ from ._engine import process as process
 from ._engine import process_many as process_many
 from ._engine import run as run
 from ._engine import run_many as run_many
+from ._events import s3_event as s3_event
 from ._exceptions import AccessDenied as AccessDenied
 from ._exceptions import DestinationError as DestinationError
 from ._exceptions import EndpointUnreachable as EndpointUnreachable
@@ -44,6 +45,7 @@ from ._report import Progress as Progress
 from ._report import Report as Report
 from ._report import StageReport as StageReport
 from ._report import Status as Status
+from ._worker import Worker as Worker
 
 __version__ = "0.1.0"
 
@@ -73,10 +75,12 @@ __all__ = [
     "StageTimeout",
     "Status",
     "UsageError",
+    "Worker",
     "__version__",
     "parse_size",
     "process",
     "process_many",
     "run",
     "run_many",
+    "s3_event",
 ]

@@ -8,10 +8,8 @@ each family to one exit code (``exit_code`` on the class).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ._report import Report
+from ._report import EXIT_CODES, Report
 
 # Query strings of presigned URLs, and the values that sign a request wherever they show
 # (a query string, an echoed Authorization header, a request line quoted by a server).
@@ -55,6 +53,10 @@ class FastpipeError(Exception):
 
     def __init__(self, message: object = "", *args: object) -> None:
         super().__init__(redact_secrets(str(message)), *args)
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        EXIT_CODES[cls.__name__] = cls.exit_code
 
 
 class UsageError(FastpipeError, ValueError):

@@ -53,6 +53,12 @@ class Plane(_StrEnum):
     LOCAL = "local"
 
 
+#: Exit code of each error class by name, filled by ``_exceptions`` as its classes are
+#: defined, so that a report maps its ``error_type`` without importing the errors (which
+#: import this module for their ``report``).
+EXIT_CODES: dict[str, int] = {}
+
+
 @dataclass
 class StageReport:
     """One stage's outcome: ``status`` is a :class:`Status`, ``kind`` a :class:`Kind`."""
@@ -114,12 +120,7 @@ class Report:
         """The CLI exit code this outcome maps to (0 passed, 1 a stage failed, ...)."""
         if self.passed:
             return 0
-        from . import _exceptions
-
-        cls = getattr(_exceptions, self.error_type or "", None)
-        if isinstance(cls, type) and issubclass(cls, _exceptions.FastpipeError):
-            return cls.exit_code
-        return 1
+        return EXIT_CODES.get(self.error_type or "", 1)
 
     def stage(self, name: str) -> StageReport:
         """The report of the stage called ``name``."""

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, _worker_cli
 from ._config import Config
 from ._console import (
     ProgressBar,
@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("stages", help="list the built-in stages and their options")
 
     _add_tool_parsers(sub)
+    _worker_cli.add_parsers(sub)  # worker, enqueue
     return parser
 
 
@@ -139,7 +140,12 @@ def _add_tool_parsers(sub: Any) -> None:
     when one of them runs (``fastpipe run`` never loads it); ``calibrate`` and
     ``estimate`` in :mod:`fastpipe._calibrate`."""
     demo = sub.add_parser("demo", help="run the main job on an embedded local S3 server")
-    demo.add_argument("--size", type=size_arg, default=256 << 20, help="default 256MiB")
+    demo.add_argument(
+        "what", nargs="?", choices=["service"], help="service: workers on a local SQS queue"
+    )
+    demo.add_argument(
+        "--size", type=size_arg, default=None, help="default 256MiB (service: largest, 32MiB)"
+    )
     demo.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     demo.set_defaults(tool="demo")
 
@@ -386,10 +392,14 @@ def _log_to_stderr(verbosity: int) -> None:
 
 def _cmd_tool(args: argparse.Namespace) -> int:
     """``demo``, ``bench``: the tools are imported here, not before."""
+    if args.tool == "demo" and args.what == "service":
+        from .tools.demo_service import run_demo_service
+
+        return run_demo_service(args.size or 32 << 20)
     if args.tool == "demo":
         from .tools.demo import run_demo
 
-        return run_demo(args.size, as_json=args.json)
+        return run_demo(args.size or 256 << 20, as_json=args.json)
     from .tools import bench
 
     return bench.cmd_bench(args)
@@ -443,6 +453,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_command(args)
     if args.command in ("demo", "bench"):
         return _cmd_tool(args)
+    if args.command in ("worker", "enqueue"):
+        _log_to_stderr(args.verbose)
+        return _worker_cli.run_command(args)
     raise AssertionError(args.command)
 
 
