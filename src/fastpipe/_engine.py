@@ -23,6 +23,7 @@ from ._fetch import Fetcher, choose_plane
 from ._file import Watermark
 from ._groups import HeldOnce, run_async, unwrap_groups
 from ._job import Job, ProgressCallback, ProgressSink, check_info
+from ._model import EngineModel
 from ._objectinfo import local_object_info
 from ._onepass import OnePass
 from ._placement import ObjectPlacement, Placement
@@ -44,6 +45,7 @@ class Engine:
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or Config()
         self._s3 = S3Control(self.config)
+        self._model = EngineModel(self.config.resolved_model_path())  # loaded on first use
 
     async def __aenter__(self) -> Engine:
         return self
@@ -57,7 +59,9 @@ class Engine:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the S3 client."""
+        """Save what the time model learned (off the loop), then close the S3 client."""
+        with anyio.CancelScope(shield=True):  # also when the caller is being cancelled
+            await self._model.save()
         await self._s3.close()
 
     async def process(
@@ -97,6 +101,7 @@ class Engine:
             report.seconds = time.perf_counter() - started
             report.verified = _stagelist.verified(stage_list, report)
             log_done(report)
+        await self._model.learn(report)
         return report
 
     async def process_many(
@@ -178,7 +183,7 @@ class Engine:
         watermark.close()
         path = info.source  # the absolute path
         job = Job(location, info, stages, report, path, watermark, Plane.LOCAL, None, progress)
-        one = OnePass(job, self.config, None)
+        one = OnePass(job, self.config, None, self._model)
         if await one.stream():
             report.passed = await one.file_stages()
 
@@ -199,6 +204,7 @@ class Engine:
             async with HeldOnce(gate) as held:
                 job = await self._admit(location, stages, placed, report, progress)
                 if job is not None:
+                    job.admission_wait = held.waited
                     await self._fetch_and_check(job, held)
         finally:
             with anyio.CancelScope(shield=True):  # cleans up after a cancel too
@@ -209,7 +215,7 @@ class Engine:
         placed, report = job.placed, job.report
         assert placed is not None
         fetcher = Fetcher(self._s3, self.config, job)
-        one = OnePass(job, self.config, fetcher)
+        one = OnePass(job, self.config, fetcher, self._model)
         try:
             ok = await one.stream()
         except BaseException as exc:

@@ -4,6 +4,7 @@ group, a lock held until released once, and the event loop runner."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -59,10 +60,14 @@ class HeldOnce:
     def __init__(self, lock: anyio.Lock | None) -> None:
         self.lock = lock
         self.held = False
+        #: Seconds spent waiting for the lock (an object's admission wait).
+        self.waited = 0.0
 
     async def __aenter__(self) -> HeldOnce:
         if self.lock is not None:
+            started = time.perf_counter()
             await self.lock.acquire()
+            self.waited = time.perf_counter() - started
             self.held = True
         return self
 
