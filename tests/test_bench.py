@@ -1,4 +1,4 @@
-"""The bench's fit and `fastpipe estimate`; the engine's ETA does not read bench results."""
+"""The bench's fit; neither the engine's ETA nor `fastpipe estimate` reads bench results."""
 
 from __future__ import annotations
 
@@ -43,18 +43,11 @@ def test_linear_fit_recovers_a_line() -> None:
     assert fitting.linear_fit([(GiB, 1.0), (GiB, 2.0)]) is None  # one size: no line
 
 
-def test_estimate_seconds_and_cli(tmp_path: Path) -> None:
+def test_estimate_seconds(tmp_path: Path) -> None:
     path = tmp_path / "results.json"
     assert fitting.estimate_seconds(GiB, str(path)) is None
     _results(path, per_gib=1.5, intercept=0.5)
     assert fitting.estimate_seconds(10 * GiB, str(path)) == pytest.approx(15.5)
-    out = subprocess.run(
-        [sys.executable, "-m", "fastpipe.cli", "estimate", "10GiB", "--results", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "15.5" in out.stdout
 
 
 def test_progress_eta_ignores_bench_results(tmp_path: Path, monkeypatch: Any) -> None:
@@ -83,10 +76,13 @@ def test_progress_eta_ignores_bench_results(tmp_path: Path, monkeypatch: Any) ->
         events.append(event)
         first_update.set()
 
-    fastpipe.run(str(source), stages=[Slow()], progress=on_progress)
+    report = fastpipe.run(str(source), stages=[Slow()], progress=on_progress)
     first = events[0]
     assert first.bytes_done == 0
-    assert first.eta_seconds is None  # no rate yet, and no prior from the bench
+    # Before the first byte the ETA comes from the engine's time model (built-in rates
+    # here: nothing learned in this cache), never from the bench's "100 s".
+    assert report.model is not None and report.model["source"] == "builtin"
+    assert first.eta_seconds is not None and first.eta_seconds < 100.0
 
 
 def test_bench_help_lists_every_variant() -> None:
@@ -115,7 +111,8 @@ def test_bench_refuses_an_unknown_variant(tmp_path: Path) -> None:
 
 
 def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
-    """`fastpipe bench` on its own embedded server, then `fastpipe estimate` from it."""
+    """`fastpipe bench` on its own embedded server; `fastpipe estimate` then still works
+    (from the time model, not from the bench's results)."""
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
     out = subprocess.run(
         [sys.executable, "-m", "fastpipe.cli", "bench", "--sizes", "1MiB,2MiB", "--repeat", "1"]
@@ -251,3 +248,44 @@ def test_sigterm_during_a_shaped_bench_cleans_up(tmp_path: Path) -> None:
     port = int(endpoint.rsplit(":", 1)[1])
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0  # the server is gone
+
+
+def test_predictability_section(tmp_path: Path) -> None:
+    """`fastpipe bench --predictability` on tiny objects: the spread and error figures."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    out = subprocess.run(
+        [sys.executable, "-m", "fastpipe.cli", "bench", "--predictability"]
+        + ["--sizes", "1MiB,2MiB", "--repeat", "2", "--predict-warmup", "1"]
+        + ["--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "p90/p50" in out.stdout and "eta_10" in out.stdout
+    data = json.loads((tmp_path / "out" / "predictability.json").read_text())
+    assert len(data["runs"]) == 4 and all(r["passed"] for r in data["runs"])
+    assert all(r["predicted"] and r["model_source"] == "learned" for r in data["runs"])
+    assert set(data["summary"]["sizes"]) == {str(1 << 20), str(2 << 20)}
+    assert data["summary"]["errors"]["predicted"]["n"] == 4
+    # The model learned into the bench's own state file, not the user's cache.
+    assert (tmp_path / "out" / "model.json").exists()
+    assert not (tmp_path / "cache" / "fastpipe" / "model.json").exists()
+
+
+def test_predictability_summary_arithmetic() -> None:
+    from fastpipe.tools.predictability import quantile, summarize
+
+    assert quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.9) == pytest.approx(4.6)
+    runs = [
+        {"size": 10, "seconds": s, "predicted": 2.0, "eta_10": 2.0, "eta_50": None}
+        for s in (1.0, 2.0, 4.0)
+    ]
+    summary = summarize(runs)
+    sizes = summary["sizes"]["10"]
+    assert sizes["p50"] == 2.0 and sizes["max"] == 4.0
+    assert sizes["p90_over_p50"] == pytest.approx(3.6 / 2.0)
+    errors = summary["errors"]["predicted"]
+    assert errors["median"] == pytest.approx(0.5) and errors["n"] == 3  # 1.0, 0.0, 0.5
+    assert summary["errors"]["eta_50"] == {"n": 0, "median": None, "p90": None}

@@ -301,6 +301,10 @@ def test_malformed_message_goes_to_the_dlq_and_metrics_match_results(
     assert metric(text, "fastpipe_objects_total", outcome="failed") == 1
     assert metric(text, "fastpipe_bytes_total") == sum(r["download"]["bytes"] for r in got)
     assert metric(text, "fastpipe_object_seconds_count") == 3
+    predicted = sum(1 for r in got if r.get("predicted_seconds") is not None)
+    assert predicted >= 2  # every object that got past HEAD
+    assert metric(text, "fastpipe_predicted_seconds_count") == predicted
+    assert metric(text, "fastpipe_prediction_ratio_count") == predicted
     assert metric(text, "fastpipe_messages_total", action="deleted") == 5  # 3 + test + dup
     assert metric(text, "fastpipe_messages_total", action="left") >= 2
     assert metric(text, "fastpipe_objects_in_flight") == 0

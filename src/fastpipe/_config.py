@@ -141,6 +141,9 @@ class Config:
     max_objects: int = 8
     disk_budget: int | None = None
     file_stage_slots: int | None = None
+    #: The time model's state file (``fastpipe calibrate`` writes it, the engine learns
+    #: into it): None for ``$XDG_CACHE_HOME/fastpipe/model.json``, "" for none (in memory).
+    model_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.part_size < 1:
@@ -181,6 +184,14 @@ class Config:
         if from_env:
             check_endpoint_url(from_env, "AWS_ENDPOINT_URL")
         return from_env or None
+
+    def resolved_model_path(self) -> str | None:
+        """The time model's state file (see ``model_path``), or None for none."""
+        if self.model_path == "":
+            return None
+        from ._model import default_model_path
+
+        return self.model_path or default_model_path()
 
     def plan_part_size(self, size: int) -> int:
         """Part size for an object of ``size`` bytes: at most MAX_PARTS parts."""

@@ -25,6 +25,7 @@ from ._fetch import Fetcher, choose_plane
 from ._file import Watermark
 from ._groups import run_async
 from ._job import Job, ProgressCallback, ProgressSink, check_info
+from ._model import EngineModel
 from ._objectinfo import local_object_info
 from ._onepass import OnePass
 from ._placement import ObjectPlacement, Placement
@@ -55,6 +56,7 @@ class Engine:
         self.config = config or Config()
         self._s3 = S3Control(self.config)
         self._budgets: Budgets | None = None
+        self._model = EngineModel(self.config.resolved_model_path())  # loaded on first use
 
     async def __aenter__(self) -> Engine:
         return self
@@ -76,7 +78,9 @@ class Engine:
         return TagSink(self._s3)
 
     async def aclose(self) -> None:
-        """Close the S3 client."""
+        """Save what the time model learned (off the loop), then close the S3 client."""
+        with anyio.CancelScope(shield=True):  # also when the caller is being cancelled
+            await self._model.save()
         await self._s3.close()
 
     @property
@@ -131,6 +135,7 @@ class Engine:
             report.seconds = time.perf_counter() - started
             report.verified = _stagelist.verified(stage_list, report)
             log_done(report)
+        await self._model.learn(report)
         return report
 
     def map(
@@ -259,7 +264,7 @@ class Engine:
         watermark.close()
         path = info.source  # the absolute path
         job = Job(location, info, stages, report, path, watermark, Plane.LOCAL, None, progress)
-        one = OnePass(job, self.config, None, self.budgets.file_stage)
+        one = OnePass(job, self.config, None, self._model, self.budgets.file_stage)
         if await one.stream():
             report.passed = await one.file_stages()
 
@@ -277,6 +282,7 @@ class Engine:
         try:
             job = await self._admit(location, stages, placed, report, progress, disk)
             if job is not None:
+                job.admission_wait = report.queued_seconds  # what the time model adds
                 await self._fetch_and_check(job)
         finally:
             with anyio.CancelScope(shield=True):  # cleans up after a cancel too
@@ -289,7 +295,7 @@ class Engine:
         assert placed is not None
         budgets = self.budgets
         fetcher = Fetcher(self._s3, self.config, job, budgets.connection)
-        one = OnePass(job, self.config, fetcher, budgets.file_stage)
+        one = OnePass(job, self.config, fetcher, self._model, budgets.file_stage)
         try:
             ok = await one.stream()
         except BaseException as exc:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ._exceptions import StageFailed, StageTimeout
 from ._file import TempFile, Watermark
+from ._model import Prediction
 from ._objectinfo import ObjectInfo, PinnedObject
 from ._placement import ObjectPlacement
 from ._report import Phase, Plane, Progress, Report, Status
@@ -56,6 +57,10 @@ class Job:
     placed: ObjectPlacement | None = None
     progress: ProgressSink | None = None
     stream_indices: list[int] = field(init=False)
+    #: Seconds the object waited to be admitted (the engine's object slot and disk budget).
+    admission_wait: float = field(default=0.0, init=False)
+    #: The time model's prediction, made before the first byte (None: no model).
+    prediction: Prediction | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.stream_indices = [i for i, s in enumerate(self.stages) if isinstance(s, StreamStage)]
@@ -77,11 +82,11 @@ class Job:
         if self.progress is not None:
             self.progress(event)
 
-    def file_stage_event(self, name: str) -> None:
+    def file_stage_event(self, name: str, eta: float | None = None) -> None:
         """A file stage's event (at its start and its end): all bytes are in."""
         if self.progress is not None:
             size = self.info.size
-            self.progress(Progress(size, size, self.progress.elapsed(), None, Phase.FILE, name))
+            self.progress(Progress(size, size, self.progress.elapsed(), eta, Phase.FILE, name))
 
     def record_failure(self, index: int, exc: BaseException) -> None:
         """Write stage ``index``'s failure into the report."""

@@ -34,6 +34,20 @@ class WorkerMetrics:
             buckets=_SECONDS_BUCKETS,
             registry=r,
         )
+        # The time model's prediction against what happened: report.predicted_seconds and
+        # report.seconds (processing, HEAD to report), and their ratio per object.
+        self.predicted = Histogram(
+            "fastpipe_predicted_seconds",
+            "The engine's end-to-end prediction per object, made before its first byte",
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.prediction_ratio = Histogram(
+            "fastpipe_prediction_ratio",
+            "Predicted over actual processing seconds per object (1 is exact)",
+            buckets=(0.5, 0.67, 0.8, 0.9, 0.95, 1.05, 1.1, 1.25, 1.5, 2, 4),
+            registry=r,
+        )
         self.in_flight = Gauge("fastpipe_objects_in_flight", "Objects being processed", registry=r)
         self.messages = Counter(
             "fastpipe_messages",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -26,9 +27,12 @@ from ._exceptions import StageFailed, StageTimeout
 from ._fetch import Fetcher
 from ._groups import unwrap_groups
 from ._job import Job
-from ._report import Phase, Progress, Status
+from ._model import EngineModel, Load, Position
+from ._report import Phase, Plane, Progress, Status
 from ._stream import StreamRunner
 from .stages._base import FileStage, LocalFile
+
+logger = logging.getLogger(__name__)
 
 #: Seconds between progress events, and between writes of the resume journal.
 _PROGRESS_EVERY = 0.2
@@ -59,6 +63,11 @@ class _EarlyRun:
         self.result: Any = None
         self.error: BaseException | None = None
         self.seconds = 0.0
+        #: Seconds spent waiting for bytes or for the stream stages (not working), and
+        #: the bytes the stage has consumed: what the time model learns and the ETA uses.
+        self.waited = 0.0
+        self.consumed = 0
+        self._asked = 0
 
     @classmethod
     def plan(cls, job: Job) -> _EarlyRun | None:
@@ -80,6 +89,14 @@ class _EarlyRun:
             self.stage.cancel()
 
     def _wait(self, end: int) -> None:
+        self.consumed, self._asked = self._asked, end  # the window before this one is done
+        started = time.perf_counter()
+        try:
+            self._wait_for(end)
+        finally:
+            self.waited += time.perf_counter() - started
+
+    def _wait_for(self, end: int) -> None:
         watermark = self._watermark
         while watermark.wait(0, end, timeout=0.2) < end:
             if self._stopped.is_set() or watermark.closed:
@@ -115,6 +132,7 @@ class OnePass:
         job: Job,
         config: Config,
         fetcher: Fetcher | None,
+        model: EngineModel | None = None,
         file_stage_slot: Callable[[str], AbstractAsyncContextManager[None]] | None = None,
     ) -> None:
         self.job = job
@@ -122,6 +140,7 @@ class OnePass:
         self._slot = file_stage_slot or (lambda _what: contextlib.nullcontext())
         self.config = config
         self.fetcher = fetcher
+        self.model = model
         self.runner = StreamRunner(job, config.stream_buffer)
         self.early = _EarlyRun.plan(job) if config.early_file_stages else None
         self._started = time.perf_counter()
@@ -134,6 +153,7 @@ class OnePass:
         True when every stream stage passed; the first file stage may have run meanwhile
         (:attr:`FileStage.reads_in_order`), and :meth:`file_stages` records its outcome.
         """
+        await self._predict()
         self._started = time.perf_counter()
         with unwrap_groups():
             async with anyio.create_task_group() as outer:
@@ -186,6 +206,26 @@ class OnePass:
             raise
         self.job.watermark.close()
 
+    async def _predict(self) -> None:
+        """The time model's prediction, before the first byte: into the job and report."""
+        job = self.job
+        if self.model is None:
+            return
+        plane = None if job.plane is Plane.LOCAL else f"download:{job.plane.value}"
+        try:
+            job.prediction = prediction = await self.model.predict(
+                job.stages,
+                job.info,
+                download_key=plane,
+                early_file_stages=self.config.early_file_stages,
+                load=Load(admission_wait=job.admission_wait),
+            )
+        except Exception:  # noqa: BLE001 - a user stage's cost_key must not fail the object
+            logger.warning("%s: no time prediction", job.info.source, exc_info=True)
+            return
+        job.report.predicted_seconds = prediction.seconds
+        job.report.model = prediction.describe()
+
     def _progress_event(self) -> Progress:
         size = self.job.info.size
         if self.fetcher is not None:
@@ -193,13 +233,44 @@ class OnePass:
         else:
             done = self.runner.position
         elapsed = time.perf_counter() - self._started
-        rate = done / elapsed if elapsed > 0 else 0.0
-        if done >= size:
-            eta: float | None = 0.0
-        else:  # no ETA before the first bytes: there is no rate yet
-            eta = (size - done) / rate if rate > 0 else None
         phase = Phase.DOWNLOAD if self.fetcher is not None else Phase.STREAM
-        return Progress(done, size, elapsed, eta, phase)
+        return Progress(done, size, elapsed, self._eta(done, elapsed), phase)
+
+    def _eta(self, done: int, elapsed: float) -> float | None:
+        """Seconds to the end of the object: the download and stream work left, the early
+        file stage and the file stages after (the model's, blended with this object's own
+        rates so far); without a prediction, the download's rate so far."""
+        job, early = self.job, self.early
+        prediction = job.prediction
+        if prediction is None:
+            rate = done / elapsed if elapsed > 0 else 0.0
+            left = job.info.size - done
+            return 0.0 if left <= 0 else (left / rate if rate > 0 else None)
+        stream_busy = sum(job.report.stages[i].seconds for i in job.stream_indices)
+        position = Position(
+            downloaded=done if self.fetcher is not None else job.info.size,
+            streamed=self.runner.position,
+            stream_busy=stream_busy,
+            download_seconds=elapsed,
+            early_done=early.consumed if early is not None else 0,
+        )
+        return prediction.remaining(position)
+
+    def _file_stage_eta(self, index: int, finished: bool) -> float | None:
+        """The ETA at the start (or end) of file stage ``index``: the tail stages left."""
+        job = self.job
+        if job.prediction is None:
+            return 0.0 if finished and index == _last_file_stage(job) else None
+        early = self.early.index if self.early is not None else None
+        tail_before = sum(
+            1
+            for i, s in enumerate(job.stages[:index])
+            if isinstance(s, FileStage) and i != early
+        )
+        done = tail_before + (1 if finished and index != early else 0)
+        size = job.info.size
+        position = Position(size, size, 0.0, 1.0, early_done=size, file_stages_done=done)
+        return job.prediction.remaining(position)
 
     async def _report_progress(self) -> None:
         while True:
@@ -243,7 +314,12 @@ class OnePass:
             self.job.record_failure(early.index, early.error)
             return False
         stage_report.status, stage_report.result = Status.PASSED, early.result
-        self.job.file_stage_event(early.stage.name)  # it ran during the download
+        model = self.job.report.model
+        if model is not None:  # what it worked, not waiting for bytes: what the model learns
+            busy = max(0.0, early.seconds - early.waited)
+            model["stages"][early.index]["busy_seconds"] = busy
+        # it ran during the download
+        self.job.file_stage_event(early.stage.name, self._file_stage_eta(early.index, True))
         return True
 
     async def _file_stage(self, index: int, stage: FileStage, local: LocalFile) -> bool:
@@ -251,7 +327,7 @@ class OnePass:
         # stages running at once across objects is taken around this call.
         job = self.job
         stage_report = job.report.stages[index]
-        job.file_stage_event(stage.name)
+        job.file_stage_event(stage.name, self._file_stage_eta(index, False))
         started = time.perf_counter()
         scope: anyio.CancelScope | None = None
         try:
@@ -264,8 +340,12 @@ class OnePass:
             return False
         stage_report.seconds = time.perf_counter() - started
         stage_report.status, stage_report.result = Status.PASSED, result
-        job.file_stage_event(stage.name)
+        job.file_stage_event(stage.name, self._file_stage_eta(index, True))
         return True
+
+
+def _last_file_stage(job: Job) -> int | None:
+    return max((i for i, s in enumerate(job.stages) if isinstance(s, FileStage)), default=None)
 
 
 def _our_timeout(

@@ -531,6 +531,9 @@ class Worker:
         self.metrics.bytes.inc(report.download.bytes)
         self.metrics.retries.inc(report.download.retries)
         self.metrics.seconds.observe(result["end_to_end_seconds"])
+        if report.predicted_seconds is not None and report.seconds > 0:
+            self.metrics.predicted.observe(report.predicted_seconds)
+            self.metrics.prediction_ratio.observe(report.predicted_seconds / report.seconds)
         if report.etag:
             self._remember((event.bucket, event.key, report.etag))
         return DELETE

@@ -146,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_tool_parsers(sub: Any) -> None:
-    """``demo``, ``bench`` and ``estimate``: their code lives in :mod:`fastpipe.tools`,
-    imported only when one of them runs (``fastpipe run`` never loads it)."""
+    """``demo`` and ``bench``: their code lives in :mod:`fastpipe.tools`, imported only
+    when one of them runs (``fastpipe run`` never loads it); ``calibrate`` and
+    ``estimate`` in :mod:`fastpipe._calibrate`."""
     demo = sub.add_parser("demo", help="run the main job on an embedded local S3 server")
     demo.add_argument(
         "what", nargs="?", choices=["service"], help="service: workers on a local SQS queue"
@@ -191,6 +192,15 @@ def _add_tool_parsers(sub: Any) -> None:
         help="only the many-objects case: 16 x 64MiB through one engine vs one 1GiB object",
     )
     bench.add_argument(
+        "--predictability",
+        action="store_true",
+        help="instead: the time model's prediction errors and the spread of the end-to-end "
+        "time (library path, one engine; use --repeat 10)",
+    )
+    bench.add_argument(
+        "--predict-warmup", type=int, default=3, help="unrecorded objects first (default 3)"
+    )
+    bench.add_argument(
         "--link-rate",
         type=_link_rates,
         default=None,
@@ -201,16 +211,9 @@ def _add_tool_parsers(sub: Any) -> None:
     )
     bench.set_defaults(tool="bench")
 
-    estimate = sub.add_parser(
-        "estimate",
-        help="predict the end-to-end seconds for an object size from the last bench",
-    )
-    estimate.add_argument("size", type=size_arg, help="object size, e.g. 10GiB")
-    estimate.add_argument(
-        "--results",
-        help="results.json to read (default $XDG_CACHE_HOME/fastpipe/bench/results.json)",
-    )
-    estimate.set_defaults(tool="estimate")
+    from ._calibrate import add_parsers  # the time model: calibrate, estimate
+
+    add_parsers(sub, size_arg)
 
 
 def _sizes(text: str) -> list[int]:
@@ -412,7 +415,7 @@ def _log_to_stderr(verbosity: int) -> None:
 
 
 def _cmd_tool(args: argparse.Namespace) -> int:
-    """``demo``, ``bench``, ``estimate``: the tools are imported here, not before."""
+    """``demo``, ``bench``: the tools are imported here, not before."""
     if args.tool == "demo" and args.what == "service":
         from .tools.demo_service import run_demo_service
 
@@ -423,7 +426,7 @@ def _cmd_tool(args: argparse.Namespace) -> int:
         return run_demo(args.size or 256 << 20, as_json=args.json)
     from .tools import bench
 
-    return bench.cmd_bench(args) if args.tool == "bench" else bench.cmd_estimate(args)
+    return bench.cmd_bench(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -468,7 +471,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cmd_run(args)
     if args.command == "stages":
         return _cmd_stages()
-    if args.command in ("demo", "bench", "estimate"):
+    if args.command in ("calibrate", "estimate"):
+        from ._calibrate import run_command
+
+        return run_command(args)
+    if args.command in ("demo", "bench"):
         return _cmd_tool(args)
     if args.command in ("worker", "enqueue"):
         _log_to_stderr(args.verbose)

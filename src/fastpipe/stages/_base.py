@@ -41,6 +41,15 @@ class Stage(ABC):
         """
         return None
 
+    def cost_key(self, info: ObjectInfo | None = None) -> str:
+        """The identity the time model learns this stage's rate under.
+
+        The stage's name, plus the options that change its cost per byte
+        (``checksum:sha256``); ``info`` (from HEAD, None when unknown) lets a stage whose
+        work depends on the object say which (``verify:crc32c``). The default is the name.
+        """
+        return self.name
+
 
 class StreamStage(Stage):
     """A stage fed the object's bytes in order while they arrive.

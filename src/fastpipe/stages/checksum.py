@@ -80,6 +80,10 @@ class Checksum(StreamStage):
     def update(self, view: memoryview) -> None:
         self._hasher.update(view)
 
+    def cost_key(self, info: ObjectInfo | None = None) -> str:
+        """``checksum:<algorithm>``: the algorithm sets the cost."""
+        return f"checksum:{self.algorithm}"
+
     def verified(self, result: Any) -> str | None:
         """``sha256 against the expected value`` with ``expect``; None without."""
         if self.expect is None:

@@ -239,6 +239,10 @@ class Chunk(FileStage):
                 except UsageError as exc:
                     raise StageFailed(f"{info.source}: {exc}") from None
 
+    def cost_key(self, info: ObjectInfo | None = None) -> str:
+        """``chunk:t<threads>``: the threads set the rate."""
+        return f"chunk:t{self.threads}"
+
     def cancel(self) -> None:
         """Stop a running :meth:`run` at its next window; it removes its temp manifest."""
         self._cancelled.set()

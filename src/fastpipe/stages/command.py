@@ -7,6 +7,7 @@ shell, unless the user asks for a shell (then it is quoted for it).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shlex
 import signal
@@ -16,7 +17,7 @@ import time
 from typing import IO, Any
 
 from .._exceptions import StageFailed, StageTimeout, UsageError
-from ._base import FileStage, LocalFile
+from ._base import FileStage, LocalFile, ObjectInfo
 from ._registry import Option, register, to_bool, to_size
 
 PLACEHOLDER = "{path}"
@@ -192,6 +193,11 @@ class Command(FileStage):
         if not any(PLACEHOLDER in arg for arg in self.argv_template):
             return [*self.argv_template, path]
         return [arg.replace(PLACEHOLDER, path) for arg in self.argv_template]
+
+    def cost_key(self, info: ObjectInfo | None = None) -> str:
+        """``command:<12 hex of the command's hash>``: each program costs its own."""
+        text = self.cmd if isinstance(self.cmd, str) else "\0".join(self.cmd)
+        return f"command:{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
     def cancel(self) -> None:
         """Kill the process group of every program this stage runs, now (any thread)."""

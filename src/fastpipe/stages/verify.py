@@ -452,6 +452,27 @@ class Verify(StreamStage):
         self._parts: _PartDigests | None = None
         self._received = 0
 
+    def cost_key(self, info: ObjectInfo | None = None) -> str:
+        """``verify:<algorithm>`` (``crc32c``, ``md5``...), ``-lanes`` when parts are hashed
+        in parallel, ``verify:none`` when nothing can be checked. Without ``info`` the
+        likely case: an ETag's MD5 with ``etag=true``, else a CRC32 (what recent SDKs
+        store)."""
+        if info is None:
+            return "verify:md5" if self.etag else "verify:crc32"
+        plan = choose_plan(info, self.expected, self.etag)
+        if not isinstance(plan, _Plan):
+            return "verify:none"
+        key = f"verify:{plan.algorithm.lower()}"
+        lanes = self.lanes if self.lanes is not None else _default_lanes()
+        if (
+            plan.part_size is not None
+            and plan.algorithm in ("MD5", "SHA1", "SHA256")
+            and (plan.parts or 1) >= 2
+            and lanes > 1
+        ):
+            key += "-lanes"
+        return key
+
     def check_info(self, info: ObjectInfo) -> None:
         """With ``strict``, reject an object that cannot be verified before fetching it."""
         plan = choose_plan(info, self.expected, self.etag)

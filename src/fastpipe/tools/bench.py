@@ -1,4 +1,4 @@
-"""``fastpipe bench`` and ``fastpipe estimate``: end-to-end time against object size.
+"""``fastpipe bench``: end-to-end time against object size.
 
 ``fastpipe bench`` uploads random objects of a few sizes (plus one low-entropy object, so
 that chunking finds duplicates) to an S3 endpoint (the embedded SeaweedFS by default)
@@ -28,11 +28,11 @@ Every run is its own process (wall seconds from spawn to exit, its own peak RSS 
 ``wait4``), preceded by ``os.sync()`` so that the writeback of a previous run's file does
 not land in the next one's time. Runs are interleaved across variants, ``--repeat`` times;
 the median is quoted. ``results.json`` keeps every run; ``time_vs_size.png`` plots seconds
-against size with a linear fit per variant, one panel per link rate, and
-:mod:`fastpipe.tools.fit` reads the fit of the ``fastpipe`` variant back (``fastpipe
-estimate SIZE``, from the unshaped runs when there are some).
+against size with a linear fit per variant, one panel per link rate
+(:mod:`fastpipe.tools.fit`). ``fastpipe estimate`` asks the engine's time model instead
+(:mod:`fastpipe._model`).
 
-The command line (``fastpipe bench``/``estimate``) is defined in :mod:`fastpipe.cli`;
+The command line (``fastpipe bench``) is defined in :mod:`fastpipe.cli`;
 ``python -m fastpipe.tools.bench variant NAME`` is the internal entry of one timed run.
 """
 
@@ -54,7 +54,7 @@ from typing import Any
 
 from .. import Config, FastpipeError, Report, StageReport, UsageError, parse_size, run
 from .._console import format_size, printable
-from .fit import GiB, default_results_path, fits, load_results
+from .fit import GiB, default_results_path, fits
 from .locals3 import LocalS3, find_weed
 from .s3 import ensure_bucket, s3_client, upload_file
 from .shaping import (
@@ -774,6 +774,10 @@ def _loopback_port(endpoint: str) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """``fastpipe bench``: returns 0, or 1 when a run failed (2: unknown variant, or a
     link rate that cannot be shaped here; 130/143/129 on SIGINT/SIGTERM/SIGHUP)."""
+    if getattr(args, "predictability", False):
+        from .predictability import cmd_predictability
+
+        return cmd_predictability(args)
     unknown = _check_variants(args.variants or [])
     if unknown is not None:
         return _usage_error(f"unknown variant {unknown!r} (known: {', '.join(VARIANTS)})")
@@ -959,15 +963,15 @@ def _write_and_print(
     results: dict[str, Any],
     rates: Sequence[int | None],
 ) -> None:
-    """Write results.json (and the copy ``estimate`` reads), plot, print the tables."""
+    """Write results.json (and a copy in the user's cache), plot, print the tables."""
     say = _say
     results_path = os.path.join(args.out, "results.json")
     _write_json_atomic(results_path, results)
-    # `fastpipe estimate` fits one link rate: the unshaped one when it ran.
-    estimate_rate = None if None in rates else rates[0]
+    # The cached copy holds one link rate: the unshaped one when it ran.
+    cached_rate = None if None in rates else rates[0]
     _write_json_atomic(
         default_results_path(),
-        {**results, "link_rates": [estimate_rate], "runs": runs_at(runs, estimate_rate)},
+        {**results, "link_rates": [cached_rate], "runs": runs_at(runs, cached_rate)},
     )
     png = os.path.join(args.out, "time_vs_size.png")
     plotted = True
@@ -986,7 +990,7 @@ def _write_and_print(
     print("targets:")
     print(format_targets(runs))
     print()
-    print(f"results: {results_path} (copy for estimate: {default_results_path()})")
+    print(f"results: {results_path} (copy: {default_results_path()})")
     if plotted:
         print(f"plot: {png}")
 
@@ -1051,44 +1055,6 @@ def _rounds(
                     + (f"  FAILED exit {m.exit_code}: {m.stderr[-400:]}" if m.exit_code else "")
                 )
     return runs
-
-
-def cmd_estimate(args: argparse.Namespace) -> int:
-    """``fastpipe estimate SIZE``: 0, or 2 when there are no usable results."""
-    path = args.results or default_results_path()
-    data = load_results(path)
-    if data is None:
-        print(
-            f"fastpipe estimate: no benchmark results at {printable(path)}; "
-            "run `fastpipe bench` first",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    rates = link_rates_of(data["runs"])
-    rate = rates[0] if rates else None  # unshaped when it ran, else the fastest link
-    fit = fits(runs_at(data["runs"], rate)).get("fastpipe")
-    if fit is None:
-        print(
-            f"fastpipe estimate: {printable(path)} has no fastpipe runs over two sizes or more",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    seconds = max(0.0, fit.seconds(args.size))
-    link = f", link {format_rate(rate)}" if rate is not None else ""
-    print(
-        f"{format_size(args.size)}: about {seconds:.1f} s end to end "
-        f"({data.get('stages', '')}{link})"
-    )
-    print(f"  fit: seconds = {fit.intercept:.3f} + {fit.per_gib:.3f} * GiB (R²={fit.r2:.4f})")
-    sizes = data.get("sizes") or []
-    machine = data.get("machine", {})
-    print(
-        f"  from {fit.points} runs of {', '.join(format_size(s) for s in sizes)} "
-        f"on {machine.get('cpu_count', '?')} cores, {data.get('created', '?')} ({printable(path)})"
-    )
-    if sizes and args.size > 4 * max(sizes):
-        print(f"  note: {format_size(args.size)} is far beyond the largest size measured")
-    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

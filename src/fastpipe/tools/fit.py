@@ -1,7 +1,8 @@
 """The end-to-end time of an object from its size: a linear fit of `fastpipe bench` runs.
 
-``fastpipe estimate`` reads the last bench results through it. The engine does not: the
-library's behaviour never depends on a benchmark left in the user's cache.
+The bench reports it; neither the engine nor ``fastpipe estimate`` reads it (they use the
+time model, :mod:`fastpipe._model`): the library's behaviour never depends on a benchmark
+left in the user's cache.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def fits(runs: Sequence[dict[str, Any]]) -> dict[str, Fit]:
 
 
 def default_results_path() -> str:
-    """Where ``fastpipe bench`` leaves its last results for ``estimate``.
+    """Where ``fastpipe bench`` leaves a copy of its last results.
 
     ``$XDG_CACHE_HOME/fastpipe/bench/results.json`` (``~/.cache`` by default).
     """

@@ -1,0 +1,781 @@
+"""The time model: an object's end-to-end seconds from its size and stage list.
+
+It combines a fixed cost, the download rate and each stage's rate (bytes/s) the way the
+engine overlaps them:
+
+- the stream stages run in one thread, in sequence over each chunk, while the bytes
+  arrive: the stream phase ends at ``max(S / download, S / stream)``, where ``stream`` is
+  the combined rate ``1 / sum(1 / r_i)`` of the stream stages;
+- the first file stage, when it reads in order (``FileStage.reads_in_order``, e.g.
+  ``chunk``), runs alongside: it may not pass the download, and it takes its last window
+  only after the stream stages passed;
+- the other file stages are the tail, one after another, after the pass;
+- with several objects in flight an object gets a share of the connections (its download
+  rate) and of the heavy-stage slots (its file stages' rates), after an admission wait.
+
+Rates are learned online from the engine's finished objects (:meth:`TimeModel.learn`),
+per stage identity (:meth:`Stage.cost_key`: the name plus the options that change the
+cost, e.g. ``checksum:sha256``): a bounded window of recent rates per key and its median,
+so that a few outliers (a stall, a cold cache) do not move it. Before any object, rates
+measured by ``fastpipe calibrate`` are used, else conservative built-in ones; every rate
+says where it came from and how many objects it rests on. The state is a small JSON file
+(``Config.model_path``, by default ``$XDG_CACHE_HOME/fastpipe/model.json``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MiB = 1 << 20
+GiB = 1 << 30
+STATE_VERSION = 2
+#: Bounds of the learned overlap factor (how much longer the pass runs than its slowest
+#: phase alone, when the phases compete for the same cores).
+OVERLAP_BOUNDS = (0.8, 3.0)
+#: Observations kept per key: the median of these is the rate used.
+WINDOW = 32
+#: Objects smaller than this teach no rate (their time is mostly latency), only the
+#: fixed cost.
+MIN_RATE_BYTES = 4 * MiB
+#: Bytes the early file stage takes after the stream stages passed (``chunk``'s window).
+EARLY_LAST_WINDOW = 16 * MiB
+#: How many bytes of evidence a learned rate counts for against what an object in flight
+#: shows so far (the ETA trusts the object's own rate more as its bytes arrive).
+PRIOR_BYTES = 64 * MiB
+
+#: Seconds of fixed cost per object (HEAD, temp file, commit) before anything is learned.
+BUILTIN_FIXED = 0.5
+#: Built-in rates (bytes/s), deliberately below what a modest machine gives: before any
+#: data the model rather predicts too long than too short. Looked up by the exact key,
+#: then its family (the part before ``:``), then the stage kind.
+BUILTIN_RATES: dict[str, float] = {
+    "download": 100 * MiB,
+    "checksum:xxh3_64": 2 * GiB,
+    "checksum:xxh3_128": 2 * GiB,
+    "checksum:crc32c": 1 * GiB,
+    "checksum:crc32": 500 * MiB,
+    "checksum:sha256": 300 * MiB,
+    "checksum:sha1": 400 * MiB,
+    "checksum:md5": 300 * MiB,
+    "checksum": 300 * MiB,
+    "verify:crc32c": 1 * GiB,
+    "verify:crc64nvme": 1 * GiB,
+    "verify:crc32": 500 * MiB,
+    "verify:sha1": 400 * MiB,
+    "verify:sha256": 300 * MiB,
+    "verify:md5": 300 * MiB,
+    "verify:none": 10 * GiB,
+    "verify": 300 * MiB,
+    "limits": 10 * GiB,
+    "scan": 500 * MiB,
+    "chunk": 300 * MiB,
+    "stream": 100 * MiB,
+    "file": 100 * MiB,
+}
+
+
+def default_model_path() -> str:
+    """``$XDG_CACHE_HOME/fastpipe/model.json`` (``~/.cache`` when the variable is unset)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "fastpipe", "model.json")
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """A stage as the model sees it: its cost key, its kind, and whether it runs early."""
+
+    name: str
+    key: str
+    kind: str  # "stream" or "file"
+    #: The first file stage, started while the download runs (it reads in order).
+    early: bool = False
+
+
+def stage_costs(
+    stages: Sequence[Any], info: Any = None, *, early_file_stages: bool = True
+) -> list[StageCost]:
+    """The :class:`StageCost` of each stage, as the engine would run them.
+
+    ``info`` (an ``ObjectInfo`` from HEAD, or None) lets a stage name its cost exactly
+    (``verify`` picks its method from what S3 stored). The first file stage is early when
+    it reads in order, has no timeout and ``early_file_stages`` is on (``Config``).
+    """
+    out: list[StageCost] = []
+    first_file = True
+    for stage in stages:
+        kind = str(stage.kind.value if hasattr(stage.kind, "value") else stage.kind)
+        key_of = getattr(stage, "cost_key", None)
+        key = str(key_of(info)) if callable(key_of) else str(stage.name)
+        early = False
+        if kind == "file":
+            early = (
+                first_file
+                and early_file_stages
+                and bool(getattr(stage, "reads_in_order", False))
+                and getattr(stage, "timeout", None) is None
+                and (info is None or getattr(info, "size", 1) > 0)
+            )
+            first_file = False
+        out.append(StageCost(str(stage.name), key, kind, early))
+    return out
+
+
+@dataclass(frozen=True)
+class Load:
+    """What one object gets of the engine while others run beside it.
+
+    ``connection_share``: its fraction of the engine's connections (its download rate
+    scales with it); ``heavy_share``: its fraction of the heavy-stage slots (its file
+    stages' rates scale with it); ``admission_wait``: seconds before it is admitted.
+    A lone object has ``Load()``.
+    """
+
+    connection_share: float = 1.0
+    heavy_share: float = 1.0
+    admission_wait: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (0 < self.connection_share <= 1 and 0 < self.heavy_share <= 1):
+            raise ValueError("shares must be within (0, 1]")
+        if self.admission_wait < 0:
+            raise ValueError("admission_wait must not be negative")
+
+    @classmethod
+    def shared(
+        cls, in_flight: int, heavy_slots: int | None = None, admission_wait: float = 0.0
+    ) -> Load:
+        """``in_flight`` objects sharing the connections evenly and ``heavy_slots`` heavy
+        slots (default: one each)."""
+        n = max(1, in_flight)
+        slots = n if heavy_slots is None else max(1, heavy_slots)
+        return cls(1.0 / n, min(1.0, slots / n), admission_wait)
+
+
+@dataclass(frozen=True)
+class Rate:
+    """One rate the model used: its key, bytes/s, where it came from, and on how many
+    objects it rests (0 for calibrated and built-in rates)."""
+
+    key: str
+    rate: float
+    source: str  # "learned", "calibrated" or "builtin"
+    objects: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "rate": self.rate, "source": self.source, "objects": self.objects}
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where an object in flight is, for :meth:`Prediction.remaining`.
+
+    ``downloaded``: bytes in the file; ``streamed``: bytes the stream stages consumed;
+    ``stream_busy``: seconds the stream stages spent on them; ``download_seconds``:
+    seconds since the download started; ``early_done``: bytes the early file stage
+    consumed; ``file_stages_done``: tail stages finished; ``in_stage``: seconds spent in
+    the tail stage now running.
+    """
+
+    downloaded: int = 0
+    streamed: int = 0
+    stream_busy: float = 0.0
+    download_seconds: float = 0.0
+    early_done: int = 0
+    file_stages_done: int = 0
+    in_stage: float = 0.0
+
+
+def _blend(model_rate: float, done: int, seconds: float, prior: float) -> float:
+    """The rate to use for what is left: the object's own rate so far (``done`` bytes in
+    ``seconds``) against the model's, weighted by bytes of evidence (time per byte is
+    what averages)."""
+    if done <= 0 or seconds <= 0:
+        return model_rate
+    weight = done / (done + prior)
+    per_byte = weight * (seconds / done) + (1 - weight) / model_rate
+    return 1.0 / per_byte if per_byte > 0 else model_rate
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's answer for one object (seconds; see the module docstring)."""
+
+    size: int
+    seconds: float
+    fixed: float
+    #: How much longer than its slowest phase the pass runs (phases sharing the cores).
+    overlap: float
+    admission_wait: float
+    download: float
+    stream: float
+    early: float
+    tail: float
+    #: What sets the length of the pass: ``download``, ``stream`` or the early stage's key.
+    bound: str
+    source: str
+    stages: tuple[StageCost, ...]
+    download_rate: Rate | None
+    rates: tuple[Rate, ...]
+    load: Load = field(default_factory=Load)
+    objects: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready: the report's ``model`` field."""
+        return {
+            "source": self.source,
+            "objects": self.objects,
+            "predicted_seconds": self.seconds,
+            "fixed_seconds": self.fixed,
+            "overlap_factor": self.overlap,
+            "admission_wait": self.admission_wait,
+            "download_seconds": self.download,
+            "stream_seconds": self.stream,
+            "early_seconds": self.early,
+            "tail_seconds": self.tail,
+            "bound": self.bound,
+            "download": None if self.download_rate is None else self.download_rate.to_dict(),
+            "stages": [
+                dict(rate.to_dict(), name=cost.name, kind=cost.kind, early=cost.early)
+                for cost, rate in zip(self.stages, self.rates, strict=True)
+            ],
+            "load": {
+                "connection_share": self.load.connection_share,
+                "heavy_share": self.load.heavy_share,
+            },
+        }
+
+    def _effective(self) -> tuple[float | None, list[float]]:
+        """Download rate and per-stage rates under this prediction's load."""
+        d = None
+        if self.download_rate is not None:
+            d = self.download_rate.rate * self.load.connection_share
+        rates = [
+            r.rate * (self.load.heavy_share if c.kind == "file" else 1.0)
+            for c, r in zip(self.stages, self.rates, strict=True)
+        ]
+        return d, rates
+
+    def remaining(self, at: Position) -> float:
+        """Seconds left to the end of the object from ``at``: the download left, the
+        stream work left, the early file stage and the tail stages, blended with the rates
+        the object shows so far."""
+        size = self.size
+        d, rates = self._effective()
+        prior_dl = PRIOR_BYTES if self.download_rate and self.download_rate.objects else 0.0
+        dl_left = 0.0
+        if d is not None:
+            d = _blend(d, at.downloaded, at.download_seconds, prior_dl)
+            dl_left = max(0, size - at.downloaded) / d
+        stream_rate = _combined(
+            [r for c, r in zip(self.stages, rates, strict=True) if c.kind == "stream"]
+        )
+        stream_left = dl_left
+        if stream_rate is not None:
+            prior_s = PRIOR_BYTES if any(r.objects for r in self.rates) else 0.0
+            stream_rate = _blend(stream_rate, at.streamed, at.stream_busy, prior_s)
+            stream_left = max(dl_left, max(0, size - at.streamed) / stream_rate)
+        pass_left = stream_left
+        tail = [(c, r) for c, r in zip(self.stages, rates, strict=True) if c.kind == "file"]
+        if tail and tail[0][0].early:
+            c_rate = tail.pop(0)[1]
+            last = min(EARLY_LAST_WINDOW, size)
+            before = max(0, size - last - at.early_done) / c_rate
+            pass_left = max(before, stream_left) + max(0, min(last, size - at.early_done)) / c_rate
+        if at.downloaded < size:  # the phases still share the cores
+            pass_left *= self.overlap
+        tail_left = 0.0
+        for i, (_, r) in enumerate(tail):
+            if i < at.file_stages_done:
+                continue
+            spent = at.in_stage if i == at.file_stages_done else 0.0
+            tail_left += max(0.0, size / r - spent)
+        return pass_left + tail_left
+
+
+def _combined(rates: Iterable[float]) -> float | None:
+    """Rate of stages run one after another over the same bytes: ``1 / sum(1 / r)``."""
+    rates = list(rates)
+    if not rates:
+        return None
+    return 1.0 / sum(1.0 / r for r in rates)
+
+
+def combine(
+    size: int,
+    download: float | None,
+    stages: Sequence[StageCost],
+    rates: Sequence[float],
+) -> tuple[float, float, float, float, str]:
+    """The overlap arithmetic: ``(download, stream_end, early_end, tail, bound)`` seconds.
+
+    ``download`` is the download rate (None: a local file), ``rates`` each stage's rate
+    (bytes/s, already scaled by any load). The pass ends at ``max(stream_end, early_end)``;
+    the tail follows it.
+    """
+    t_dl = size / download if download else 0.0
+    stream_rate = _combined(r for c, r in zip(stages, rates, strict=True) if c.kind == "stream")
+    t_work = size / stream_rate if stream_rate else 0.0
+    stream_end = max(t_dl, t_work)
+    bound = "stream" if t_work > t_dl else "download"
+    early_end = 0.0
+    tail = 0.0
+    for cost, rate in zip(stages, rates, strict=True):
+        if cost.kind != "file":
+            continue
+        if cost.early:
+            last = min(EARLY_LAST_WINDOW, size)
+            before = (size - last) / rate
+            early_end = max(before, stream_end) + last / rate
+            if before > stream_end:
+                bound = cost.key
+        else:
+            tail += size / rate
+    return t_dl, stream_end, early_end, tail, bound
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one finished object teaches: sizes and seconds of each phase.
+
+    ``stages`` pairs each stage's cost with the seconds it worked (for the early file
+    stage, its busy time when known, else its wall time); ``load`` is what the object had
+    of the engine, so that rates under sharing are scaled back to a lone object's.
+    """
+
+    size: int
+    seconds: float
+    stages: tuple[tuple[StageCost, float], ...]
+    download_key: str | None = "download"
+    download_bytes: int = 0
+    download_seconds: float = 0.0
+    load: Load = field(default_factory=Load)
+    #: Bytes taken from a resumed temp file: the total time says little then.
+    reused_bytes: int = 0
+
+    @classmethod
+    def from_report(
+        cls,
+        report: Any,
+        costs: Sequence[StageCost],
+        *,
+        download_key: str | None = "download",
+        load: Load | None = None,
+    ) -> Observation | None:
+        """An observation from a :class:`~fastpipe.Report`, or None when the object did
+        not pass (a stopped object did only part of its work)."""
+        if not report.passed or report.size is None:
+            return None
+        dl = report.download
+        plane = getattr(dl, "plane", None) or getattr(dl, "path", None)
+        if str(getattr(plane, "value", plane)) == "local":
+            download_key = None
+        return cls(
+            size=int(report.size),
+            seconds=float(report.seconds),
+            stages=tuple(
+                (cost, float(stage.seconds))
+                for cost, stage in zip(costs, report.stages, strict=True)
+            ),
+            download_key=download_key,
+            download_bytes=int(dl.bytes),
+            download_seconds=float(dl.seconds),
+            load=load or Load(),
+            reused_bytes=int(getattr(dl, "reused_bytes", 0) or 0),
+        )
+
+
+class TimeModel:
+    """Predicts end-to-end seconds and learns from finished objects (thread-safe).
+
+    ``calibrated`` holds rates measured by ``fastpipe calibrate`` (bytes/s by key);
+    learned rates, once a key has any, take their place.
+    """
+
+    def __init__(
+        self, calibrated: Mapping[str, float] | None = None, path: str | None = None
+    ) -> None:
+        self.path = path
+        self.calibrated: dict[str, float] = dict(calibrated or {})
+        self._rates: dict[str, deque[float]] = {}
+        #: (pass seconds at the object's own rates, its time less the tail and the wait)
+        self._fixed: deque[tuple[float, float]] = deque(maxlen=WINDOW)
+        self.objects = 0
+        self._lock = threading.Lock()
+        self._dirty = False
+
+    # -- rates ---------------------------------------------------------------------------
+
+    def rate(self, key: str, kind: str = "stream") -> Rate:
+        """The rate used for ``key``: learned, else calibrated, else built-in."""
+        with self._lock:
+            window = self._rates.get(key)
+            if window:
+                return Rate(key, statistics.median(window), "learned", len(window))
+        if key in self.calibrated:
+            return Rate(key, self.calibrated[key], "calibrated")
+        family = key.split(":", 1)[0]
+        base = key.rsplit("-lanes", 1)[0]
+        for candidate in (base, family):
+            if candidate in self.calibrated and candidate != key:
+                return Rate(key, self.calibrated[candidate], "calibrated")
+        for candidate in (key, base, family, kind):
+            if candidate in BUILTIN_RATES:
+                return Rate(key, BUILTIN_RATES[candidate], "builtin")
+        return Rate(key, BUILTIN_RATES["stream"], "builtin")
+
+    def fixed(self) -> tuple[float, str, int]:
+        """The fixed cost per object: ``(seconds, source, objects)``."""
+        fixed, _, source, objects = self.fit()
+        return fixed, source, objects
+
+    def fit(self) -> tuple[float, float, str, int]:
+        """``(fixed seconds, overlap factor, source, objects)``.
+
+        Each object gives a point (its pass at its own rates, its time less its tail and
+        admission wait); a Theil-Sen line through the window's points (the median of the
+        pairwise slopes, then the median intercept) gives the overlap factor (the slope:
+        on a machine whose cores the download and the stages share, the pass runs longer
+        than its slowest phase alone) and the fixed cost (the intercept). With too narrow
+        a spread of sizes the factor is 1 and the fixed cost the median residual.
+        """
+        with self._lock:
+            points = list(self._fixed)
+        if not points:
+            return BUILTIN_FIXED, 1.0, "builtin", 0
+        factor = _theil_sen_slope(points)
+        low, high = OVERLAP_BOUNDS
+        factor = 1.0 if factor is None else min(max(factor, low), high)
+        fixed = max(0.0, statistics.median(y - factor * x for x, y in points))
+        return fixed, factor, "learned", len(points)
+
+    @property
+    def source(self) -> str:
+        """``learned`` once an object was learned, ``calibrated`` after a calibration,
+        else ``builtin``."""
+        if self.objects or self._rates:
+            return "learned"
+        return "calibrated" if self.calibrated else "builtin"
+
+    # -- prediction ----------------------------------------------------------------------
+
+    def predict(
+        self,
+        size: int,
+        stages: Sequence[StageCost],
+        *,
+        download_key: str | None = "download",
+        load: Load | None = None,
+    ) -> Prediction:
+        """End-to-end seconds for an object of ``size`` bytes through ``stages``.
+
+        ``download_key`` names the download's rate (None: a local file, read in place).
+        """
+        load = load or Load()
+        stages = tuple(stages)
+        dl_rate = self.rate(download_key, "download") if download_key else None
+        rates = tuple(self.rate(c.key, c.kind) for c in stages)
+        effective = [
+            r.rate * (load.heavy_share if c.kind == "file" else 1.0)
+            for c, r in zip(stages, rates, strict=True)
+        ]
+        d = dl_rate.rate * load.connection_share if dl_rate else None
+        t_dl, stream_end, early_end, tail, bound = combine(size, d, stages, effective)
+        fixed, factor, _, _ = self.fit()
+        seconds = load.admission_wait + fixed + factor * max(stream_end, early_end) + tail
+        return Prediction(
+            size=size,
+            seconds=seconds,
+            fixed=fixed,
+            overlap=factor,
+            admission_wait=load.admission_wait,
+            download=t_dl,
+            stream=stream_end,
+            early=early_end,
+            tail=tail,
+            bound=bound,
+            source=self.source,
+            stages=stages,
+            download_rate=dl_rate,
+            rates=rates,
+            load=load,
+            objects=self.objects,
+        )
+
+    # -- learning ------------------------------------------------------------------------
+
+    def _add(self, key: str, value: float) -> None:
+        if not math.isfinite(value) or value <= 0:
+            return
+        self._rates.setdefault(key, deque(maxlen=WINDOW)).append(value)
+
+    def learn(self, obs: Observation) -> None:
+        """Take one finished object's timings into the windows of its keys.
+
+        Rates are learned from objects of at least :data:`MIN_RATE_BYTES` (scaled back by
+        the load's shares); the fixed cost from every object: what its total time leaves
+        once the pass and the tail (at its own rates when it is large enough, else at the
+        model's) are taken off. A resumed object teaches no fixed cost.
+        """
+        size = obs.size
+        big = size >= MIN_RATE_BYTES
+        with self._lock:
+            if (
+                obs.download_key
+                and obs.download_bytes >= MIN_RATE_BYTES
+                and obs.download_seconds > 0
+            ):
+                rate = obs.download_bytes / obs.download_seconds / obs.load.connection_share
+                self._add(obs.download_key, rate)
+            if big:
+                for cost, seconds in obs.stages:
+                    if seconds > 0:
+                        share = obs.load.heavy_share if cost.kind == "file" else 1.0
+                        self._add(cost.key, size / seconds / share)
+            self.objects += 1
+            self._dirty = True
+        if obs.reused_bytes:
+            return
+        pass_seconds, tail = self._pass_and_tail(obs, big)
+        rest = obs.seconds - obs.load.admission_wait - tail
+        if math.isfinite(rest) and pass_seconds >= 0:
+            with self._lock:
+                self._fixed.append((pass_seconds, max(0.0, rest)))
+
+    def _pass_and_tail(self, obs: Observation, own: bool) -> tuple[float, float]:
+        costs = [c for c, _ in obs.stages]
+        if own:
+            rates = [
+                obs.size / s if s > 0 else self.rate(c.key, c.kind).rate for c, s in obs.stages
+            ]
+            d: float | None = None
+            if obs.download_key:
+                d = (
+                    obs.download_bytes / obs.download_seconds
+                    if obs.download_bytes and obs.download_seconds > 0
+                    else self.rate(obs.download_key, "download").rate
+                )
+        else:
+            load = obs.load
+            rates = [
+                self.rate(c.key, c.kind).rate * (load.heavy_share if c.kind == "file" else 1.0)
+                for c in costs
+            ]
+            d = None
+            if obs.download_key:
+                d = self.rate(obs.download_key, "download").rate * load.connection_share
+        _, stream_end, early_end, tail, _ = combine(obs.size, d, costs, rates)
+        return max(stream_end, early_end), tail
+
+    # -- state file ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The state as JSON-ready data (what :meth:`save` writes)."""
+        with self._lock:
+            return {
+                "version": STATE_VERSION,
+                "objects": self.objects,
+                "fixed": [list(p) for p in self._fixed],
+                "rates": {k: list(v) for k, v in self._rates.items()},
+                "calibrated": dict(self.calibrated),
+            }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], path: str | None = None) -> TimeModel:
+        """A model from :meth:`to_dict` data; ValueError when it is not one."""
+        if not isinstance(data, Mapping) or data.get("version") != STATE_VERSION:
+            raise ValueError("not a fastpipe time model (unknown version)")
+        model = cls(_floats(data.get("calibrated", {})), path)
+        for key, values in dict(data.get("rates", {})).items():
+            window: deque[float] = deque(maxlen=WINDOW)
+            window.extend(_positive(values))
+            if window:
+                model._rates[str(key)] = window
+        for point in list(data.get("fixed", [])):
+            x, y = (float(v) for v in point)
+            if math.isfinite(x) and math.isfinite(y) and x >= 0 and y >= 0:
+                model._fixed.append((x, y))
+        model.objects = int(data.get("objects", 0))
+        return model
+
+    @classmethod
+    def load(cls, path: str) -> TimeModel:
+        """The model saved at ``path``; an empty one when there is none or it is unusable
+        (said in a warning: the engine works without it)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f), path)
+        except FileNotFoundError:
+            return cls(path=path)
+        except (OSError, ValueError, TypeError) as exc:
+            logger.warning("time model %s unusable, starting from built-in rates: %s", path, exc)
+            return cls(path=path)
+
+    def save(self, path: str | None = None, *, only_if_changed: bool = False) -> None:
+        """Write the state to ``path`` (default: where it was loaded from) atomically, 0600."""
+        path = path or self.path
+        if not path or (only_if_changed and not self._dirty):
+            return
+        data = self.to_dict()
+        self._dirty = False
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:  # mkstemp: mode 0600
+                json.dump(data, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def _theil_sen_slope(points: Sequence[tuple[float, float]]) -> float | None:
+    """The median slope over pairs of points whose x differ by a fifth or more (None when
+    there are fewer than three points or no such pair)."""
+    if len(points) < 3:
+        return None
+    slopes = [
+        (y2 - y1) / (x2 - x1)
+        for i, (x1, y1) in enumerate(points)
+        for x2, y2 in points[i + 1 :]
+        if abs(x2 - x1) >= 0.2 * max(x1, x2) and x1 != x2
+    ]
+    return statistics.median(slopes) if slopes else None
+
+
+def _positive(values: Any, zero: bool = False) -> list[float]:
+    out = []
+    for v in list(values or []):
+        x = float(v)
+        if math.isfinite(x) and (x > 0 or (zero and x == 0)):
+            out.append(x)
+    return out
+
+
+def _floats(mapping: Any) -> dict[str, float]:
+    out = {}
+    for key, value in dict(mapping or {}).items():
+        x = float(value)
+        if math.isfinite(x) and x > 0:
+            out[str(key)] = x
+    return out
+
+
+def observation_from_described(report: Any) -> Observation | None:
+    """The :class:`Observation` of a report that carries its prediction (``report.model``,
+    as :meth:`Prediction.describe` writes it); None when it has none or did not pass.
+
+    An early file stage's ``busy_seconds`` (its working time, without the waits for bytes)
+    replaces its wall seconds.
+    """
+    described = report.model
+    if not report.passed or not described:
+        return None
+    entries = described["stages"]
+    costs = [StageCost(e["name"], e["key"], e["kind"], bool(e["early"])) for e in entries]
+    download = described.get("download")
+    shares = described.get("load", {})
+    load = Load(
+        connection_share=float(shares.get("connection_share", 1.0)),
+        heavy_share=float(shares.get("heavy_share", 1.0)),
+        admission_wait=float(described.get("admission_wait", 0.0)),
+    )
+    obs = Observation.from_report(
+        report, costs, download_key=download["key"] if download else None, load=load
+    )
+    if obs is None:
+        return None
+    busy = [e.get("busy_seconds") for e in entries]
+    return replace(
+        obs,
+        stages=tuple(
+            (cost, seconds if b is None else float(b))
+            for (cost, seconds), b in zip(obs.stages, busy, strict=True)
+        ),
+    )
+
+
+class EngineModel:
+    """The engine's time model: loaded from ``path`` lazily and off the event loop, fed
+    each object that passed, saved off the loop every ``save_every`` seconds and at close.
+
+    ``path`` None keeps the model in memory only. A state file that cannot be written is
+    said in a warning; it never fails an object.
+    """
+
+    def __init__(self, path: str | None, save_every: float = 30.0) -> None:
+        self.path = path
+        self.save_every = save_every
+        self._model: TimeModel | None = None
+        self._saved_at = time.monotonic()
+
+    async def get(self) -> TimeModel:
+        """The model (loaded on first use, in a worker thread)."""
+        import anyio
+
+        if self._model is None:
+            path = self.path
+            loaded = await anyio.to_thread.run_sync(TimeModel.load, path) if path else TimeModel()
+            if self._model is None:  # another object may have loaded it meanwhile
+                self._model = loaded
+        return self._model
+
+    async def predict(
+        self,
+        stages: Sequence[Any],
+        info: Any,
+        *,
+        download_key: str | None,
+        early_file_stages: bool = True,
+        load: Load | None = None,
+    ) -> Prediction:
+        """The prediction for one object after HEAD (``info``), before its first byte."""
+        model = await self.get()
+        costs = stage_costs(stages, info, early_file_stages=early_file_stages)
+        return model.predict(int(info.size), costs, download_key=download_key, load=load)
+
+    async def learn(self, report: Any) -> None:
+        """Learn from a finished object's report (nothing unless it passed and carries the
+        prediction it was made with). A failure to learn is a warning, never an error."""
+        try:
+            obs = observation_from_described(report)
+            if obs is None:
+                return
+            model = await self.get()
+            model.learn(obs)
+        except Exception:  # noqa: BLE001 - the model must never fail an object
+            logger.warning("%s: not learned by the time model", report.source, exc_info=True)
+            return
+        if time.monotonic() - self._saved_at >= self.save_every:
+            await self.save()
+
+    async def save(self) -> None:
+        """Write the state file if anything changed (off the loop; a failure is a warning)."""
+        model, path = self._model, self.path
+        self._saved_at = time.monotonic()
+        if model is None or not path:
+            return
+        import anyio
+
+        try:
+            await anyio.to_thread.run_sync(partial(model.save, path, only_if_changed=True))
+        except OSError as exc:
+            logger.warning("time model not saved to %s: %s", path, exc)

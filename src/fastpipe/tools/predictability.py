@@ -1,0 +1,203 @@
+"""``fastpipe bench --predictability``: how well the engine predicts its own time.
+
+One engine (library path, the time model learning as it goes) processes objects of each
+size, ``--repeat`` times in a shuffled order, after ``--predict-warmup`` unrecorded
+objects (3 by default). For every object it records the end-to-end seconds, the
+prediction made before the first byte (``report.predicted_seconds``) and the end the ETA
+announced at 10% and at 50% of the bytes (seconds so far + ``eta_seconds``, from the
+first progress event at or past that fraction: events come every 0.2 s, so on objects
+that download faster both may come from the same event). Per size: p50, p90, max
+and p90/p50 of the end-to-end time; per estimate: the median and p90 of
+``|predicted - actual| / actual``; ``predictability.json`` keeps every object and
+``predicted_vs_actual.png`` plots the predictions against the actual times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .. import Config, Engine, Progress
+from .._console import format_size
+from ..stages import Checksum, Chunk, Scan
+from .locals3 import LocalS3
+from .s3 import ensure_bucket, s3_client, upload_file
+
+BUCKET = "fastpipe-predictability"
+#: Fractions of the bytes at which the ETA is read.
+ETA_POINTS = (0.1, 0.5)
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (linear between order statistics; q in [0, 1])."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per-size spread of the end-to-end time and per-estimate relative errors."""
+    sizes: dict[str, Any] = {}
+    for size in sorted({r["size"] for r in runs}):
+        seconds = [r["seconds"] for r in runs if r["size"] == size]
+        p50, p90 = quantile(seconds, 0.5), quantile(seconds, 0.9)
+        sizes[str(size)] = {
+            "runs": len(seconds),
+            "p50": p50,
+            "p90": p90,
+            "max": max(seconds),
+            "p90_over_p50": p90 / p50 if p50 > 0 else None,
+        }
+    errors: dict[str, Any] = {}
+    for name in ("predicted", *(f"eta_{int(p * 100)}" for p in ETA_POINTS)):
+        rel = [abs(r[name] - r["seconds"]) / r["seconds"] for r in runs if r.get(name)]
+        errors[name] = {
+            "n": len(rel),
+            "median": statistics.median(rel) if rel else None,
+            "p90": quantile(rel, 0.9) if rel else None,
+        }
+    return {"sizes": sizes, "errors": errors}
+
+
+async def _one(engine: Engine, uri: str, size: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    seen: dict[float, float] = {}
+
+    def on_progress(event: Progress) -> None:
+        if event.eta_seconds is None or event.total <= 0:
+            return
+        for point in ETA_POINTS:
+            if point not in seen and event.bytes_done >= point * event.total:
+                seen[point] = time.perf_counter() - started + event.eta_seconds
+
+    report = await engine.process(uri, [Checksum(), Scan(), Chunk()], progress=on_progress)
+    record: dict[str, Any] = {
+        "size": size,
+        "seconds": report.seconds,
+        "passed": report.passed,
+        "predicted": report.predicted_seconds,
+        "model_source": (report.model or {}).get("source"),
+    }
+    for point in ETA_POINTS:
+        record[f"eta_{int(point * 100)}"] = seen.get(point)
+    return record
+
+
+def run_objects(
+    uris: dict[int, str], repeat: int, warmup: int, config: Config, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Process the objects (``size -> uri``) with one engine; the recorded runs."""
+    order = [size for size in uris for _ in range(repeat)]
+    random.Random(seed).shuffle(order)
+    warm = [sorted(uris)[i % len(uris)] for i in range(warmup)]
+
+    async def main() -> list[dict[str, Any]]:
+        async with Engine(config) as engine:
+            for size in warm:
+                await _one(engine, uris[size], size)
+            return [await _one(engine, uris[size], size) for size in order]
+
+    import anyio
+
+    return anyio.run(main)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The predictability section as text."""
+    lines = ["predictability (end-to-end seconds, library path, one engine learning):"]
+    lines.append(f"  {'size':>10} {'runs':>4} {'p50':>7} {'p90':>7} {'max':>7} {'p90/p50':>7}")
+    for size, s in summary["sizes"].items():
+        ratio = f"{s['p90_over_p50']:.2f}" if s["p90_over_p50"] else "-"
+        lines.append(
+            f"  {format_size(int(size)):>10} {s['runs']:>4} {s['p50']:7.3f} {s['p90']:7.3f} "
+            f"{s['max']:7.3f} {ratio:>7}"
+        )
+    lines.append("  |predicted - actual| / actual:")
+    for name, e in summary["errors"].items():
+        if e["median"] is None:
+            lines.append(f"    {name:10} no data")
+        else:
+            lines.append(
+                f"    {name:10} median {e['median']:.1%}  p90 {e['p90']:.1%}  (n={e['n']})"
+            )
+    return "\n".join(lines)
+
+
+def plot(runs: Sequence[dict[str, Any]], path: str) -> bool:
+    """Predicted (before the first byte) against actual seconds; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    points = [(r["seconds"], r["predicted"]) for r in runs if r.get("predicted")]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter([a for a, _ in points], [p for _, p in points], s=12)
+    top = max([1e-3, *(max(a, p) for a, p in points)])
+    ax.plot([0, top], [0, top], color="grey", linewidth=1)
+    ax.set_xlabel("actual end-to-end seconds")
+    ax.set_ylabel("predicted before the first byte")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def cmd_predictability(args: argparse.Namespace) -> int:
+    """Run the section on the embedded server (or ``--endpoint-url``); 0, or 1 when an
+    object failed."""
+    sizes: list[int] = args.sizes or [64 << 20, 256 << 20, 1 << 30]
+    os.makedirs(args.out, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        endpoint = args.endpoint_url
+        if not endpoint:
+            server = stack.enter_context(LocalS3())
+            stack.enter_context(server.exported_env())
+            endpoint = server.endpoint_url
+        workdir = stack.enter_context(tempfile.TemporaryDirectory())
+        uris = _upload(endpoint, args.bucket or BUCKET, sizes, workdir)
+        # The model learns into a state file of its own: the bench never moves the user's.
+        config = Config(endpoint_url=endpoint, model_path=os.path.join(args.out, "model.json"))
+        runs = run_objects(uris, args.repeat, args.predict_warmup, config)
+    summary = summarize(runs)
+    with open(os.path.join(args.out, "predictability.json"), "w", encoding="utf-8") as f:
+        json.dump({"runs": runs, "summary": summary}, f, indent=1)
+    print(format_summary(summary))
+    png = os.path.join(args.out, "predicted_vs_actual.png")
+    if plot(runs, png):
+        print(f"plot: {png}")
+    return 0 if all(r["passed"] for r in runs) else 1
+
+
+def _upload(endpoint: str, bucket: str, sizes: Sequence[int], workdir: str) -> dict[int, str]:
+    """Upload one random object of each size; ``size -> uri``."""
+    client = s3_client(endpoint)
+    try:
+        ensure_bucket(client, bucket)
+        uris = {}
+        for size in sizes:
+            path = os.path.join(workdir, f"p-{size}")
+            with open(path, "wb") as f:
+                for offset in range(0, size, 16 << 20):
+                    f.write(os.urandom(min(16 << 20, size - offset)))
+            key = f"predictability/{size}"
+            upload_file(client, path, bucket, key)
+            os.unlink(path)
+            uris[size] = f"s3://{bucket}/{key}"
+        return uris
+    finally:
+        client.close()

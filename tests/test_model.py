@@ -1,0 +1,480 @@
+"""The time model: its overlap arithmetic on synthetic rates, online learning, the state
+file, calibration and ``fastpipe estimate``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+import fastpipe
+from fastpipe import Config, Engine, Report
+from fastpipe._calibrate import calibrate, measure
+from fastpipe._groups import run_async
+from fastpipe._model import (
+    BUILTIN_FIXED,
+    BUILTIN_RATES,
+    EARLY_LAST_WINDOW,
+    MIN_RATE_BYTES,
+    Load,
+    Observation,
+    Position,
+    StageCost,
+    TimeModel,
+    default_model_path,
+    stage_costs,
+)
+from fastpipe._objectinfo import ObjectInfo
+from fastpipe.stages import (
+    Checksum,
+    Chunk,
+    Command,
+    FileStage,
+    Limits,
+    LocalFile,
+    Scan,
+    StreamStage,
+    Verify,
+)
+
+MiB = 1 << 20
+S = 1024 * MiB
+W = EARLY_LAST_WINDOW
+
+A = StageCost("a", "a", "stream")
+B = StageCost("b", "b", "stream")
+EARLY = StageCost("chunk", "chunk", "file", early=True)
+TAIL = StageCost("tool", "tool", "file")
+
+
+def model(**rates: float) -> TimeModel:
+    """A model whose rates (MiB/s) are given, fixed cost learned as 1 s."""
+    m = TimeModel({k: v * MiB for k, v in rates.items()})
+    m._fixed.append((0.0, 1.0))  # one point: overlap factor 1, fixed cost 1 s
+    return m
+
+
+def test_download_bound() -> None:
+    # Two stream stages of 1024 MiB/s run one after another: 512 MiB/s together, faster
+    # than the 128 MiB/s download, so the download sets the pass.
+    p = model(download=128, a=1024, b=1024).predict(S, [A, B])
+    assert p.download == pytest.approx(8.0)
+    assert p.stream == pytest.approx(8.0)
+    assert p.bound == "download"
+    assert p.seconds == pytest.approx(1.0 + 8.0)
+
+
+def test_stage_bound() -> None:
+    # 256 + 256 MiB/s in sequence is 128 MiB/s: slower than a 512 MiB/s download.
+    p = model(download=512, a=256, b=256).predict(S, [A, B])
+    assert p.download == pytest.approx(2.0)
+    assert p.stream == pytest.approx(8.0)
+    assert p.bound == "stream"
+    assert p.seconds == pytest.approx(9.0)
+
+
+def test_early_file_stage_hides_under_the_download() -> None:
+    # chunk at 1024 MiB/s keeps up with a 128 MiB/s download; only its last window
+    # (taken after the stream stages passed) follows the pass.
+    p = model(download=128, a=1024, chunk=1024).predict(S, [A, EARLY])
+    assert p.early == pytest.approx(8.0 + W / (1024 * MiB))
+    assert p.bound == "download"
+    assert p.tail == 0.0
+    assert p.seconds == pytest.approx(1.0 + 8.0 + W / (1024 * MiB))
+
+
+def test_early_file_stage_slower_than_the_download() -> None:
+    p = model(download=1024, a=4096, chunk=128).predict(S, [A, EARLY])
+    assert p.early == pytest.approx(8.0)  # the whole file at its own rate
+    assert p.bound == "chunk"
+    assert p.seconds == pytest.approx(9.0)
+
+
+def test_tail_follows_the_pass() -> None:
+    not_early = StageCost("chunk", "chunk", "file", early=False)
+    p = model(download=128, a=1024, chunk=1024, tool=256).predict(S, [A, not_early, TAIL])
+    assert p.stream == pytest.approx(8.0)
+    assert p.tail == pytest.approx(1.0 + 4.0)
+    assert p.seconds == pytest.approx(1.0 + 8.0 + 5.0)
+
+
+def test_local_file_has_no_download() -> None:
+    p = model(a=256).predict(S, [A], download_key=None)
+    assert p.download_rate is None and p.download == 0.0
+    assert p.seconds == pytest.approx(1.0 + 4.0)
+
+
+def test_shared_connections_heavy_slots_and_admission_wait() -> None:
+    m = model(download=256, a=4096, tool=512)
+    alone = m.predict(S, [A, TAIL])
+    assert alone.seconds == pytest.approx(1.0 + 4.0 + 2.0)
+    load = Load.shared(in_flight=4, heavy_slots=2, admission_wait=3.0)
+    assert load.connection_share == 0.25 and load.heavy_share == 0.5
+    shared = m.predict(S, [A, TAIL], load=load)
+    assert shared.download == pytest.approx(16.0)
+    assert shared.tail == pytest.approx(4.0)
+    assert shared.seconds == pytest.approx(3.0 + 1.0 + 16.0 + 4.0)
+    with pytest.raises(ValueError):
+        Load(connection_share=0.0)
+
+
+def test_builtin_rates_say_so() -> None:
+    m = TimeModel()
+    p = m.predict(S, [StageCost("checksum", "checksum:xxh3_128", "stream"), EARLY])
+    assert p.source == "builtin" and p.fixed == BUILTIN_FIXED
+    described = p.describe()
+    assert described["source"] == "builtin"
+    assert described["download"]["source"] == "builtin"
+    assert described["download"]["rate"] == BUILTIN_RATES["download"]
+    assert [s["source"] for s in described["stages"]] == ["builtin", "builtin"]
+    assert described["stages"][0]["rate"] == BUILTIN_RATES["checksum:xxh3_128"]
+    # An unknown user stage gets its kind's conservative rate.
+    assert m.rate("mine", "file").rate == BUILTIN_RATES["file"]
+    json.dumps(described)
+
+
+def test_remaining_is_end_to_end() -> None:
+    m = model(download=128, a=1024, tool=64)
+    p = m.predict(S, [A, TAIL])
+    # Before the first byte: the whole pass and the tail (the fixed cost is spent).
+    assert p.remaining(Position()) == pytest.approx(8.0 + 16.0)
+    # All bytes in and streamed: the file stage is still ahead.
+    done = Position(downloaded=S, streamed=S, stream_busy=1.0, download_seconds=8.0)
+    assert p.remaining(done) == pytest.approx(16.0)
+    # Ten seconds into that stage, six are left; after it, nothing.
+    in_tail = Position(S, S, 1.0, 8.0, file_stages_done=0, in_stage=10.0)
+    assert p.remaining(in_tail) == pytest.approx(6.0)
+    assert p.remaining(Position(S, S, 1.0, 8.0, file_stages_done=1)) == 0.0
+
+
+def test_remaining_follows_the_object_own_rates() -> None:
+    # The model (built-in download rate) says 128 MiB/s; the object shows 512 MiB/s.
+    m = model(download=128, a=4096)
+    p = m.predict(S, [A])
+    half = Position(downloaded=S // 2, streamed=S // 2, stream_busy=0.1, download_seconds=1.0)
+    # No learned download rate: the object's own rate decides what is left.
+    assert p.remaining(half) == pytest.approx(1.0)
+    # An early stage: what it has left (at its rate) once the stream stages passed.
+    e = model(download=1024, a=4096, chunk=128).predict(S, [A, EARLY])
+    at_end = Position(S, S, 0.25, 1.0, early_done=S - W)
+    assert e.remaining(at_end) == pytest.approx(W / (128 * MiB))
+
+
+def _observation(size: int, dl: float, a: float, chunk: float, fixed: float) -> Observation:
+    """An object whose phases ran at these rates (MiB/s), with this fixed cost."""
+    seconds_dl = size / (dl * MiB)
+    seconds_a = size / (a * MiB)
+    seconds_chunk = size / (chunk * MiB)
+    total = fixed + max(seconds_dl, seconds_a) + seconds_chunk
+    tail = StageCost("chunk", "chunk", "file")
+    return Observation(
+        size=size,
+        seconds=total,
+        stages=((A, seconds_a), (tail, seconds_chunk)),
+        download_bytes=size,
+        download_seconds=seconds_dl,
+    )
+
+
+def test_learning_converges_and_ignores_outliers() -> None:
+    rng = random.Random(7)
+    m = TimeModel()
+    tail = StageCost("chunk", "chunk", "file")
+    for i in range(30):
+        size = rng.choice([64, 256, 1024]) * MiB
+        if i % 10 == 3:  # a stall: everything ten times slower
+            m.learn(_observation(size, 40.0, 100.0, 50.0, 5.0))
+        else:
+            jitter = rng.uniform(0.95, 1.05)
+            m.learn(_observation(size, 400 * jitter, 1000 * jitter, 500 * jitter, 0.3))
+    assert m.objects == 30
+    dl = m.rate("download")
+    assert dl.source == "learned" and dl.objects == 30
+    assert dl.rate == pytest.approx(400 * MiB, rel=0.05)
+    assert m.rate("a").rate == pytest.approx(1000 * MiB, rel=0.05)
+    assert m.rate("chunk", "file").rate == pytest.approx(500 * MiB, rel=0.05)
+    assert m.fixed()[0] == pytest.approx(0.3, abs=0.02)
+    p = m.predict(S, [A, tail])
+    assert p.source == "learned"
+    assert p.seconds == pytest.approx(0.3 + 2.56 + 2.048, rel=0.05)
+
+
+def test_overlap_factor_and_fixed_cost_are_fitted() -> None:
+    """Where the phases share the cores the pass runs longer than its slowest phase: a
+    line through (pass, time) points gives that factor and the fixed cost, outliers and
+    all."""
+    rng = random.Random(3)
+    m = TimeModel()
+    for i in range(24):
+        size = rng.choice([32, 64, 128, 256, 512]) * MiB
+        dl_seconds = size / (400 * MiB)
+        stall = 4.0 if i % 8 == 5 else 0.0
+        obs = Observation(
+            size=size,
+            seconds=0.2 + 1.4 * dl_seconds + stall,
+            stages=((A, size / (1000 * MiB)),),
+            download_bytes=size,
+            download_seconds=dl_seconds,
+        )
+        m.learn(obs)
+    fixed, factor, source, objects = m.fit()
+    assert source == "learned" and objects == 24
+    assert factor == pytest.approx(1.4, rel=1e-6) and fixed == pytest.approx(0.2, abs=1e-6)
+    p = m.predict(S, [A])
+    assert p.overlap == pytest.approx(1.4)
+    assert p.seconds == pytest.approx(0.2 + 1.4 * 2.56)
+    assert p.describe()["overlap_factor"] == pytest.approx(1.4)
+    # One size only: no line, the factor stays 1.
+    same = TimeModel()
+    for _ in range(5):
+        same.learn(_observation(S, 400, 1000, 500, 0.3))
+    assert same.fit()[:2] == pytest.approx((0.3, 1.0))
+
+
+def test_small_objects_teach_the_fixed_cost_only() -> None:
+    m = model(download=400, a=1000)
+    m._fixed.clear()
+    size = MIN_RATE_BYTES // 4
+    obs = Observation(
+        size=size,
+        seconds=0.2 + size / (400 * MiB),
+        stages=((A, 0.05),),
+        download_bytes=size,
+        download_seconds=0.1,  # latency: a rate of 10 MiB/s would be a lie
+    )
+    m.learn(obs)
+    assert m.rate("download").source == "calibrated"
+    assert m.rate("a").source == "calibrated"
+    assert m.fixed()[0] == pytest.approx(0.2, abs=1e-6)
+
+
+def test_learning_under_load_scales_back_to_a_lone_object() -> None:
+    m = TimeModel()
+    obs = Observation(
+        size=S,
+        seconds=10.0,
+        stages=((A, 1.0), (TAIL, 4.0)),
+        download_bytes=S,
+        download_seconds=8.0,
+        load=Load(connection_share=0.5, heavy_share=0.5),
+    )
+    m.learn(obs)
+    assert m.rate("download").rate == pytest.approx(256 * MiB)
+    assert m.rate("tool", "file").rate == pytest.approx(512 * MiB)
+    assert m.rate("a").rate == pytest.approx(1024 * MiB)
+
+
+def test_observation_from_reports() -> None:
+    report = Report(source="s3://b/k", size=S, passed=True, seconds=9.0)
+    report.download.bytes, report.download.seconds = S, 8.0
+    report.stages = [SimpleNamespace(seconds=1.0)]  # type: ignore[list-item]
+    obs = Observation.from_report(report, [A])
+    assert obs is not None and obs.download_key == "download"
+    assert obs.stages == ((A, 1.0),) and obs.download_seconds == 8.0
+    report.passed = False  # a stopped object did only part of its work
+    assert Observation.from_report(report, [A]) is None
+
+
+def test_state_file_round_trip_and_permissions(tmp_path: Path) -> None:
+    path = tmp_path / "cache" / "fastpipe" / "model.json"
+    m = TimeModel({"scan": 3e9}, str(path))
+    m.learn(_observation(S, 400, 1000, 500, 0.3))
+    m.save()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert os.listdir(path.parent) == ["model.json"]  # no temp file left
+    again = TimeModel.load(str(path))
+    assert again.to_dict() == m.to_dict()
+    assert again.rate("download").objects == 1 and again.objects == 1
+    assert again.rate("scan").source == "calibrated"
+    tail = StageCost("chunk", "chunk", "file")
+    assert again.predict(S, [A, tail]).seconds == m.predict(S, [A, tail]).seconds
+
+
+def test_unusable_state_file_falls_back(tmp_path: Path, caplog: Any) -> None:
+    path = tmp_path / "model.json"
+    path.write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="fastpipe"):
+        m = TimeModel.load(str(path))
+    assert m.source == "builtin" and "unusable" in caplog.text
+    path.write_text(json.dumps({"version": 99}))
+    assert TimeModel.load(str(path)).source == "builtin"
+    assert TimeModel.load(str(tmp_path / "missing.json")).source == "builtin"
+
+
+def test_model_path_config(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_model_path() == str(tmp_path / "fastpipe" / "model.json")
+    assert Config().resolved_model_path() == default_model_path()
+    assert Config(model_path="").resolved_model_path() is None
+    assert Config(model_path="/x/m.json").resolved_model_path() == "/x/m.json"
+
+
+def test_cost_keys() -> None:
+    assert Checksum("sha256").cost_key() == "checksum:sha256"
+    assert Checksum().cost_key() == "checksum:xxh3_128"
+    assert Scan().cost_key() == "scan" and Limits().cost_key() == "limits"
+    assert Chunk(threads=3).cost_key() == "chunk:t3"
+    assert Command("true").cost_key() != Command("false").cost_key()
+    crc = ObjectInfo("s3://b/k", 10, etag="0" * 32, checksums={"CRC32C": "AAAAAA=="})
+    assert Verify().cost_key(crc) == "verify:crc32c"
+    md5 = ObjectInfo("s3://b/k", 10, etag="0" * 32)
+    assert Verify().cost_key(md5) == "verify:md5"
+    assert Verify(etag=False).cost_key(md5) == "verify:none"
+    multipart = ObjectInfo(
+        "s3://b/k", 20 * MiB, etag="0" * 32 + "-3", parts_count=3, multipart_part_size=8 * MiB
+    )
+    assert Verify(lanes=2).cost_key(multipart) == "verify:md5-lanes"
+    assert Verify(lanes=1).cost_key(multipart) == "verify:md5"
+
+    class Mine(StreamStage):
+        name = "mine"
+
+        def update(self, view: memoryview) -> None:
+            pass
+
+        def finish(self) -> None:
+            return None
+
+    assert Mine().cost_key() == "mine"
+    costs = stage_costs([Checksum(), Chunk(threads=2), Chunk(threads=2)], md5)
+    assert [(c.key, c.kind, c.early) for c in costs] == [
+        ("checksum:xxh3_128", "stream", False),
+        ("chunk:t2", "file", True),  # the first file stage reads in order
+        ("chunk:t2", "file", False),
+    ]
+    assert not stage_costs([Chunk()], md5, early_file_stages=False)[0].early
+
+
+def test_calibrate_measures_every_builtin_stage(tmp_path: Path) -> None:
+    rates = measure(1 * MiB, temp_dir=str(tmp_path))
+    for key in ("checksum:sha256", "checksum:xxh3_128", "scan", "limits", "verify:crc32"):
+        assert rates[key] > 0, key
+    assert any(key.startswith("chunk:t") for key in rates)
+    assert "verify:md5" in rates
+    assert ("verify:md5-lanes" in rates) == ((os.cpu_count() or 1) > 1)
+    assert os.listdir(tmp_path) == []  # the chunk stage's temp file is gone
+    path = tmp_path / "state" / "model.json"
+    m = calibrate(str(path), 1 * MiB, temp_dir=str(tmp_path))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    loaded = TimeModel.load(str(path))
+    assert loaded.source == "calibrated" and loaded.calibrated == m.calibrated
+    assert loaded.rate("checksum:sha256").source == "calibrated"
+    assert loaded.rate("download").source == "builtin"  # needs S3: learned later
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fastpipe.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_calibrate_and_estimate_cli(tmp_path: Path) -> None:
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    out = _cli("estimate", "1GiB", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "end to end" in out.stdout and "model: builtin" in out.stdout
+    assert "fastpipe calibrate" in out.stdout
+    out = _cli("calibrate", "--size", "1MiB", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "checksum:sha256" in out.stdout
+    state = tmp_path / "cache" / "fastpipe" / "model.json"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    out = _cli("estimate", "1GiB", "--stage", "scan", "--stage", "chunk", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["source"] == "calibrated" and data["size"] == 1 << 30
+    assert [s["name"] for s in data["stages"]] == ["scan", "chunk"]
+    assert data["stages"][0]["source"] == "calibrated"
+    assert data["stages"][1]["early"] is True
+    assert data["download"]["source"] == "builtin"
+    assert data["predicted_seconds"] > 0
+    # Four objects at once: each gets a quarter of the connections, so it takes longer.
+    shared = json.loads(_cli("estimate", "1GiB", "--in-flight", "4", "--json", env=env).stdout)
+    alone = json.loads(_cli("estimate", "1GiB", "--json", env=env).stdout)
+    assert shared["predicted_seconds"] > alone["predicted_seconds"]
+    out = _cli("estimate", "1GiB", "--stage", "nope", env=env)
+    assert out.returncode == 2 and "unknown stage" in out.stderr
+
+
+# -- the engine's model: reports, learning, the state file, the end-to-end ETA ------------
+
+
+class _SlowFile(FileStage):
+    """A file stage after the download (not in order): its work is the tail."""
+
+    name = "slowfile"
+
+    def run(self, local: LocalFile) -> int:
+        return local.size
+
+
+def test_reports_carry_the_prediction_and_the_model(put_object: Any, tmp_path: Path) -> None:
+    uri = put_object(os.urandom(5 * MiB))
+    state = tmp_path / "model.json"
+    config = Config(part_size=1 * MiB, model_path=str(state))
+
+    async def main() -> list[Report]:
+        async with Engine(config) as engine:
+            return [await engine.process(uri, [Checksum(), Scan()]) for _ in range(2)]
+
+    first, second = run_async(main)
+    assert first.passed and second.passed
+    assert first.predicted_seconds is not None and first.predicted_seconds > 0
+    model = first.model
+    assert model is not None and model["source"] == "builtin"
+    assert model["predicted_seconds"] == first.predicted_seconds
+    assert model["download"]["key"] == "download:raw"
+    assert model["download"]["source"] == "builtin"
+    assert [s["key"] for s in model["stages"]] == ["checksum:xxh3_128", "scan"]
+    # The second object is predicted from the first one's timings.
+    assert second.model is not None and second.model["source"] == "learned"
+    assert second.model["objects"] == 1
+    assert second.model["download"]["source"] == "learned"
+    assert second.model["download"]["objects"] == 1
+    assert all(s["source"] == "learned" and s["objects"] == 1 for s in second.model["stages"])
+    json.dumps(second.to_dict())
+    # Saved at close, 0600, with both objects.
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    assert TimeModel.load(str(state)).objects == 2
+
+
+def test_no_state_file_with_an_empty_model_path(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = tmp_path / "f.bin"
+    source.write_bytes(os.urandom(MiB))
+    report = fastpipe.run(str(source), [Scan()], config=Config(model_path=""))
+    assert report.passed and report.model is not None
+    assert report.model["download"] is None  # a local file is read in place
+    assert not (tmp_path / "cache").exists()
+
+
+def test_eta_includes_the_file_stages(put_object: Any) -> None:
+    """At the end of the download the ETA still counts the file stage ahead."""
+    size = 6 * MiB
+    uri = put_object(os.urandom(size))
+    events: list[fastpipe.Progress] = []
+    report = fastpipe.run(
+        uri, [Checksum(), _SlowFile()], config=Config(part_size=MiB), progress=events.append
+    )
+    assert report.passed
+    download = [e for e in events if e.phase == "download"]
+    assert download[0].eta_seconds is not None  # from the model, before the first byte
+    assert download[-1].bytes_done == size
+    assert download[-1].eta_seconds is not None and download[-1].eta_seconds > 0
+    staged = [e for e in events if e.stage == "slowfile"]
+    assert len(staged) == 2
+    assert staged[0].eta_seconds is not None and staged[0].eta_seconds > 0
+    assert staged[-1].eta_seconds == 0.0
