@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import re
+import ssl
 import time
 import warnings
 from collections.abc import Awaitable, Callable
@@ -114,6 +115,7 @@ class S3Control:
         self._client: Any = None
         self._data_client: Any = None
         self._client_lock = anyio.Lock()
+        self._tls: ssl.SSLContext | None = None
 
     async def client(self) -> Any:
         """The botocore S3 client (created on first call); botocore retries its calls.
@@ -133,6 +135,20 @@ class S3Control:
             return os.environ.get("AWS_CA_BUNDLE") or None
         bundle = self._session.get_config_variable("ca_bundle")
         return str(bundle) if bundle else None
+
+    def data_plane_tls(self) -> ssl.SSLContext:
+        """The raw data plane's TLS context, built on first use and shared by every object.
+
+        The same trust as the control plane (``AWS_CA_BUNDLE`` or the profile's bundle).
+        Loading the CA store takes about 16 ms of CPU: once per engine, not once per object.
+        """
+        if self._tls is None:
+            context = ssl.create_default_context(cafile=self.ca_bundle())
+            if not self.config.verify_tls:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._tls = context
+        return self._tls
 
     async def data_client(self) -> Any:
         """The aiobotocore client of the fallback data plane: botocore does not retry its
