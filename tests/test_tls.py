@@ -175,3 +175,30 @@ def test_raw_plane_through_the_split_proxy_when_all_trusted(
     assert report.download.plane == "raw"
     assert report.stage("checksum").result["hexdigest"] == hashlib.sha256(data).hexdigest()
     assert len(proxy.gets()) == 6
+
+
+def test_raw_plane_loads_the_ca_store_once_per_engine(
+    tls_env: str, tls_object: Any, tls_server: Any, monkeypatch: Any
+) -> None:
+    """Two objects through one engine over HTTPS: the raw plane's TLS context (a load of
+    the CA store, about 16 ms) is built once, not once per object."""
+    uri, data = tls_object
+    monkeypatch.setenv("AWS_CA_BUNDLE", tls_server[1])
+    built: list[object] = []
+    create = ssl.create_default_context
+
+    def counting(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        built.append(kwargs.get("cafile"))
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(ssl, "create_default_context", counting)
+    reports = fastpipe.run_many(
+        [uri, uri],
+        ["checksum:algo=sha256"],
+        config=Config(endpoint_url=tls_env, part_size=PART, data_plane="raw"),
+    )
+    assert [r.passed for r in reports] == [True, True]
+    assert [r.download.plane for r in reports] == ["raw", "raw"]
+    digest = hashlib.sha256(data).hexdigest()
+    assert [r.stage("checksum").result["hexdigest"] for r in reports] == [digest, digest]
+    assert built == [tls_server[1]]

@@ -141,11 +141,7 @@ class Fetcher:
     async def _connection(self) -> RawConnection:
         url = await self._signed_url()
         if self._ssl is None and url.startswith("https:"):
-            # The same trust as the control plane: AWS_CA_BUNDLE or the profile's bundle.
-            self._ssl = ssl.create_default_context(cafile=self.s3.ca_bundle())
-            if not self.config.verify_tls:
-                self._ssl.check_hostname = False
-                self._ssl.verify_mode = ssl.CERT_NONE
+            self._ssl = self.s3.data_plane_tls()  # one per engine: the CA store loads once
         return RawConnection(
             url,
             buffer_size=self.config.receive_buffer,

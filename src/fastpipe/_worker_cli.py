@@ -288,13 +288,10 @@ async def _list_prefix(args: argparse.Namespace) -> AsyncIterator[dict[str, Any]
     control = S3Control(Config(endpoint_url=args.endpoint_url, region=args.region))
     try:
         client = await control.client()
-        paginator = client.get_paginator("list_objects_v2")
-        pages = aiter(paginator.paginate(Bucket=bucket, Prefix=prefix))
+        params: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
         while True:
             # Each page is one ListObjectsV2 call: map its errors like any S3 call.
-            page = await control._call(location, _next_page, pages=pages)
-            if page is None:
-                break
+            page = await control._call(location, client.list_objects_v2, **params)
             for item in page.get("Contents", []):
                 yield {
                     "bucket": bucket,
@@ -302,12 +299,9 @@ async def _list_prefix(args: argparse.Namespace) -> AsyncIterator[dict[str, Any]
                     "size": int(item.get("Size", 0)),
                     "etag": str(item.get("ETag", "")).strip('"') or None,
                 }
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                break
+            params["ContinuationToken"] = token
     finally:
         await control.close()
-
-
-async def _next_page(pages: Any) -> Any:
-    try:
-        return await pages.__anext__()
-    except StopAsyncIteration:
-        return None
