@@ -196,7 +196,7 @@ def test_closed_pipe_is_not_an_error() -> None:
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
-        (["run", "--json"], "required: source"),
+        (["run", "--json"], "no source"),
         (["run", "x.bin", "--json", "--part-size", "abc"], "--part-size"),
         (["run", "x.bin", "--json", "--no-such-option"], "--no-such-option"),
         (["run", "x.bin", "--js", "--stage", "nope"], "unknown stage"),

@@ -25,6 +25,7 @@ from ._engine import run as run
 from ._engine import run_many as run_many
 from ._events import s3_event as s3_event
 from ._exceptions import AccessDenied as AccessDenied
+from ._exceptions import BudgetExceeded as BudgetExceeded
 from ._exceptions import DestinationError as DestinationError
 from ._exceptions import EndpointUnreachable as EndpointUnreachable
 from ._exceptions import FastpipeError as FastpipeError
@@ -45,6 +46,9 @@ from ._report import Progress as Progress
 from ._report import Report as Report
 from ._report import StageReport as StageReport
 from ._report import Status as Status
+from ._sinks import JsonLinesSink as JsonLinesSink
+from ._sinks import Sink as Sink
+from ._sinks import TagSink as TagSink
 from ._worker import Worker as Worker
 
 __version__ = "0.1.0"
@@ -53,6 +57,7 @@ _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
     "AccessDenied",
+    "BudgetExceeded",
     "Config",
     "DestinationError",
     "DownloadReport",
@@ -60,6 +65,7 @@ __all__ = [
     "Engine",
     "FastpipeError",
     "IntegrityError",
+    "JsonLinesSink",
     "Kind",
     "LocalIOError",
     "ObjectChanged",
@@ -69,11 +75,13 @@ __all__ = [
     "Progress",
     "Report",
     "RetriesExhausted",
+    "Sink",
     "SourceError",
     "StageFailed",
     "StageReport",
     "StageTimeout",
     "Status",
+    "TagSink",
     "UsageError",
     "Worker",
     "__version__",

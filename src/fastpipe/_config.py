@@ -132,6 +132,14 @@ class Config:
     presign_expires: int = 3600
     #: Start an in-order file stage (``chunk``) while the download runs (still gated).
     early_file_stages: bool = True
+    #: Budgets shared by every object the engine processes at once (``_budgets.py``):
+    #: ranged GETs in flight, objects in progress, bytes of temp files (None: 90% of the
+    #: temp folder's free space, where a larger object is admitted alone), heavy stages
+    #: at once (None: the CPU count).
+    max_connections: int = 64
+    max_objects: int = 8
+    disk_budget: int | None = None
+    file_stage_slots: int | None = None
     #: The time model's state file (``fastpipe calibrate`` writes it, the engine learns
     #: into it): None for ``$XDG_CACHE_HOME/fastpipe/model.json``, "" for none (in memory).
     model_path: str | None = None
@@ -143,6 +151,7 @@ class Config:
             raise UsageError(f"max_concurrency must be 1..1024, got {self.max_concurrency}")
         if not 1 <= self.max_attempts <= 100:
             raise UsageError(f"max_attempts must be 1..100, got {self.max_attempts}")
+        self._check_budgets()
         if self.data_plane not in ("auto", "raw", "botocore"):
             raise UsageError(f"data_plane must be auto, raw or botocore, got {self.data_plane!r}")
         if self.receive_buffer < 4096 or self.stream_buffer < 4096:
@@ -156,6 +165,12 @@ class Config:
                 f"region {self.region!r} is not a region name (letters, digits and '-', "
                 "e.g. us-east-1)"
             )
+
+    def _check_budgets(self) -> None:
+        for name in ("max_connections", "max_objects", "disk_budget", "file_stage_slots"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise UsageError(f"{name} must be at least 1, got {value}")
 
     def resolved_endpoint(self) -> str | None:
         """The endpoint URL: this config's, else ``AWS_ENDPOINT_URL``, else botocore's.

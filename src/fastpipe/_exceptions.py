@@ -115,6 +115,13 @@ class LocalIOError(FastpipeError, OSError):
     exit_code = 5
 
 
+class BudgetExceeded(FastpipeError):
+    """The object is larger than the engine's whole disk budget: it could never be
+    admitted (the message names both sizes)."""
+
+    exit_code = 6
+
+
 class StageFailed(FastpipeError):
     """A stage rejected the object. Raised by stages; ``stage`` names it."""
 

@@ -7,11 +7,13 @@ not from the start of its part.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import ssl
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -77,8 +79,16 @@ def choose_plane(config: Config, location: S3Location) -> Plane:
 class Fetcher:
     """Downloads one object's parts into a temp file."""
 
-    def __init__(self, s3: S3Control, config: Config, job: Job) -> None:
+    def __init__(
+        self,
+        s3: S3Control,
+        config: Config,
+        job: Job,
+        connection_slot: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+    ) -> None:
         self.s3 = s3
+        #: One slot of the engine's ``max_connections`` per part being fetched.
+        self._slot = connection_slot or contextlib.nullcontext
         self.config = config
         self.pinned = job.pinned
         self.location = job.pinned.location
@@ -122,7 +132,8 @@ class Fetcher:
             while (index := self._take_part()) is not None:
                 if self.plane is Plane.RAW and conn is None:
                     conn = await self._connection()
-                await self._fetch_part(index, conn)
+                async with self._slot():  # one part's GET (and its retries) at a time
+                    await self._fetch_part(index, conn)
         finally:
             if conn is not None:
                 conn.close()

@@ -1,10 +1,9 @@
 """anyio helpers: the one error a caller should see out of a task group's exception
-group, a lock held until released once, and the event loop runner."""
+group, and the event loop runner."""
 
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -51,33 +50,6 @@ def unwrap_groups() -> Iterator[None]:
         # The group only wraps this error: hide it, but keep the error's own cause (a bare
         # "from None" here erased the cause of every error raised inside a task group).
         raise error from error.__cause__
-
-
-class HeldOnce:
-    """Holds a lock from ``async with`` until :meth:`release` or the block's end (no
-    lock: holds nothing)."""
-
-    def __init__(self, lock: anyio.Lock | None) -> None:
-        self.lock = lock
-        self.held = False
-        #: Seconds spent waiting for the lock (an object's admission wait).
-        self.waited = 0.0
-
-    async def __aenter__(self) -> HeldOnce:
-        if self.lock is not None:
-            started = time.perf_counter()
-            await self.lock.acquire()
-            self.waited = time.perf_counter() - started
-            self.held = True
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.release()
-
-    def release(self) -> None:
-        if self.held and self.lock is not None:
-            self.held = False
-            self.lock.release()
 
 
 T = TypeVar("T")

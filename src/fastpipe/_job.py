@@ -57,7 +57,7 @@ class Job:
     placed: ObjectPlacement | None = None
     progress: ProgressSink | None = None
     stream_indices: list[int] = field(init=False)
-    #: Seconds the object waited to be admitted (``process_many``'s download gate).
+    #: Seconds the object waited to be admitted (the engine's object slot and disk budget).
     admission_wait: float = field(default=0.0, init=False)
     #: The time model's prediction, made before the first byte (None: no model).
     prediction: Prediction | None = field(default=None, init=False)

@@ -9,11 +9,13 @@ meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any
 
@@ -126,9 +128,16 @@ class OnePass:
     """Runs one job's stages over its bytes, downloading them first if ``fetcher``."""
 
     def __init__(
-        self, job: Job, config: Config, fetcher: Fetcher | None, model: EngineModel | None = None
+        self,
+        job: Job,
+        config: Config,
+        fetcher: Fetcher | None,
+        model: EngineModel | None = None,
+        file_stage_slot: Callable[[str], AbstractAsyncContextManager[None]] | None = None,
     ) -> None:
         self.job = job
+        #: One of the engine's ``file_stage_slots`` around each file stage.
+        self._slot = file_stage_slot or (lambda _what: contextlib.nullcontext())
         self.config = config
         self.fetcher = fetcher
         self.model = model
@@ -322,8 +331,9 @@ class OnePass:
         started = time.perf_counter()
         scope: anyio.CancelScope | None = None
         try:
-            with anyio.fail_after(stage.timeout) as scope:
-                result = await run_file_stage(stage, local, on_cancel=cancel_hook(stage))
+            async with self._slot(job.report.source):
+                with anyio.fail_after(stage.timeout) as scope:
+                    result = await run_file_stage(stage, local, on_cancel=cancel_hook(stage))
         except Exception as exc:  # noqa: BLE001 - user stages may raise anything
             stage_report.seconds = time.perf_counter() - started
             job.record_failure(index, _our_timeout(exc, scope, job, stage))

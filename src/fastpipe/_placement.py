@@ -30,7 +30,7 @@ import re
 import stat
 import tempfile
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ._exceptions import (
@@ -91,6 +91,47 @@ def local_name_for_key(key: str) -> str:
         head = encoded[:keep].decode("utf-8", "ignore")
         segment = f"{head}-{digest}"
     return segment
+
+
+def local_path_for_key(key: str) -> str:
+    """A safe relative path for an S3 key, keeping its ``/`` folders.
+
+    Each segment is cleaned as :func:`local_name_for_key` cleans a name (NUL, control
+    characters and backslashes become ``_``, a leading ``.`` becomes ``_``, ``..`` becomes
+    ``__``; an overlong segment keeps a hash); empty and ``.`` segments are dropped, so an
+    absolute key or ``a//b`` stays relative. The result never holds a ``..`` segment and
+    never starts with ``/``: joined to a folder it stays inside it.
+    """
+    raw = [seg for seg in key.split("/") if seg not in ("", ".")]
+    if not raw:
+        return local_name_for_key(key)
+    # A backslash is a character here, not a separator: it must not split a segment.
+    return "/".join(
+        "__" if seg == ".." else local_name_for_key(seg.replace("\\", "_")) for seg in raw
+    )
+
+
+def make_key_folders(root: str, relative: str) -> str:
+    """Create the folders of ``relative`` under ``root`` (one level at a time, each a
+    real folder, not a symlink, so that nothing planted leads outside ``root``); return
+    the file's absolute path."""
+    folder = os.path.abspath(root)
+    parts = relative.split("/")
+    for part in parts[:-1]:
+        folder = os.path.join(folder, part)
+        try:
+            os.mkdir(folder, 0o755)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise local_io_error(f"destination folder {folder} cannot be created", exc) from exc
+        try:
+            st = os.lstat(folder)
+        except OSError as exc:
+            raise local_io_error(f"destination folder {folder} cannot be used", exc) from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise DestinationError(f"destination {folder} is not a folder (a file or a symlink)")
+    return os.path.join(folder, parts[-1])
 
 
 def _name_max(folder: str) -> int:
@@ -203,6 +244,9 @@ class Placement:
     force: bool = False
     resume: bool = False
     temp_dir: str | os.PathLike[str] | None = None
+    #: ``dest`` is a folder that receives each object under its key's path
+    #: (:func:`local_path_for_key`), as many objects are kept.
+    key_paths: bool = False
 
     def __post_init__(self) -> None:
         if self.dest is not None:
@@ -223,6 +267,12 @@ class Placement:
         if self.dest is not None:
             raise UsageError("dest applies to S3 sources; a local file is processed in place")
 
+    def with_key_paths(self) -> Placement:
+        """This placement, keeping each object under its key's path in the ``dest``
+        folder (checked here)."""
+        self.check_many()
+        return replace(self, key_paths=True)
+
     def check_many(self) -> None:
         """Many objects need a folder to receive them (each named after its key)."""
         if self.dest is not None and not os.path.isdir(self.dest):
@@ -240,7 +290,11 @@ class ObjectPlacement:
     def __init__(self, placement: Placement, key: str) -> None:
         self.placement = placement
         dest = placement.dest
-        self.dest_path = None if dest is None else resolve_dest(dest, key, placement.force)
+        name_from: str | None = key
+        if dest is not None and placement.key_paths:
+            dest = make_key_folders(os.fspath(dest), local_path_for_key(key))
+            name_from = None  # dest is now the file itself
+        self.dest_path = None if dest is None else resolve_dest(dest, name_from, placement.force)
         self.temp: TempFile | None = None
         self.journal: Journal | None = None
         #: Leave the temp file and journal for the next ``resume`` run.

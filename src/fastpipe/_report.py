@@ -106,12 +106,17 @@ class Report:
     error: str | None = None
     error_type: str | None = None
     seconds: float = 0.0
+    #: Seconds of ``seconds`` spent waiting for admission (the engine's object slots
+    #: and disk budget).
+    queued_seconds: float = 0.0
     #: The time model's end-to-end seconds for this object, made before its first byte.
     predicted_seconds: float | None = None
     #: What that prediction rests on (``Prediction.describe``): the rates used, where they
     #: came from (``learned``, ``calibrated``, ``builtin``) and from how many objects.
     model: dict[str, Any] | None = None
     dest: str | None = None
+    #: What went wrong writing this report to a result sink (``--tag``, ``--results``).
+    sink_errors: list[str] = field(default_factory=list)
     download: DownloadReport = field(default_factory=DownloadReport)
     stages: list[StageReport] = field(default_factory=list)
 

@@ -19,7 +19,7 @@ import re
 import ssl
 import time
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -373,6 +373,40 @@ class S3Control:
         logger.debug("%s: presigned a GET URL valid for %ss", location, expires)  # not the URL
         # Renew well before expiry so a slow part does not start with a stale signature.
         return str(url), time.monotonic() + expires * 0.8
+
+    async def list_keys(self, bucket: str, prefix: str) -> AsyncIterator[str]:
+        """Every key under ``prefix`` (ListObjectsV2, page by page, as pages arrive)."""
+        client = await self.client()
+        where = S3Location(bucket, prefix or "/")
+        params: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+        while True:
+            page = await self._call(where, client.list_objects_v2, **params)
+            for item in page.get("Contents", []):
+                yield item["Key"]
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+            params["ContinuationToken"] = token
+
+    async def get_tags(self, location: S3Location, version_id: str | None) -> dict[str, str]:
+        """The object's tags (GetObjectTagging)."""
+        client = await self.client()
+        params: dict[str, Any] = {"Bucket": location.bucket, "Key": location.key}
+        if version_id:
+            params["VersionId"] = version_id
+        answer = await self._call(location, client.get_object_tagging, **params)
+        return {t["Key"]: t["Value"] for t in answer.get("TagSet", [])}
+
+    async def put_tags(
+        self, location: S3Location, version_id: str | None, tags: dict[str, str]
+    ) -> None:
+        """Replace the object's tags (PutObjectTagging)."""
+        client = await self.client()
+        params: dict[str, Any] = {"Bucket": location.bucket, "Key": location.key}
+        if version_id:
+            params["VersionId"] = version_id
+        tag_set = [{"Key": k, "Value": v} for k, v in tags.items()]
+        await self._call(location, client.put_object_tagging, Tagging={"TagSet": tag_set}, **params)
 
     async def stream_range(
         self,

@@ -48,6 +48,9 @@ def add_parsers(sub: Any) -> None:
     worker.add_argument(
         "--max-objects", type=positive_int, default=2, help="messages held at once (default 2)"
     )
+    from ._many_cli import add_budget_arguments
+
+    add_budget_arguments(worker, objects=False)  # the engine's budgets, as for run
     worker.add_argument(
         "--drain-timeout",
         type=float,
@@ -167,8 +170,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     if not 0 <= args.wait_seconds <= 20:
         raise UsageError(f"--wait-seconds must be 0..20, got {args.wait_seconds}")
+    from ._many_cli import budget_settings
+
     config = Config(
-        endpoint_url=args.endpoint_url, region=args.region, max_attempts=args.max_attempts
+        endpoint_url=args.endpoint_url,
+        region=args.region,
+        max_attempts=args.max_attempts,
+        **budget_settings(args),
     )
     sinks = _worker_sinks(args)
     metrics = WorkerMetrics()

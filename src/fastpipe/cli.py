@@ -3,7 +3,8 @@
 Exit codes: 0 all stages passed, 1 a stage failed, 2 usage error (bad arguments,
 unusable destination), 3 source missing, denied or unreachable (or retries exhausted),
 4 integrity error (object changed mid-download, short body), 5 local I/O error (disk
-full), 130 interrupted (SIGINT), 143 terminated (SIGTERM).
+full), 6 object larger than the disk budget, 130 interrupted (SIGINT), 143 terminated
+(SIGTERM). Many objects: 0 all passed, else the highest error's code, else 1.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, _worker_cli
+from . import __version__, _many_cli, _worker_cli
 from ._config import Config
 from ._console import (
     ProgressBar,
@@ -85,13 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Process large S3 objects in one pass: download once, check while the "
         "bytes arrive, run the heavy stage on the local file.",
         epilog="Exit codes: 0 passed, 1 a stage failed, 2 usage, 3 source missing/denied/"
-        "unreachable, 4 integrity, 5 local I/O, 130 SIGINT, 143 SIGTERM.",
+        "unreachable, 4 integrity, 5 local I/O, 6 over the disk budget, 130 SIGINT, 143 "
+        "SIGTERM. Many objects: 0 all passed, else the highest error's code, else 1.",
     )
     parser.add_argument("--version", action="version", version=f"fastpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
 
-    run = sub.add_parser("run", help="process one object (s3://bucket/key or a local path)")
-    run.add_argument("source")
+    run = sub.add_parser(
+        "run", help="process objects (s3://bucket/key, local paths, a prefix, a list)"
+    )
+    run.add_argument("sources", nargs="*", metavar="SOURCE", help="s3://bucket/key or a path")
     run.add_argument("--dest", help="keep the object here (a file path or a folder)")
     run.add_argument(
         "-v", "--verbose", action="count", default=0, help="log to stderr: -v INFO, -vv DEBUG"
@@ -121,12 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --dest: keep a journal so that an interrupted run continues where it stopped",
     )
-    run.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report as JSON on stdout (many objects: one JSON line each)",
+    )
     run.add_argument(
         "--no-progress",
         action="store_true",
         help="no progress bar on stderr (there is none when stderr is not a terminal)",
     )
+
+    _many_cli.add_many_arguments(run)
 
     sub.add_parser("stages", help="list the built-in stages and their options")
 
@@ -176,6 +186,11 @@ def _add_tool_parsers(sub: Any) -> None:
         "fastpipe-download, s5cmd, boto3, local-stages, fastpipe-chunk, pyfastcdc",
     )
     bench.add_argument("--no-low-entropy", action="store_true", help="skip the low-entropy object")
+    bench.add_argument(
+        "--many",
+        action="store_true",
+        help="only the many-objects case: 16 x 64MiB through one engine vs one 1GiB object",
+    )
     bench.add_argument(
         "--predictability",
         action="store_true",
@@ -259,7 +274,9 @@ def _run_setup(args: argparse.Namespace) -> tuple[list[Stage] | None, Config] | 
             region=args.region,
             verify_tls=not args.no_verify_tls,
             data_plane=args.data_plane,
+            **_many_cli.budget_settings(args),
         )
+        _many_cli.check_many(args)
     except UsageError as exc:
         if args.json:
             write_stdout(_error_json(args.source, str(exc), type(exc).__name__, EXIT_USAGE))
@@ -271,14 +288,18 @@ def _run_setup(args: argparse.Namespace) -> tuple[list[Stage] | None, Config] | 
 def _cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
-    from ._engine import process
+    from ._engine import Engine
     from ._groups import run_async
 
     _log_to_stderr(args.verbose)
+    args.source = args.sources[0] if len(args.sources) == 1 else None
     setup = _run_setup(args)
     if isinstance(setup, int):
         return setup
     stages, config = setup
+    if _many_cli.is_many(args):
+        _import_botocore_without_crt(args.sources[0] if args.sources else "s3://")
+        return _many_cli.cmd_run_many(args, stages, config)
     show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
     bar = ProgressBar(sys.stderr) if show_progress else None
     outcome: dict[str, Any] = {}
@@ -295,19 +316,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
             tg.start_soon(watch_signals)
             try:
-                # Placement is per call, validated by the library (a UsageError, exit 2).
-                outcome["report"] = await process(
-                    args.source,
-                    stages,
-                    args.dest,
-                    config,
-                    progress=bar,
-                    force=args.force,
-                    resume=args.resume,
-                    temp_dir=args.temp_dir,
-                )
-            except FastpipeError as exc:
-                outcome["error"] = exc
+                async with Engine(config) as engine:
+                    sinks = _many_cli.make_sinks(args, engine)
+                    try:
+                        # Placement is per call, validated by the library (a UsageError, exit 2).
+                        outcome["report"] = await engine.process(
+                            args.source,
+                            stages,
+                            args.dest,
+                            bar,
+                            force=args.force,
+                            resume=args.resume,
+                            temp_dir=args.temp_dir,
+                        )
+                    except FastpipeError as exc:
+                        outcome["error"] = exc
+                    await _many_cli.write_sinks(outcome, sinks)
             finally:
                 tg.cancel_scope.cancel()
 

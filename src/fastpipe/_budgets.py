@@ -1,0 +1,179 @@
+"""The engine's shared budgets: one mechanism for every object it processes at once.
+
+Every :meth:`Engine.process` call (and so ``process_many``, ``map`` and the queue worker,
+which are built on it) takes from the same :class:`Budgets`:
+
+- ``max_objects``: objects in progress at once (taken when a call starts);
+- ``disk_budget``: bytes of temp files at once, taken after HEAD by the object's size and
+  given back when its temp file is gone (committed or removed). Admission is a strict
+  FIFO queue: a large object at the head is not overtaken by small ones behind it;
+- ``max_connections``: ranged GETs in flight across objects (a fetcher holds one slot per
+  part it fetches, its retries included; the queue is FIFO, so each object downloading
+  gets its turn);
+- ``file_stage_slots``: heavy (file) stages running at once.
+
+The time an object waits for ``max_objects`` and ``disk_budget`` is its report's
+``queued_seconds``. The download of the next object overlaps the file stages of the one
+before as a consequence: connections are given back as soon as the bytes are in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+
+from ._config import Config, format_size
+from ._exceptions import BudgetExceeded
+
+logger = logging.getLogger(__name__)
+
+#: Share of the temp folder's free space that the default disk budget takes.
+DISK_SHARE = 0.9
+
+
+def default_disk_budget(folder: str | os.PathLike[str] | None = None) -> int:
+    """90% of the free space where ``folder`` is (its nearest existing parent: a ``dest``
+    may name a file not written yet; default the temp folder), at least 1 byte. When the
+    space cannot be read, no limit (a full disk is still a LocalIOError)."""
+    path = os.path.abspath(os.fspath(folder or tempfile.gettempdir()))
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62
+    return max(1, int(free * DISK_SHARE))
+
+
+def default_file_stage_slots() -> int:
+    """The CPU count this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class _Waiter:
+    size: int
+    event: anyio.Event
+    granted: bool = False
+
+
+class DiskBudget:
+    """Bytes of temp files at once; FIFO admission by size (no overtaking).
+
+    A ``strict`` budget (given by the caller) refuses an object larger than itself; the
+    default one (a guess from the free space) admits it alone instead, so that the
+    destination's own checks still say what is wrong with a full or odd folder.
+    """
+
+    def __init__(self, capacity: int, strict: bool = True) -> None:
+        self.capacity = capacity
+        self.strict = strict
+        self.used = 0
+        self._queue: deque[_Waiter] = deque()
+
+    async def acquire(self, size: int, what: str) -> int:
+        """Wait until ``size`` bytes fit, in arrival order; return the bytes taken.
+        :class:`BudgetExceeded` when a strict budget is smaller than ``size``."""
+        if size > self.capacity:
+            if not self.strict:
+                size = self.capacity  # alone: it waits until nothing else holds disk
+            else:
+                raise BudgetExceeded(
+                    f"{what}: object of {size} bytes ({format_size(size)}) is larger than "
+                    f"the disk budget of {self.capacity} bytes ({format_size(self.capacity)})"
+                )
+        if not self._queue and self.used + size <= self.capacity:
+            self.used += size
+            return size
+        waiter = _Waiter(size, anyio.Event())
+        self._queue.append(waiter)
+        logger.debug(
+            "%s: waiting for %s of disk budget (%s of %s in use, %d waiting)",
+            what,
+            format_size(size),
+            format_size(self.used),
+            format_size(self.capacity),
+            len(self._queue),
+        )
+        try:
+            await waiter.event.wait()
+            return size
+        except BaseException:
+            if waiter.granted:
+                self.release(size)
+            else:
+                self._queue.remove(waiter)
+                self._grant()  # the head may have changed
+            raise
+
+    def release(self, size: int) -> None:
+        """Give ``size`` bytes back and admit the waiters at the head that now fit."""
+        self.used -= size
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._queue and self.used + self._queue[0].size <= self.capacity:
+            waiter = self._queue.popleft()
+            self.used += waiter.size
+            waiter.granted = True
+            waiter.event.set()
+
+
+class Budgets:
+    """The limits one engine shares between all the objects it processes at once."""
+
+    def __init__(self, config: Config) -> None:
+        self.max_objects = config.max_objects
+        self.max_connections = config.max_connections
+        self.file_stage_slots = config.file_stage_slots or default_file_stage_slots()
+        self.disk_budget = config.disk_budget or default_disk_budget()
+        self._objects = anyio.Semaphore(self.max_objects)
+        self._connections = anyio.Semaphore(self.max_connections)
+        self._file_stages = anyio.Semaphore(self.file_stage_slots)
+        self.disk = DiskBudget(self.disk_budget, strict=config.disk_budget is not None)
+
+    @asynccontextmanager
+    async def object_slot(self, what: str) -> AsyncIterator[float]:
+        """Hold one of ``max_objects`` for the block; yields the seconds waited."""
+        started = time.perf_counter()
+        if self._objects.value == 0:
+            logger.debug("%s: waiting for an object slot (max_objects %d)", what, self.max_objects)
+        async with self._objects:
+            yield time.perf_counter() - started
+
+    async def take_disk(self, size: int, what: str) -> tuple[float, int]:
+        """Take ``size`` bytes of the disk budget; returns the seconds waited and the
+        bytes taken (to give back)."""
+        started = time.perf_counter()
+        taken = await self.disk.acquire(size, what)
+        return time.perf_counter() - started, taken
+
+    def give_disk(self, size: int) -> None:
+        """Give back what :meth:`take_disk` took (the temp file is gone)."""
+        self.disk.release(size)
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[None]:
+        """One part's ranged GET in flight (FIFO across objects)."""
+        async with self._connections:
+            yield
+
+    @asynccontextmanager
+    async def file_stage(self, what: str) -> AsyncIterator[None]:
+        """One heavy stage running."""
+        if self._file_stages.value == 0:
+            logger.debug("%s: waiting for a file stage slot", what)
+        async with self._file_stages:
+            yield
