@@ -131,6 +131,21 @@ class DiskBudget:
             waiter.event.set()
 
 
+@dataclass
+class DiskHold:
+    """Bytes of the disk budget one object holds (given back when its temp file is gone)."""
+
+    disk: DiskBudget
+    size: int = 0
+
+    async def take(self, size: int, what: str) -> float:
+        """Take ``size`` bytes of the disk budget (FIFO; may wait); returns the seconds
+        waited."""
+        started = time.perf_counter()
+        self.size = await self.disk.acquire(size, what)
+        return time.perf_counter() - started
+
+
 class Budgets:
     """The limits one engine shares between all the objects it processes at once."""
 
@@ -153,16 +168,16 @@ class Budgets:
         async with self._objects:
             yield time.perf_counter() - started
 
-    async def take_disk(self, size: int, what: str) -> tuple[float, int]:
-        """Take ``size`` bytes of the disk budget; returns the seconds waited and the
-        bytes taken (to give back)."""
-        started = time.perf_counter()
-        taken = await self.disk.acquire(size, what)
-        return time.perf_counter() - started, taken
-
-    def give_disk(self, size: int) -> None:
-        """Give back what :meth:`take_disk` took (the temp file is gone)."""
-        self.disk.release(size)
+    @asynccontextmanager
+    async def disk_hold(self) -> AsyncIterator[DiskHold]:
+        """One object's hold on the disk budget for the block: it takes its size after
+        HEAD (:meth:`DiskHold.take`) and gives it back at the end of the block, where its
+        temp file is gone (committed or removed)."""
+        hold = DiskHold(self.disk)
+        try:
+            yield hold
+        finally:
+            self.disk.release(hold.size)
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[None]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 
@@ -22,9 +21,8 @@ from ._budgets import Budgets
 from ._config import Config
 from ._exceptions import FastpipeError, StageFailed, UsageError
 from ._fetch import Fetcher, choose_plane
-from ._file import Watermark
 from ._groups import run_async
-from ._job import Job, ProgressCallback, ProgressSink, check_info
+from ._job import Job, ProgressCallback, ProgressSink, check_info, open_download
 from ._model import EngineModel
 from ._objectinfo import local_object_info
 from ._onepass import OnePass
@@ -36,13 +34,6 @@ from ._source import LocalLocation, S3Location, parse_source
 from ._stagelist import StagesPerObject
 from ._stagelist import default_stages as default_stages
 from .stages._base import Stage
-
-
-@dataclass
-class _DiskHold:
-    """Bytes of the disk budget one object holds (given back when its temp file is gone)."""
-
-    size: int = 0
 
 
 class Engine:
@@ -165,49 +156,9 @@ class Engine:
         early, break out of a loop inside ``async with contextlib.aclosing(engine.map(...))
         as reports:``.
         """
-        return _many.reports_only(
-            self._map_indexed(
-                sources, stages, dest, force, resume, temp_dir, progress, sinks, None, progress_for
-            )
-        )
-
-    def _map_indexed(
-        self,
-        sources: Iterable[str | os.PathLike[str]] | AsyncIterable[str | os.PathLike[str]],
-        stages: StagesPerObject | None,
-        dest: str | os.PathLike[str] | None,
-        force: bool,
-        resume: bool,
-        temp_dir: str | os.PathLike[str] | None,
-        progress: ProgressCallback | None,
-        sinks: Sequence[Sink],
-        limit: int | None = None,
-        progress_for: Callable[[str], ProgressCallback | None] | None = None,
-    ) -> AsyncIterator[tuple[int, Report]]:
-        Placement(dest, force=force, resume=resume, temp_dir=temp_dir).check_many()
-        factory = _stagelist.stage_factory(stages)
-
-        async def one(source: str | os.PathLike[str]) -> Report:
-            stage_list = None if factory is None else factory()
-            callback = progress if progress_for is None else progress_for(str(source))
-            try:
-                return await self.process(
-                    source,
-                    stage_list,
-                    dest,
-                    callback,
-                    force=force,
-                    resume=resume,
-                    temp_dir=temp_dir,
-                    key_paths=dest is not None,
-                )
-            except FastpipeError as exc:
-                return exc.report or Report(
-                    source=str(source), error=str(exc), error_type=type(exc).__name__
-                )
-
-        slots = min(limit or self.config.max_objects, self.config.max_objects)
-        return _many.map_indexed(sources, one, slots, sinks)
+        placement = Placement(dest, force=force, resume=resume, temp_dir=temp_dir)
+        one = _many.PerObject.of(self.process, stages, placement, progress, progress_for)
+        return _many.reports_only(_many.map_indexed(sources, one, self.config.max_objects, sinks))
 
     async def process_many(
         self,
@@ -239,13 +190,10 @@ class Engine:
         if max_in_flight is not None and max_in_flight < 1:
             raise UsageError(f"max_in_flight must be at least 1, got {max_in_flight}")
         items = list(sources)
-        reports: list[Report | None] = [None] * len(items)
-        indexed = self._map_indexed(
-            items, stages, dest, force, resume, temp_dir, progress, sinks, max_in_flight
-        )
-        async for index, report in indexed:
-            reports[index] = report
-        return [r for r in reports if r is not None]
+        placement = Placement(dest, force=force, resume=resume, temp_dir=temp_dir)
+        one = _many.PerObject.of(self.process, stages, placement, progress)
+        slots = min(max_in_flight or self.config.max_objects, self.config.max_objects)
+        return await _many.in_order(_many.map_indexed(items, one, slots, sinks), len(items))
 
     async def _process_local(
         self,
@@ -259,14 +207,8 @@ class Engine:
         report.download.plane = Plane.LOCAL
         if not check_info(stages, info, report):
             return
-        watermark = Watermark(info.size, self.config.part_size)
-        watermark.complete_all()
-        watermark.close()
-        path = info.source  # the absolute path
-        job = Job(location, info, stages, report, path, watermark, Plane.LOCAL, None, progress)
-        one = OnePass(job, self.config, None, self._model, self.budgets.file_stage)
-        if await one.stream():
-            report.passed = await one.file_stages()
+        job = Job.local(location, info, stages, report, progress, self.config.part_size)
+        await OnePass(job, self.config, None, self._model, self.budgets.file_stage).in_place()
 
     async def _process_s3(
         self,
@@ -276,74 +218,32 @@ class Engine:
         report: Report,
         progress: ProgressSink | None,
     ) -> None:
+        """HEAD the object, admit it, download it while the stream stages run, then the
+        file stages, then commit.
+
+        The single place where an object is admitted after HEAD (its size is known here):
+        a stage may refuse it from its metadata, then its size must fit the disk budget.
+        """
         # Before HEAD: a bad destination, or one another resumable run holds, fails at once.
         placed = ObjectPlacement(placement, location.key)
-        disk = _DiskHold()
-        try:
-            job = await self._admit(location, stages, placed, report, progress, disk)
-            if job is not None:
+        async with self.budgets.disk_hold() as disk:  # given back once the temp file is gone
+            try:
+                info = await self._s3.head(location)
+                report.size, report.etag, report.version_id = info.size, info.etag, info.version_id
+                if not check_info(stages, info, report):
+                    return
+                report.queued_seconds += await disk.take(info.size, report.source)
+                plane = choose_plane(self.config, location)
+                job = await open_download(
+                    location, info, stages, report, placed, progress, plane, self.config
+                )
                 job.admission_wait = report.queued_seconds  # what the time model adds
-                await self._fetch_and_check(job)
-        finally:
-            with anyio.CancelScope(shield=True):  # cleans up after a cancel too
-                await anyio.to_thread.run_sync(placed.close)
-                self.budgets.give_disk(disk.size)  # the temp file is gone (or committed)
-
-    async def _fetch_and_check(self, job: Job) -> None:
-        """Download while the stream stages run, then the file stages, then commit."""
-        placed, report = job.placed, job.report
-        assert placed is not None
-        budgets = self.budgets
-        fetcher = Fetcher(self._s3, self.config, job, budgets.connection)
-        one = OnePass(job, self.config, fetcher, self._model, budgets.file_stage)
-        try:
-            ok = await one.stream()
-        except BaseException as exc:
-            placed.interrupted(exc)
-            raise
-        finally:
-            fetcher.stats.fill(report.download)
-            placed.record(job.watermark.completed_parts())
-        job.temp.close()
-        if ok and await one.file_stages():
-            report.dest = await anyio.to_thread.run_sync(placed.commit)
-            report.passed = True
-
-    async def _admit(
-        self,
-        location: S3Location,
-        stages: list[Stage],
-        placed: ObjectPlacement,
-        report: Report,
-        progress: ProgressSink | None,
-        disk: _DiskHold,
-    ) -> Job | None:
-        """HEAD the object and make its job: data plane, part plan, temp file (None: a
-        stage refused it from its metadata).
-
-        The single place where an object is admitted after HEAD (its size is known here).
-        """
-        info = await self._s3.head(location)
-        report.size, report.etag, report.version_id = info.size, info.etag, info.version_id
-        if not check_info(stages, info, report):
-            return None
-        # Admission: the temp file's bytes must fit the disk budget (FIFO; may wait).
-        waited, disk.size = await self.budgets.take_disk(info.size, report.source)
-        report.queued_seconds += waited
-        config = self.config
-        plane = choose_plane(config, location)
-        # Preallocating (and later unlinking) a large file can take a while: not on the loop.
-        part_size, reuse = await anyio.to_thread.run_sync(
-            placed.open_temp, str(location), info, config.plan_part_size(info.size)
-        )
-        assert placed.temp is not None
-        watermark = Watermark(info.size, part_size)
-        dl = report.download
-        dl.part_size, dl.concurrency, dl.plane = part_size, config.max_concurrency, plane
-        dl.parts = watermark.parts
-        dl.reused_bytes = watermark.preset(reuse) if reuse else 0
-        path = placed.temp.path
-        return Job(location, info, stages, report, path, watermark, plane, placed, progress)
+                fetcher = Fetcher(self._s3, self.config, job, self.budgets.connection)
+                one = OnePass(job, self.config, fetcher, self._model, self.budgets.file_stage)
+                await one.download_and_commit()
+            finally:
+                with anyio.CancelScope(shield=True):  # cleans up after a cancel too
+                    await anyio.to_thread.run_sync(placed.close)
 
 
 async def process(

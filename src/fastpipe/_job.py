@@ -11,6 +11,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import anyio
+
+from ._config import Config
 from ._exceptions import StageFailed, StageTimeout
 from ._file import TempFile, Watermark
 from ._model import Prediction
@@ -65,6 +68,23 @@ class Job:
     def __post_init__(self) -> None:
         self.stream_indices = [i for i, s in enumerate(self.stages) if isinstance(s, StreamStage)]
 
+    @classmethod
+    def local(
+        cls,
+        location: LocalLocation,
+        info: ObjectInfo,
+        stages: list[Stage],
+        report: Report,
+        progress: ProgressSink | None,
+        part_size: int,
+    ) -> Job:
+        """The job of a local file: processed in place, every byte already in."""
+        watermark = Watermark(info.size, part_size)
+        watermark.complete_all()
+        watermark.close()
+        path = info.source  # the absolute path
+        return cls(location, info, stages, report, path, watermark, Plane.LOCAL, None, progress)
+
     @property
     def pinned(self) -> PinnedObject:
         """The S3 object version every ranged GET must match."""
@@ -91,6 +111,32 @@ class Job:
     def record_failure(self, index: int, exc: BaseException) -> None:
         """Write stage ``index``'s failure into the report."""
         record_failure(self.report, index, exc)
+
+
+async def open_download(
+    location: S3Location,
+    info: ObjectInfo,
+    stages: list[Stage],
+    report: Report,
+    placed: ObjectPlacement,
+    progress: ProgressSink | None,
+    plane: Plane,
+    config: Config,
+) -> Job:
+    """Plan the parts and open the temp file (resuming: reopen it) of an admitted S3
+    object; its job, with the part plan in the report."""
+    # Preallocating (and later unlinking) a large file can take a while: not on the loop.
+    part_size, reuse = await anyio.to_thread.run_sync(
+        placed.open_temp, str(location), info, config.plan_part_size(info.size)
+    )
+    assert placed.temp is not None
+    watermark = Watermark(info.size, part_size)
+    dl = report.download
+    dl.part_size, dl.concurrency, dl.plane = part_size, config.max_concurrency, plane
+    dl.parts = watermark.parts
+    dl.reused_bytes = watermark.preset(reuse) if reuse else 0
+    path = placed.temp.path
+    return Job(location, info, stages, report, path, watermark, plane, placed, progress)
 
 
 def describe_exception(exc: BaseException) -> str:

@@ -2,7 +2,8 @@
 
 Memory stays bounded whatever the number of sources: at most ``slots`` objects are in
 progress (or waiting for their report to be taken), and the next source is pulled from
-the iterable only when one of them ends.
+the iterable only when one of them ends. :class:`PerObject` is how each source is
+processed (its own stages and progress callback; its error as its report).
 """
 
 from __future__ import annotations
@@ -11,11 +12,19 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
 
 import anyio
 
+from ._exceptions import FastpipeError
+from ._job import ProgressCallback
+from ._placement import Placement
 from ._report import Report
 from ._sinks import Sink
+from ._stagelist import StagesPerObject, stage_factory
+from .stages._base import Stage
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +38,74 @@ async def _aiter(sources: Iterable[Source] | AsyncIterable[Source]) -> AsyncIter
     else:
         for source in sources:
             yield source
+
+
+class _ProcessOne(Protocol):
+    """``Engine.process``."""
+
+    def __call__(
+        self,
+        source: Source,
+        stages: Sequence[Stage] | None,
+        dest: str | os.PathLike[str] | None,
+        progress: ProgressCallback | None,
+        *,
+        force: bool,
+        resume: bool,
+        temp_dir: str | os.PathLike[str] | None,
+        key_paths: bool,
+    ) -> Awaitable[Report]: ...
+
+
+@dataclass(frozen=True)
+class PerObject:
+    """How a many-object call processes each of its sources: stages built afresh
+    (``factory``), the object's own progress callback (``progress_for``, else
+    ``progress``), kept under its key's path when ``placement`` has a ``dest``; an error
+    (missing, denied, changed) becomes the object's report, so that the others go on."""
+
+    process: _ProcessOne
+    factory: Callable[[], Sequence[Stage]] | None
+    placement: Placement
+    progress: ProgressCallback | None
+    progress_for: Callable[[str], ProgressCallback | None] | None = None
+
+    @classmethod
+    def of(
+        cls,
+        process: _ProcessOne,
+        stages: StagesPerObject | None,
+        placement: Placement,
+        progress: ProgressCallback | None,
+        progress_for: Callable[[str], ProgressCallback | None] | None = None,
+    ) -> PerObject:
+        """Check the call's arguments (``dest`` must be a folder; ``stages`` must build
+        each object's own stages) before any object starts."""
+        placement.check_many()
+        return cls(process, stage_factory(stages), placement, progress, progress_for)
+
+    async def __call__(self, source: Source) -> Report:
+        stages = None if self.factory is None else self.factory()
+        callback = self.progress if self.progress_for is None else self.progress_for(str(source))
+        where = self.placement
+        keyed = where.dest is not None  # each object under its key's path in the folder
+        process = partial(
+            self.process, force=where.force, resume=where.resume, temp_dir=where.temp_dir
+        )
+        try:
+            return await process(source, stages, where.dest, callback, key_paths=keyed)
+        except FastpipeError as exc:
+            return exc.report or Report(
+                source=str(source), error=str(exc), error_type=type(exc).__name__
+            )
+
+
+async def in_order(indexed: AsyncIterator[tuple[int, Report]], count: int) -> list[Report]:
+    """The reports of :func:`map_indexed` over ``count`` sources, in the sources' order."""
+    reports: list[Report | None] = [None] * count
+    async for index, report in indexed:
+        reports[index] = report
+    return [r for r in reports if r is not None]
 
 
 async def write_sinks(report: Report, sinks: Sequence[Sink]) -> None:

@@ -263,9 +263,7 @@ class OnePass:
             return 0.0 if finished and index == _last_file_stage(job) else None
         early = self.early.index if self.early is not None else None
         tail_before = sum(
-            1
-            for i, s in enumerate(job.stages[:index])
-            if isinstance(s, FileStage) and i != early
+            1 for i, s in enumerate(job.stages[:index]) if isinstance(s, FileStage) and i != early
         )
         done = tail_before + (1 if finished and index != early else 0)
         size = job.info.size
@@ -285,6 +283,32 @@ class OnePass:
         while True:
             await anyio.to_thread.run_sync(placed.journal.write, watermark.completed_parts())
             await anyio.sleep(_JOURNAL_EVERY)
+
+    # -- the whole pass -----------------------------------------------------------------
+
+    async def in_place(self) -> None:
+        """A local file's pass: the stream stages, then the file stages, on the file."""
+        if await self.stream():
+            self.job.report.passed = await self.file_stages()
+
+    async def download_and_commit(self) -> None:
+        """An S3 object's pass: download while the stream stages run, then the file
+        stages, then commit. The journal records the parts in, also when interrupted."""
+        job, fetcher = self.job, self.fetcher
+        placed, report = job.placed, job.report
+        assert placed is not None and fetcher is not None
+        try:
+            ok = await self.stream()
+        except BaseException as exc:
+            placed.interrupted(exc)
+            raise
+        finally:
+            fetcher.stats.fill(report.download)
+            placed.record(job.watermark.completed_parts())
+        job.temp.close()
+        if ok and await self.file_stages():
+            report.dest = await anyio.to_thread.run_sync(placed.commit)
+            report.passed = True
 
     # -- the file stages ----------------------------------------------------------------
 
