@@ -486,14 +486,13 @@ async def test_library_worker_in_the_callers_event_loop(
     import anyio
 
     import fastpipe
-    from fastpipe._worker import JsonLinesFile
 
     queue, _ = queues
     sqs = sqs_server.client()
     key = f"lib/{uuid.uuid4().hex}.bin"
     s3_client.put_object(Bucket=bucket, Key=key, Body=b"library")
     put_event(sqs, queue, s3_client, bucket, key)
-    sink = JsonLinesFile(tmp_path / "r.jsonl")
+    sink = fastpipe.JsonLinesSink(tmp_path / "r.jsonl")
     worker = fastpipe.Worker(queue, ["checksum:algo=sha256"], sinks=[sink], wait_seconds=1,
                              temp_dir=tmp_path)
     async with anyio.create_task_group() as tg:

@@ -28,7 +28,6 @@ dead workers of the same ``temp_dir``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -39,8 +38,8 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -55,6 +54,7 @@ from ._exceptions import (
 from ._groups import unwrap_groups
 from ._queue import MAX_WAIT_SECONDS, Message, Queue
 from ._report import Report
+from ._sinks import Sink, report_line
 from .stages import Stage, parse_spec
 
 if TYPE_CHECKING:
@@ -69,45 +69,46 @@ _LOCK_PREFIX = ".fastpipe-worker-"
 _LOCK_SUFFIX = ".lock"
 
 
-class ResultSink(Protocol):
-    """Where a worker writes each terminal result (a JSON-serialisable dict)."""
+@dataclass
+class WorkerResult(Report):
+    """A worker's terminal result: the object's :class:`Report` plus what the queue said.
 
-    async def write(self, result: dict[str, Any]) -> None:
-        """Store ``result``; raising keeps the message (it is released and retried)."""
-
-
-class JsonLinesFile:
-    """Appends each result as one JSON line to ``path``.
-
-    Each line goes out whole with one ``write`` on an ``O_APPEND`` descriptor, so that
-    several workers may share the file and a crash never leaves half a line.
+    It is a ``Report``, so any :class:`fastpipe.Sink` takes it (``JsonLinesSink`` writes
+    these fields too, which the duplicate check reads back from the results file).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    #: ``passed``, ``failed`` (a stage failed) or ``gone`` (the object no longer exists).
+    outcome: str = ""
+    bucket: str = ""
+    key: str = ""
+    event_etag: str | None = None
+    event_version_id: str | None = None
+    #: True when the object in S3 had another ETag than the event's (a newer event follows).
+    newer_than_event: bool = False
+    note: str | None = None
+    worker: str = ""
+    message_id: str = ""
+    receive_count: int = 0
+    #: From the message's enqueue time (SQS ``SentTimestamp``) to this result.
+    end_to_end_seconds: float = 0.0
 
-    async def write(self, result: dict[str, Any]) -> None:
-        """Append ``result`` as one line."""
-        line = (json.dumps(result, default=str, ensure_ascii=False) + "\n").encode()
-        written = await anyio.to_thread.run_sync(os.write, self._fd, line)
-        if written != len(line):  # a regular file takes it whole unless the disk is full
-            raise OSError(errno.ENOSPC, f"{self.path}: short write of a result line")
-
-    async def aclose(self) -> None:
-        """Close the file."""
-        os.close(self._fd)
+    @classmethod
+    def of(cls, report: Report, **queue_fields: Any) -> WorkerResult:
+        """``report``'s fields plus ``queue_fields``."""
+        base = {f.name: getattr(report, f.name) for f in fields(Report)}
+        return cls(**base, **queue_fields)
 
 
 class QueueSink:
-    """Sends each result as one message to an SQS queue (``--results-queue``)."""
+    """A :class:`fastpipe.Sink` that sends each report as one JSON message to an SQS queue
+    (``--results-queue``)."""
 
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
 
-    async def write(self, result: dict[str, Any]) -> None:
-        """Send ``result`` as a JSON message."""
-        await self.queue.send(json.dumps(result, default=str, ensure_ascii=False))
+    async def write(self, report: Report) -> None:
+        """Send the report's JSON line (with its ``exit_code``) as a message."""
+        await self.queue.send(report_line(report, report.exit_code))
 
     async def aclose(self) -> None:
         """Close the queue's client."""
@@ -224,7 +225,7 @@ class Worker:
         config: Any = None,
         dest: str | os.PathLike[str] | None = None,
         temp_dir: str | os.PathLike[str] | None = None,
-        sinks: Sequence[ResultSink] = (),
+        sinks: Sequence[Sink] = (),
         max_objects: int = 2,
         drain_timeout: float = 30.0,
         once: bool = False,
@@ -530,7 +531,7 @@ class Worker:
         self.metrics.objects.labels(outcome).inc()
         self.metrics.bytes.inc(report.download.bytes)
         self.metrics.retries.inc(report.download.retries)
-        self.metrics.seconds.observe(result["end_to_end_seconds"])
+        self.metrics.seconds.observe(result.end_to_end_seconds)
         if report.predicted_seconds is not None and report.seconds > 0:
             self.metrics.predicted.observe(report.predicted_seconds)
             self.metrics.prediction_ratio.observe(report.predicted_seconds / report.seconds)
@@ -540,32 +541,32 @@ class Worker:
 
     def _result(
         self, event: ObjectEvent, message: Message, report: Report, outcome: str, seconds: float
-    ) -> dict[str, Any]:
-        result = report.to_dict()
+    ) -> WorkerResult:
         newer = bool(event.etag and report.etag and event.etag != report.etag)
+        note = None
         if newer:
             note = (
                 f"the object in S3 is newer than the event "
                 f"(ETag {event.etag} is now {report.etag}): a newer event will follow"
             )
             logger.info("%s: %s", event.source, note)
-            result["note"] = note
         end_to_end = seconds
         if message.sent_at is not None:
             end_to_end = max(seconds, time.time() - message.sent_at)
-        result.update(
+        return WorkerResult.of(
+            report,
             outcome=outcome,
             bucket=event.bucket,
             key=event.key,
             event_etag=event.etag,
             event_version_id=event.version_id,
             newer_than_event=newer,
+            note=note,
             worker=self.name,
             message_id=message.message_id,
             receive_count=message.receive_count,
             end_to_end_seconds=round(end_to_end, 6),
         )
-        return result
 
 
 def _error_report(event: ObjectEvent, exc: FastpipeError) -> Report:

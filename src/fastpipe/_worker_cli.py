@@ -21,7 +21,8 @@ from ._exceptions import FastpipeError, UsageError
 from ._source import S3Location, parse_source
 
 if TYPE_CHECKING:  # the worker and its sinks are imported when the command runs
-    from ._worker import JsonLinesFile, QueueSink, Worker
+    from ._sinks import Sink
+    from ._worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -109,17 +110,15 @@ def run_command(args: argparse.Namespace) -> int:
         return exc.exit_code
 
 
-def _worker_sinks(args: argparse.Namespace) -> list[JsonLinesFile | QueueSink]:
+def _worker_sinks(args: argparse.Namespace) -> list[Sink]:
     """The result sinks that ``--results`` and ``--results-queue`` ask for."""
     from ._queue import Queue
-    from ._worker import JsonLinesFile, QueueSink
+    from ._sinks import JsonLinesSink
+    from ._worker import QueueSink
 
-    sinks: list[JsonLinesFile | QueueSink] = []
+    sinks: list[Sink] = []
     if args.results:
-        try:
-            sinks.append(JsonLinesFile(args.results))
-        except OSError as exc:
-            raise UsageError(f"--results {args.results!r}: {exc.strerror or exc}") from None
+        sinks.append(JsonLinesSink(args.results))
     if args.results_queue:
         sinks.append(
             QueueSink(
@@ -129,7 +128,7 @@ def _worker_sinks(args: argparse.Namespace) -> list[JsonLinesFile | QueueSink]:
     return sinks
 
 
-def _serve(worker: Worker, sinks: Sequence[JsonLinesFile | QueueSink]) -> dict[str, Any]:
+def _serve(worker: Worker, sinks: Sequence[Sink]) -> dict[str, Any]:
     """Run ``worker`` until it ends; the first SIGINT/SIGTERM drains, a second aborts."""
     import anyio
 
