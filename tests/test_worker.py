@@ -171,7 +171,7 @@ def test_three_workers_give_one_result_per_object(
     procs = [
         workers("--queue", queue, "--once", "--wait-seconds", "2", "--results", str(f),
                 "--stage", "checksum", "--stage", "limits:max_size=2MiB",
-                "--temp-dir", str(tmp_path), "--dest", str(dest))
+                "--temp-dir", str(tmp_path), "--dest", str(dest), "--tag")
         for f in files
     ]
     for proc in procs:
@@ -183,6 +183,13 @@ def test_three_workers_give_one_result_per_object(
     assert verdicts[too_big] == ("failed", "limits")
     assert all(verdicts[k] == ("passed", None) for k in keys if k != too_big)
     assert len({r["worker"] for r in got}) >= 1
+    # --tag: each verdict is on its object, for the ETag that was read.
+    failed_tags = object_tags(s3_client, bucket, too_big)
+    assert failed_tags["fastpipe-status"] == "failed"
+    assert failed_tags["fastpipe-stage"] == "limits"
+    passed_tags = object_tags(s3_client, bucket, keys[4])
+    assert passed_tags["fastpipe-status"] == "passed" and "fastpipe-stage" not in passed_tags
+    assert passed_tags["fastpipe-etag"] == verdicts_etag(got, keys[4])
     sqs = sqs_server.client()
     assert counts(sqs, queue) == (0, 0)
     assert counts(sqs, dlq) == (0, 0)
@@ -193,6 +200,54 @@ def test_three_workers_give_one_result_per_object(
     for key in keys[:3]:
         body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
         assert (dest / key.rsplit("/", 1)[1]).read_bytes() == body
+
+
+def object_tags(s3_client: Any, bucket: str, key: str) -> dict[str, str]:
+    answer = s3_client.get_object_tagging(Bucket=bucket, Key=key)
+    return {t["Key"]: t["Value"] for t in answer["TagSet"]}
+
+
+def verdicts_etag(got: list[dict[str, Any]], key: str) -> str:
+    [etag] = {r["etag"] for r in got if r["key"] == key}
+    return str(etag)
+
+
+def test_tagged_object_is_skipped_by_a_fresh_worker(
+    sqs_server: Any, queues: tuple[str, str], s3_client: Any, bucket: str, tmp_path: Path,
+    workers: Any
+) -> None:
+    queue, dlq = queues
+    sqs = sqs_server.client()
+    done = f"tag/{uuid.uuid4().hex}-done.bin"
+    stale = f"tag/{uuid.uuid4().hex}-stale.bin"
+    for key in (done, stale):
+        s3_client.put_object(Bucket=bucket, Key=key, Body=os.urandom(5000))
+    first = put_event(sqs, queue, s3_client, bucket, done)
+    out_a = tmp_path / "a.jsonl"
+    a = workers("--queue", queue, "--once", "--wait-seconds", "1", "--results", str(out_a),
+                "--tag", "--temp-dir", str(tmp_path))
+    assert a.wait() == 0, a.stderr
+    assert [r["key"] for r in results(out_a)] == [done]
+    assert object_tags(s3_client, bucket, done)["fastpipe-status"] == "passed"
+    # A verdict for another ETag (an older version's) does not count.
+    s3_client.put_object_tagging(Bucket=bucket, Key=stale, Tagging={"TagSet": [
+        {"Key": "fastpipe-status", "Value": "passed"},
+        {"Key": "fastpipe-etag", "Value": "0123456789abcdef0123456789abcdef"},
+    ]})
+    # The same event again, to a fresh worker whose results file is empty: the tags,
+    # not its memory, tell it the object is done.
+    sqs.send_message(QueueUrl=queue, MessageBody=json.dumps(first))
+    put_event(sqs, queue, s3_client, bucket, stale)
+    out_b = tmp_path / "b.jsonl"
+    b = workers("--queue", queue, "--once", "--wait-seconds", "1", "--results", str(out_b),
+                "--tag", "--temp-dir", str(tmp_path))
+    assert b.wait() == 0, b.stderr
+    assert "2 received, 2 deleted, 0 released, 1 skipped" in b.stderr
+    assert [r["key"] for r in results(out_b)] == [stale]
+    assert object_tags(s3_client, bucket, stale)["fastpipe-etag"] == verdicts_etag(
+        results(out_b), stale
+    )
+    assert counts(sqs, queue) == (0, 0) and counts(sqs, dlq) == (0, 0)
 
 
 def test_killed_worker_message_reappears_and_its_temp_file_is_removed(

@@ -15,7 +15,9 @@ at-least-once delivery across any number of workers; a worker is one of its cons
   hands them out again and the redrive policy moves them to the dead-letter queue.
 - A delivery of an object whose result this worker already wrote (same bucket, key and
   ETag, remembered in a bounded LRU loaded from the results file at start) is
-  acknowledged without processing.
+  acknowledged without processing; with ``tag``, so is one whose S3 tags already hold a
+  verdict for that ETag (``fastpipe-etag`` equal, ``fastpipe-status`` present), whichever
+  worker wrote it.
 - :meth:`Worker.stop` drains (no more receives; in-flight objects get ``drain_timeout``
   seconds, then are cancelled, their temp files removed and their messages made visible
   at once); :meth:`Worker.abort` cancels everything and leaves the messages to reappear.
@@ -54,7 +56,8 @@ from ._exceptions import (
 from ._groups import unwrap_groups
 from ._queue import MAX_WAIT_SECONDS, Message, Queue
 from ._report import Report
-from ._sinks import Sink, report_line
+from ._sinks import Sink, TagSink, report_line
+from ._source import S3Location
 from .stages import Stage, parse_spec
 
 if TYPE_CHECKING:
@@ -213,6 +216,9 @@ class Worker:
     (replacing an older copy); without it the bytes go to this worker's temp folder under
     ``temp_dir`` and are removed. ``sinks`` receive each terminal result (the caller closes
     them). ``engine`` may be shared with the caller (else one is created from ``config``).
+    ``tag`` writes each verdict onto its object as tags (the engine's
+    :class:`~fastpipe.TagSink`, before the other sinks) and skips an object whose tags
+    already hold a verdict for the event's ETag, whichever worker wrote it.
     See the module docstring for the delivery rules.
     """
 
@@ -238,6 +244,7 @@ class Worker:
         seen_capacity: int = 100_000,
         results_file: str | os.PathLike[str] | None = None,
         name: str | None = None,
+        tag: bool = False,
     ) -> None:
         if max_objects < 1:
             raise UsageError(f"max_objects must be at least 1, got {max_objects}")
@@ -255,6 +262,8 @@ class Worker:
         self.dest = os.fspath(dest) if dest is not None else None
         self._temp = _TempFolder(base)
         self.sinks = list(sinks)
+        self.tag = tag
+        self._tags: TagSink | None = None
         self.max_objects = max_objects
         self.drain_timeout = drain_timeout
         self.once = once
@@ -313,6 +322,7 @@ class Worker:
             logger.warning("removed %d temp folder(s) of dead workers", len(removed))
         own_engine = self._engine is None
         engine = self._engine or Engine(self._config)
+        self._tags = engine.tag_sink() if self.tag else None
         try:
             visibility = self._visibility or await self.queue.visibility_timeout()
             with anyio.CancelScope() as main_scope:
@@ -484,11 +494,9 @@ class Worker:
                     self._remember((bucket, key, etag))
 
     async def _process_object(self, engine: Engine, message: Message, event: ObjectEvent) -> int:
-        seen = self._seen_key(event)
-        if seen is not None and seen in self._seen:
+        if await self._already_done(event):
             self.stats.skipped += 1
             self.metrics.messages.labels("skipped").inc()
-            logger.info("%s: duplicate delivery of ETag %s, already done", event.source, event.etag)
             return DELETE
         stages = None if self._factory is None else list(self._factory())
         self.metrics.in_flight.inc()
@@ -521,8 +529,11 @@ class Worker:
         finally:
             self.metrics.in_flight.dec()
         result = self._result(event, message, report, outcome, time.monotonic() - started)
+        # Tags first: a tag that cannot be written keeps the message, and no results-file
+        # line yet that would make the next delivery look done. A gone object has no tags.
+        sinks = [*([self._tags] if self._tags and outcome != "gone" else []), *self.sinks]
         try:
-            for sink in self.sinks:
+            for sink in sinks:
                 await sink.write(result)
         except (OSError, FastpipeError) as exc:
             logger.warning("%s: result not written, released: %s", event.source, exc)
@@ -538,6 +549,32 @@ class Worker:
         if report.etag:
             self._remember((event.bucket, event.key, report.etag))
         return DELETE
+
+    async def _already_done(self, event: ObjectEvent) -> bool:
+        """Whether this worker wrote the object's result for the event's ETag, or (with
+        ``tag``) its tags hold a verdict for it."""
+        seen = self._seen_key(event)
+        if seen is not None and seen in self._seen:
+            logger.info("%s: duplicate delivery of ETag %s, already done", event.source, event.etag)
+            return True
+        return await self._tagged(event)
+
+    async def _tagged(self, event: ObjectEvent) -> bool:
+        """Whether the object's tags hold a verdict for its current ETag (``--tag``)."""
+        if self._tags is None:
+            return False
+        location = S3Location(event.bucket, event.key, event.version_id)
+        try:
+            status = await self._tags.verdict(location, event.etag)
+        except FastpipeError as exc:  # processing meets the same cause and decides
+            logger.info("%s: tags not read, processing it: %s", event.source, exc)
+            return False
+        if status is None:
+            return False
+        logger.info("%s: already tagged %s for its ETag, skipped", event.source, status)
+        if event.etag:
+            self._remember((event.bucket, event.key, event.etag))
+        return True
 
     def _result(
         self, event: ObjectEvent, message: Message, report: Report, outcome: str, seconds: float

@@ -47,6 +47,12 @@ def add_parsers(sub: Any) -> None:
     worker.add_argument("--results", help="append one JSON line per result to this file")
     worker.add_argument("--results-queue", help="send one message per result to this queue URL")
     worker.add_argument(
+        "--tag",
+        action="store_true",
+        help="tag each object with its verdict (fastpipe-status, -stage, -etag); skip "
+        "objects already tagged with a verdict for their ETag",
+    )
+    worker.add_argument(
         "--max-objects", type=positive_int, default=2, help="messages held at once (default 2)"
     )
     from ._many_cli import add_budget_arguments
@@ -195,6 +201,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         region=args.region,
         metrics=metrics,
         results_file=args.results,
+        tag=args.tag,
     )
     if args.metrics_port is not None:
         try:
