@@ -331,7 +331,8 @@ def test_malformed_message_goes_to_the_dlq_and_metrics_match_results(
     (port,) = free_ports(1)
     proc = workers("--queue", queue, "--wait-seconds", "1", "--results", str(out),
                    "--metrics-port", str(port), "--stage", "checksum",
-                   "--stage", "limits:max_size=2000", "--temp-dir", str(tmp_path))
+                   "--stage", "limits:max_size=2000", "--temp-dir", str(tmp_path),
+                   "--disk-budget", "64MiB")
     wait_until(lambda: len(results(out)) == 3, what="three results")
     wait_until(lambda: counts(sqs, dlq)[0] == 1, what="the malformed message in the DLQ")
     [moved] = sqs.receive_message(QueueUrl=dlq, WaitTimeSeconds=1)["Messages"]
@@ -363,6 +364,13 @@ def test_malformed_message_goes_to_the_dlq_and_metrics_match_results(
     assert metric(text, "fastpipe_messages_total", action="deleted") == 5  # 3 + test + dup
     assert metric(text, "fastpipe_messages_total", action="left") >= 2
     assert metric(text, "fastpipe_objects_in_flight") == 0
+    assert metric(text, "fastpipe_retries_total") == sum(r["download"]["retries"] for r in got)
+    assert metric(text, "fastpipe_admission_seconds_count") == 3
+    assert metric(text, "fastpipe_admission_seconds_sum") == pytest.approx(
+        sum(r["queued_seconds"] for r in got), abs=1e-6
+    )
+    assert metric(text, "fastpipe_disk_budget_bytes") == 64 << 20
+    assert metric(text, "fastpipe_disk_budget_used_bytes") == 0  # nothing in flight
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.wait() == 0, proc.stderr
 
@@ -379,9 +387,17 @@ def test_sigterm_drains_two_objects_in_flight(
         put_event(sqs, queue, s3_client, bucket, key)
     proxy.reset(always(Fault("hold")))
     out = tmp_path / "results.jsonl"
+    from fastpipe.tools.locals3 import free_ports
+
+    (port,) = free_ports(1)
     proc = workers("--queue", queue, "--endpoint-url", proxy.url, "--max-objects", "2",
-                   "--drain-timeout", "120", "--results", str(out), "--temp-dir", str(tmp_path))
+                   "--drain-timeout", "120", "--results", str(out), "--temp-dir", str(tmp_path),
+                   "--metrics-port", str(port))
     wait_until(lambda: proxy.held() >= 2, what="both GETs held")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    assert metric(text, "fastpipe_objects_in_flight") == 2
+    assert metric(text, "fastpipe_disk_budget_used_bytes") == 200_000  # both temp files
     proc.proc.send_signal(signal.SIGTERM)
     wait_until(lambda: "draining" in proc.stderr, what="the worker draining")
     proxy.release()

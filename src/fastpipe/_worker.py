@@ -323,6 +323,7 @@ class Worker:
         own_engine = self._engine is None
         engine = self._engine or Engine(self._config)
         self._tags = engine.tag_sink() if self.tag else None
+        self.metrics.track(engine.budgets)  # made here, in the loop that runs the engine
         try:
             visibility = self._visibility or await self.queue.visibility_timeout()
             with anyio.CancelScope() as main_scope:
@@ -542,6 +543,7 @@ class Worker:
         self.metrics.objects.labels(outcome).inc()
         self.metrics.bytes.inc(report.download.bytes)
         self.metrics.retries.inc(report.download.retries)
+        self.metrics.admission.observe(report.queued_seconds)
         self.metrics.seconds.observe(result.end_to_end_seconds)
         if report.predicted_seconds is not None and report.seconds > 0:
             self.metrics.predicted.observe(report.predicted_seconds)
