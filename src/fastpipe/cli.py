@@ -436,6 +436,10 @@ def _cmd_tool(args: argparse.Namespace) -> int:
         from .tools.demo import run_demo
 
         return run_demo(args.size or 256 << 20, as_json=args.json)
+    if getattr(args, "workers", False):
+        from .tools.bench_workers import cmd_bench_workers
+
+        return cmd_bench_workers(args)
     from .tools import bench
 
     return bench.cmd_bench(args)

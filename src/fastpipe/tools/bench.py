@@ -794,10 +794,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         with signals_raise():
             if getattr(args, "many", False):
                 return _bench_many(args)
-            if getattr(args, "workers", False):
-                from .bench_workers import cmd_bench_workers
-
-                return cmd_bench_workers(args)
             return _bench(args, rates)
     except ShapingError as exc:
         return _usage_error(exc)

@@ -34,8 +34,6 @@ from .._console import format_size
 from .bench import (
     CHUNK_AVG,
     DEFAULT_BUCKET,
-    _passed,
-    _write_json_atomic,
     delete_keys,
     machine_info,
     pipeline_stages,
@@ -44,6 +42,7 @@ from .bench import (
 )
 from .locals3 import LocalS3, free_ports
 from .localsqs import LocalSQS
+from .shaping import Interrupted, signals_raise
 
 #: The pipeline of the other benches, as worker ``--stage`` specs.
 WORKER_STAGES = ["checksum", "scan", f"chunk:avg_size={CHUNK_AVG}"]
@@ -103,7 +102,9 @@ def single_object_rate(uri: str, endpoint_url: str | None, repeat: int = 3) -> f
         async with Engine(Config(endpoint_url=endpoint_url)) as engine:
             for round_ in range(repeat + 1):
                 started = time.perf_counter()
-                report = _passed(await engine.process(uri, pipeline_stages()))
+                report = await engine.process(uri, pipeline_stages())
+                if not report.passed:
+                    raise RuntimeError(f"{uri}: {report.failed_stage or report.error}")
                 if round_:
                     rates.append((report.size or 0) / (time.perf_counter() - started) / (1 << 30))
 
@@ -288,7 +289,18 @@ def format_run(run: WorkersRun) -> str:
 
 def cmd_bench_workers(args: argparse.Namespace) -> int:
     """``fastpipe bench --workers``: the embedded S3 (unless ``--endpoint-url``) and a
-    local SQS; prints the figures and writes them to ``--out``/workers.json."""
+    local SQS; prints the figures and writes them to ``--out``/workers.json (130/143/129
+    on SIGINT/SIGTERM/SIGHUP, the servers and workers stopped)."""
+    try:
+        # SIGTERM and SIGHUP unwind like Ctrl-C: the workers and the servers go away.
+        with signals_raise():
+            return _bench(args)
+    except Interrupted as exc:
+        print(f"fastpipe bench: interrupted by {exc}", file=sys.stderr)
+        return 128 + exc.signum
+
+
+def _bench(args: argparse.Namespace) -> int:
     bucket = args.bucket or DEFAULT_BUCKET
     count, size = args.objects, args.object_size
     with LocalSQS() as sqs_server:
@@ -308,5 +320,12 @@ def cmd_bench_workers(args: argparse.Namespace) -> int:
         print(f"two workers / one worker: {ratio:.2f} (target >= 1.00)")
     os.makedirs(args.out, exist_ok=True)
     data["machine"] = machine_info()
-    _write_json_atomic(os.path.join(args.out, "workers.json"), data)
+    path = os.path.join(args.out, "workers.json")
+    with tempfile.NamedTemporaryFile("w", dir=args.out, delete=False, suffix=".tmp") as f:
+        try:
+            json.dump(data, f, indent=2)
+        except BaseException:
+            os.unlink(f.name)
+            raise
+    os.replace(f.name, path)  # never half a file under the name
     return 0
