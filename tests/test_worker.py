@@ -171,7 +171,7 @@ def test_three_workers_give_one_result_per_object(
     procs = [
         workers("--queue", queue, "--once", "--wait-seconds", "2", "--results", str(f),
                 "--stage", "checksum", "--stage", "limits:max_size=2MiB",
-                "--temp-dir", str(tmp_path), "--dest", str(dest))
+                "--temp-dir", str(tmp_path), "--dest", str(dest), "--tag")
         for f in files
     ]
     for proc in procs:
@@ -183,6 +183,13 @@ def test_three_workers_give_one_result_per_object(
     assert verdicts[too_big] == ("failed", "limits")
     assert all(verdicts[k] == ("passed", None) for k in keys if k != too_big)
     assert len({r["worker"] for r in got}) >= 1
+    # --tag: each verdict is on its object, for the ETag that was read.
+    failed_tags = object_tags(s3_client, bucket, too_big)
+    assert failed_tags["fastpipe-status"] == "failed"
+    assert failed_tags["fastpipe-stage"] == "limits"
+    passed_tags = object_tags(s3_client, bucket, keys[4])
+    assert passed_tags["fastpipe-status"] == "passed" and "fastpipe-stage" not in passed_tags
+    assert passed_tags["fastpipe-etag"] == verdicts_etag(got, keys[4])
     sqs = sqs_server.client()
     assert counts(sqs, queue) == (0, 0)
     assert counts(sqs, dlq) == (0, 0)
@@ -193,6 +200,54 @@ def test_three_workers_give_one_result_per_object(
     for key in keys[:3]:
         body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
         assert (dest / key.rsplit("/", 1)[1]).read_bytes() == body
+
+
+def object_tags(s3_client: Any, bucket: str, key: str) -> dict[str, str]:
+    answer = s3_client.get_object_tagging(Bucket=bucket, Key=key)
+    return {t["Key"]: t["Value"] for t in answer["TagSet"]}
+
+
+def verdicts_etag(got: list[dict[str, Any]], key: str) -> str:
+    [etag] = {r["etag"] for r in got if r["key"] == key}
+    return str(etag)
+
+
+def test_tagged_object_is_skipped_by_a_fresh_worker(
+    sqs_server: Any, queues: tuple[str, str], s3_client: Any, bucket: str, tmp_path: Path,
+    workers: Any
+) -> None:
+    queue, dlq = queues
+    sqs = sqs_server.client()
+    done = f"tag/{uuid.uuid4().hex}-done.bin"
+    stale = f"tag/{uuid.uuid4().hex}-stale.bin"
+    for key in (done, stale):
+        s3_client.put_object(Bucket=bucket, Key=key, Body=os.urandom(5000))
+    first = put_event(sqs, queue, s3_client, bucket, done)
+    out_a = tmp_path / "a.jsonl"
+    a = workers("--queue", queue, "--once", "--wait-seconds", "1", "--results", str(out_a),
+                "--tag", "--temp-dir", str(tmp_path))
+    assert a.wait() == 0, a.stderr
+    assert [r["key"] for r in results(out_a)] == [done]
+    assert object_tags(s3_client, bucket, done)["fastpipe-status"] == "passed"
+    # A verdict for another ETag (an older version's) does not count.
+    s3_client.put_object_tagging(Bucket=bucket, Key=stale, Tagging={"TagSet": [
+        {"Key": "fastpipe-status", "Value": "passed"},
+        {"Key": "fastpipe-etag", "Value": "0123456789abcdef0123456789abcdef"},
+    ]})
+    # The same event again, to a fresh worker whose results file is empty: the tags,
+    # not its memory, tell it the object is done.
+    sqs.send_message(QueueUrl=queue, MessageBody=json.dumps(first))
+    put_event(sqs, queue, s3_client, bucket, stale)
+    out_b = tmp_path / "b.jsonl"
+    b = workers("--queue", queue, "--once", "--wait-seconds", "1", "--results", str(out_b),
+                "--tag", "--temp-dir", str(tmp_path))
+    assert b.wait() == 0, b.stderr
+    assert "2 received, 2 deleted, 0 released, 1 skipped" in b.stderr
+    assert [r["key"] for r in results(out_b)] == [stale]
+    assert object_tags(s3_client, bucket, stale)["fastpipe-etag"] == verdicts_etag(
+        results(out_b), stale
+    )
+    assert counts(sqs, queue) == (0, 0) and counts(sqs, dlq) == (0, 0)
 
 
 def test_killed_worker_message_reappears_and_its_temp_file_is_removed(
@@ -276,7 +331,8 @@ def test_malformed_message_goes_to_the_dlq_and_metrics_match_results(
     (port,) = free_ports(1)
     proc = workers("--queue", queue, "--wait-seconds", "1", "--results", str(out),
                    "--metrics-port", str(port), "--stage", "checksum",
-                   "--stage", "limits:max_size=2000", "--temp-dir", str(tmp_path))
+                   "--stage", "limits:max_size=2000", "--temp-dir", str(tmp_path),
+                   "--disk-budget", "64MiB")
     wait_until(lambda: len(results(out)) == 3, what="three results")
     wait_until(lambda: counts(sqs, dlq)[0] == 1, what="the malformed message in the DLQ")
     [moved] = sqs.receive_message(QueueUrl=dlq, WaitTimeSeconds=1)["Messages"]
@@ -308,6 +364,13 @@ def test_malformed_message_goes_to_the_dlq_and_metrics_match_results(
     assert metric(text, "fastpipe_messages_total", action="deleted") == 5  # 3 + test + dup
     assert metric(text, "fastpipe_messages_total", action="left") >= 2
     assert metric(text, "fastpipe_objects_in_flight") == 0
+    assert metric(text, "fastpipe_retries_total") == sum(r["download"]["retries"] for r in got)
+    assert metric(text, "fastpipe_admission_seconds_count") == 3
+    assert metric(text, "fastpipe_admission_seconds_sum") == pytest.approx(
+        sum(r["queued_seconds"] for r in got), abs=1e-6
+    )
+    assert metric(text, "fastpipe_disk_budget_bytes") == 64 << 20
+    assert metric(text, "fastpipe_disk_budget_used_bytes") == 0  # nothing in flight
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.wait() == 0, proc.stderr
 
@@ -324,9 +387,17 @@ def test_sigterm_drains_two_objects_in_flight(
         put_event(sqs, queue, s3_client, bucket, key)
     proxy.reset(always(Fault("hold")))
     out = tmp_path / "results.jsonl"
+    from fastpipe.tools.locals3 import free_ports
+
+    (port,) = free_ports(1)
     proc = workers("--queue", queue, "--endpoint-url", proxy.url, "--max-objects", "2",
-                   "--drain-timeout", "120", "--results", str(out), "--temp-dir", str(tmp_path))
+                   "--drain-timeout", "120", "--results", str(out), "--temp-dir", str(tmp_path),
+                   "--metrics-port", str(port))
     wait_until(lambda: proxy.held() >= 2, what="both GETs held")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    assert metric(text, "fastpipe_objects_in_flight") == 2
+    assert metric(text, "fastpipe_disk_budget_used_bytes") == 200_000  # both temp files
     proc.proc.send_signal(signal.SIGTERM)
     wait_until(lambda: "draining" in proc.stderr, what="the worker draining")
     proxy.release()
@@ -486,14 +557,13 @@ async def test_library_worker_in_the_callers_event_loop(
     import anyio
 
     import fastpipe
-    from fastpipe._worker import JsonLinesFile
 
     queue, _ = queues
     sqs = sqs_server.client()
     key = f"lib/{uuid.uuid4().hex}.bin"
     s3_client.put_object(Bucket=bucket, Key=key, Body=b"library")
     put_event(sqs, queue, s3_client, bucket, key)
-    sink = JsonLinesFile(tmp_path / "r.jsonl")
+    sink = fastpipe.JsonLinesSink(tmp_path / "r.jsonl")
     worker = fastpipe.Worker(queue, ["checksum:algo=sha256"], sinks=[sink], wait_seconds=1,
                              temp_dir=tmp_path)
     async with anyio.create_task_group() as tg:

@@ -8,14 +8,19 @@ test) never share counters; :meth:`WorkerMetrics.serve` exposes it over HTTP, on
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from ._budgets import Budgets
 
 logger = logging.getLogger(__name__)
 
 # End-to-end seconds (enqueue to result): from a small object on loopback to a 100 GB one.
 _SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800, 3600, 10800)
+# Admission waits: none at all is the common case, minutes behind a big object the worst.
+_WAIT_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
 
 class WorkerMetrics:
@@ -57,10 +62,30 @@ class WorkerMetrics:
             registry=r,
         )
         self.retries = Counter("fastpipe_retries", "Part retries during downloads", registry=r)
+        self.admission = Histogram(
+            "fastpipe_admission_seconds",
+            "Seconds each object waited for admission (the engine's object slots and disk "
+            "budget; report.queued_seconds)",
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.disk_used = Gauge(
+            "fastpipe_disk_budget_used_bytes", "Bytes of the disk budget in use", registry=r
+        )
+        self.disk_budget = Gauge(
+            "fastpipe_disk_budget_bytes", "The engine's disk budget for temp files", registry=r
+        )
         for action in ("received", "deleted", "released", "skipped", "left"):
             self.messages.labels(action)
         self._server: Any = None
         self.port: int | None = None
+
+    def track(self, budgets: Budgets) -> None:
+        """Report ``budgets``' disk use (read at each scrape, from the server's thread: an
+        int read, no lock needed)."""
+        disk = budgets.disk
+        self.disk_used.set_function(lambda: float(disk.used))
+        self.disk_budget.set(disk.capacity)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` on ``addr:port`` (0: a free port) in a thread; return the port."""

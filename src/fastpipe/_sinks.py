@@ -156,6 +156,18 @@ class TagSink:
         tags = merge_tags(existing, verdict_tags(report), str(location))
         await self._s3.put_tags(location, version, tags)
 
+    async def verdict(self, location: S3Location, etag: str | None = None) -> str | None:
+        """The ``fastpipe-status`` the object is tagged with for ``etag`` (without quotes;
+        None: its current ETag, by HEAD), or None when its tags hold no verdict for it."""
+        if etag is None:
+            etag = (await self._s3.head(location)).etag
+            if etag is None:
+                return None
+        tags = await self._s3.get_tags(location, location.version_id)
+        if tags.get("fastpipe-etag") != _TAG_UNSAFE.sub("_", etag)[:256]:
+            return None  # untagged, or tagged for another version of the object
+        return tags.get("fastpipe-status")
+
     async def aclose(self) -> None:
         """Nothing to release (the engine owns the client)."""
 

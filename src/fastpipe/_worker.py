@@ -15,7 +15,9 @@ at-least-once delivery across any number of workers; a worker is one of its cons
   hands them out again and the redrive policy moves them to the dead-letter queue.
 - A delivery of an object whose result this worker already wrote (same bucket, key and
   ETag, remembered in a bounded LRU loaded from the results file at start) is
-  acknowledged without processing.
+  acknowledged without processing; with ``tag``, so is one whose S3 tags already hold a
+  verdict for that ETag (``fastpipe-etag`` equal, ``fastpipe-status`` present), whichever
+  worker wrote it.
 - :meth:`Worker.stop` drains (no more receives; in-flight objects get ``drain_timeout``
   seconds, then are cancelled, their temp files removed and their messages made visible
   at once); :meth:`Worker.abort` cancels everything and leaves the messages to reappear.
@@ -28,7 +30,6 @@ dead workers of the same ``temp_dir``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -39,8 +40,8 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -55,6 +56,8 @@ from ._exceptions import (
 from ._groups import unwrap_groups
 from ._queue import MAX_WAIT_SECONDS, Message, Queue
 from ._report import Report
+from ._sinks import Sink, TagSink, report_line
+from ._source import S3Location
 from .stages import Stage, parse_spec
 
 if TYPE_CHECKING:
@@ -69,45 +72,46 @@ _LOCK_PREFIX = ".fastpipe-worker-"
 _LOCK_SUFFIX = ".lock"
 
 
-class ResultSink(Protocol):
-    """Where a worker writes each terminal result (a JSON-serialisable dict)."""
+@dataclass
+class WorkerResult(Report):
+    """A worker's terminal result: the object's :class:`Report` plus what the queue said.
 
-    async def write(self, result: dict[str, Any]) -> None:
-        """Store ``result``; raising keeps the message (it is released and retried)."""
-
-
-class JsonLinesFile:
-    """Appends each result as one JSON line to ``path``.
-
-    Each line goes out whole with one ``write`` on an ``O_APPEND`` descriptor, so that
-    several workers may share the file and a crash never leaves half a line.
+    It is a ``Report``, so any :class:`fastpipe.Sink` takes it (``JsonLinesSink`` writes
+    these fields too, which the duplicate check reads back from the results file).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    #: ``passed``, ``failed`` (a stage failed) or ``gone`` (the object no longer exists).
+    outcome: str = ""
+    bucket: str = ""
+    key: str = ""
+    event_etag: str | None = None
+    event_version_id: str | None = None
+    #: True when the object in S3 had another ETag than the event's (a newer event follows).
+    newer_than_event: bool = False
+    note: str | None = None
+    worker: str = ""
+    message_id: str = ""
+    receive_count: int = 0
+    #: From the message's enqueue time (SQS ``SentTimestamp``) to this result.
+    end_to_end_seconds: float = 0.0
 
-    async def write(self, result: dict[str, Any]) -> None:
-        """Append ``result`` as one line."""
-        line = (json.dumps(result, default=str, ensure_ascii=False) + "\n").encode()
-        written = await anyio.to_thread.run_sync(os.write, self._fd, line)
-        if written != len(line):  # a regular file takes it whole unless the disk is full
-            raise OSError(errno.ENOSPC, f"{self.path}: short write of a result line")
-
-    async def aclose(self) -> None:
-        """Close the file."""
-        os.close(self._fd)
+    @classmethod
+    def of(cls, report: Report, **queue_fields: Any) -> WorkerResult:
+        """``report``'s fields plus ``queue_fields``."""
+        base = {f.name: getattr(report, f.name) for f in fields(Report)}
+        return cls(**base, **queue_fields)
 
 
 class QueueSink:
-    """Sends each result as one message to an SQS queue (``--results-queue``)."""
+    """A :class:`fastpipe.Sink` that sends each report as one JSON message to an SQS queue
+    (``--results-queue``)."""
 
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
 
-    async def write(self, result: dict[str, Any]) -> None:
-        """Send ``result`` as a JSON message."""
-        await self.queue.send(json.dumps(result, default=str, ensure_ascii=False))
+    async def write(self, report: Report) -> None:
+        """Send the report's JSON line (with its ``exit_code``) as a message."""
+        await self.queue.send(report_line(report, report.exit_code))
 
     async def aclose(self) -> None:
         """Close the queue's client."""
@@ -212,6 +216,9 @@ class Worker:
     (replacing an older copy); without it the bytes go to this worker's temp folder under
     ``temp_dir`` and are removed. ``sinks`` receive each terminal result (the caller closes
     them). ``engine`` may be shared with the caller (else one is created from ``config``).
+    ``tag`` writes each verdict onto its object as tags (the engine's
+    :class:`~fastpipe.TagSink`, before the other sinks) and skips an object whose tags
+    already hold a verdict for the event's ETag, whichever worker wrote it.
     See the module docstring for the delivery rules.
     """
 
@@ -224,7 +231,7 @@ class Worker:
         config: Any = None,
         dest: str | os.PathLike[str] | None = None,
         temp_dir: str | os.PathLike[str] | None = None,
-        sinks: Sequence[ResultSink] = (),
+        sinks: Sequence[Sink] = (),
         max_objects: int = 2,
         drain_timeout: float = 30.0,
         once: bool = False,
@@ -237,6 +244,7 @@ class Worker:
         seen_capacity: int = 100_000,
         results_file: str | os.PathLike[str] | None = None,
         name: str | None = None,
+        tag: bool = False,
     ) -> None:
         if max_objects < 1:
             raise UsageError(f"max_objects must be at least 1, got {max_objects}")
@@ -254,6 +262,8 @@ class Worker:
         self.dest = os.fspath(dest) if dest is not None else None
         self._temp = _TempFolder(base)
         self.sinks = list(sinks)
+        self.tag = tag
+        self._tags: TagSink | None = None
         self.max_objects = max_objects
         self.drain_timeout = drain_timeout
         self.once = once
@@ -312,6 +322,8 @@ class Worker:
             logger.warning("removed %d temp folder(s) of dead workers", len(removed))
         own_engine = self._engine is None
         engine = self._engine or Engine(self._config)
+        self._tags = engine.tag_sink() if self.tag else None
+        self.metrics.track(engine.budgets)  # made here, in the loop that runs the engine
         try:
             visibility = self._visibility or await self.queue.visibility_timeout()
             with anyio.CancelScope() as main_scope:
@@ -483,11 +495,9 @@ class Worker:
                     self._remember((bucket, key, etag))
 
     async def _process_object(self, engine: Engine, message: Message, event: ObjectEvent) -> int:
-        seen = self._seen_key(event)
-        if seen is not None and seen in self._seen:
+        if await self._already_done(event):
             self.stats.skipped += 1
             self.metrics.messages.labels("skipped").inc()
-            logger.info("%s: duplicate delivery of ETag %s, already done", event.source, event.etag)
             return DELETE
         stages = None if self._factory is None else list(self._factory())
         self.metrics.in_flight.inc()
@@ -520,8 +530,11 @@ class Worker:
         finally:
             self.metrics.in_flight.dec()
         result = self._result(event, message, report, outcome, time.monotonic() - started)
+        # Tags first: a tag that cannot be written keeps the message, and no results-file
+        # line yet that would make the next delivery look done. A gone object has no tags.
+        sinks = [*([self._tags] if self._tags and outcome != "gone" else []), *self.sinks]
         try:
-            for sink in self.sinks:
+            for sink in sinks:
                 await sink.write(result)
         except (OSError, FastpipeError) as exc:
             logger.warning("%s: result not written, released: %s", event.source, exc)
@@ -530,7 +543,8 @@ class Worker:
         self.metrics.objects.labels(outcome).inc()
         self.metrics.bytes.inc(report.download.bytes)
         self.metrics.retries.inc(report.download.retries)
-        self.metrics.seconds.observe(result["end_to_end_seconds"])
+        self.metrics.admission.observe(report.queued_seconds)
+        self.metrics.seconds.observe(result.end_to_end_seconds)
         if report.predicted_seconds is not None and report.seconds > 0:
             self.metrics.predicted.observe(report.predicted_seconds)
             self.metrics.prediction_ratio.observe(report.predicted_seconds / report.seconds)
@@ -538,34 +552,60 @@ class Worker:
             self._remember((event.bucket, event.key, report.etag))
         return DELETE
 
+    async def _already_done(self, event: ObjectEvent) -> bool:
+        """Whether this worker wrote the object's result for the event's ETag, or (with
+        ``tag``) its tags hold a verdict for it."""
+        seen = self._seen_key(event)
+        if seen is not None and seen in self._seen:
+            logger.info("%s: duplicate delivery of ETag %s, already done", event.source, event.etag)
+            return True
+        return await self._tagged(event)
+
+    async def _tagged(self, event: ObjectEvent) -> bool:
+        """Whether the object's tags hold a verdict for its current ETag (``--tag``)."""
+        if self._tags is None:
+            return False
+        location = S3Location(event.bucket, event.key, event.version_id)
+        try:
+            status = await self._tags.verdict(location, event.etag)
+        except FastpipeError as exc:  # processing meets the same cause and decides
+            logger.info("%s: tags not read, processing it: %s", event.source, exc)
+            return False
+        if status is None:
+            return False
+        logger.info("%s: already tagged %s for its ETag, skipped", event.source, status)
+        if event.etag:
+            self._remember((event.bucket, event.key, event.etag))
+        return True
+
     def _result(
         self, event: ObjectEvent, message: Message, report: Report, outcome: str, seconds: float
-    ) -> dict[str, Any]:
-        result = report.to_dict()
+    ) -> WorkerResult:
         newer = bool(event.etag and report.etag and event.etag != report.etag)
+        note = None
         if newer:
             note = (
                 f"the object in S3 is newer than the event "
                 f"(ETag {event.etag} is now {report.etag}): a newer event will follow"
             )
             logger.info("%s: %s", event.source, note)
-            result["note"] = note
         end_to_end = seconds
         if message.sent_at is not None:
             end_to_end = max(seconds, time.time() - message.sent_at)
-        result.update(
+        return WorkerResult.of(
+            report,
             outcome=outcome,
             bucket=event.bucket,
             key=event.key,
             event_etag=event.etag,
             event_version_id=event.version_id,
             newer_than_event=newer,
+            note=note,
             worker=self.name,
             message_id=message.message_id,
             receive_count=message.receive_count,
             end_to_end_seconds=round(end_to_end, 6),
         )
-        return result
 
 
 def _error_report(event: ObjectEvent, exc: FastpipeError) -> Report:

@@ -21,7 +21,8 @@ from ._exceptions import FastpipeError, UsageError
 from ._source import S3Location, parse_source
 
 if TYPE_CHECKING:  # the worker and its sinks are imported when the command runs
-    from ._worker import JsonLinesFile, QueueSink, Worker
+    from ._sinks import Sink
+    from ._worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,12 @@ def add_parsers(sub: Any) -> None:
     worker.add_argument("--temp-dir", help="parent of this worker's temp folder (default TMPDIR)")
     worker.add_argument("--results", help="append one JSON line per result to this file")
     worker.add_argument("--results-queue", help="send one message per result to this queue URL")
+    worker.add_argument(
+        "--tag",
+        action="store_true",
+        help="tag each object with its verdict (fastpipe-status, -stage, -etag); skip "
+        "objects already tagged with a verdict for their ETag",
+    )
     worker.add_argument(
         "--max-objects", type=positive_int, default=2, help="messages held at once (default 2)"
     )
@@ -109,17 +116,15 @@ def run_command(args: argparse.Namespace) -> int:
         return exc.exit_code
 
 
-def _worker_sinks(args: argparse.Namespace) -> list[JsonLinesFile | QueueSink]:
+def _worker_sinks(args: argparse.Namespace) -> list[Sink]:
     """The result sinks that ``--results`` and ``--results-queue`` ask for."""
     from ._queue import Queue
-    from ._worker import JsonLinesFile, QueueSink
+    from ._sinks import JsonLinesSink
+    from ._worker import QueueSink
 
-    sinks: list[JsonLinesFile | QueueSink] = []
+    sinks: list[Sink] = []
     if args.results:
-        try:
-            sinks.append(JsonLinesFile(args.results))
-        except OSError as exc:
-            raise UsageError(f"--results {args.results!r}: {exc.strerror or exc}") from None
+        sinks.append(JsonLinesSink(args.results))
     if args.results_queue:
         sinks.append(
             QueueSink(
@@ -129,7 +134,7 @@ def _worker_sinks(args: argparse.Namespace) -> list[JsonLinesFile | QueueSink]:
     return sinks
 
 
-def _serve(worker: Worker, sinks: Sequence[JsonLinesFile | QueueSink]) -> dict[str, Any]:
+def _serve(worker: Worker, sinks: Sequence[Sink]) -> dict[str, Any]:
     """Run ``worker`` until it ends; the first SIGINT/SIGTERM drains, a second aborts."""
     import anyio
 
@@ -196,6 +201,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         region=args.region,
         metrics=metrics,
         results_file=args.results,
+        tag=args.tag,
     )
     if args.metrics_port is not None:
         try:

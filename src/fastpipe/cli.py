@@ -192,6 +192,18 @@ def _add_tool_parsers(sub: Any) -> None:
         help="only the many-objects case: 16 x 64MiB through one engine vs one 1GiB object",
     )
     bench.add_argument(
+        "--workers",
+        action="store_true",
+        help="only the service case: 1 then 2 `fastpipe worker` processes on a local SQS "
+        "queue over --objects objects of --object-size (checksum + scan + chunk)",
+    )
+    bench.add_argument(
+        "--objects", type=positive_int, default=32, help="--workers: objects (default 32)"
+    )
+    bench.add_argument(
+        "--object-size", type=size_arg, default=64 << 20, help="--workers: default 64MiB"
+    )
+    bench.add_argument(
         "--predictability",
         action="store_true",
         help="instead: the time model's prediction errors and the spread of the end-to-end "
@@ -424,6 +436,10 @@ def _cmd_tool(args: argparse.Namespace) -> int:
         from .tools.demo import run_demo
 
         return run_demo(args.size or 256 << 20, as_json=args.json)
+    if getattr(args, "workers", False):
+        from .tools.bench_workers import cmd_bench_workers
+
+        return cmd_bench_workers(args)
     from .tools import bench
 
     return bench.cmd_bench(args)
