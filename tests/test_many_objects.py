@@ -413,6 +413,23 @@ def test_many_progress_line() -> None:
     assert "1/1 objects" in stream.getvalue().rsplit("\r", 1)[-1]
 
 
+def test_progress_displays_share_one_status_line() -> None:
+    import io
+
+    from fastpipe._console import ProgressBar, StatusLine
+    from fastpipe._many_cli import ManyProgress
+
+    for cls in (ManyProgress, ProgressBar):
+        stream = io.StringIO()
+        bar = cls(stream)
+        assert isinstance(bar, StatusLine)
+        bar.close()
+        assert stream.getvalue() == ""  # nothing drawn: no line to end
+        bar._write("x" * 200)
+        bar.close()
+        assert stream.getvalue() == "\r" + "x" * 120 + "\x1b[K\n"
+
+
 @pytest.mark.anyio
 async def test_disk_budget_is_first_come_first_served() -> None:
     from fastpipe._budgets import DiskBudget

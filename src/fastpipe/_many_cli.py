@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ._config import Config, format_size
-from ._console import positive_int, printable, size_arg, write_stdout
+from ._console import StatusLine, positive_int, printable, size_arg, write_stdout
 from ._exceptions import FastpipeError, UsageError
 from ._report import Phase, Progress, Report
 
@@ -194,19 +194,17 @@ def report_line(report: Report) -> str:
     return printable(text)
 
 
-class ManyProgress:
+class ManyProgress(StatusLine):
     """One status line on a terminal: objects done/total, bytes, aggregate rate, and the
     objects in progress."""
 
     def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
+        super().__init__(stream)
         self.started = time.monotonic()
         self.done = 0
         self.total: int | None = None
         self.bytes_finished = 0
         self.current: dict[str, int] = {}
-        self._last = 0.0
-        self._shown = False
 
     def for_object(self, source: str) -> Callable[[Progress], None]:
         """The progress callback of one object."""
@@ -244,14 +242,7 @@ class ManyProgress:
             f"{self.done}/{total} objects  {format_size(done_bytes)}  "
             f"{format_size(done_bytes / elapsed)}/s  {printable(names)}"
         )
-        self.stream.write("\r" + line[:120] + "\x1b[K")
-        self.stream.flush()
-        self._shown = True
-
-    def close(self) -> None:
-        if self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
+        self._write(line)
 
 
 async def _sources(
