@@ -14,7 +14,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ._config import Config, format_size
@@ -334,16 +334,12 @@ def _shown(
         write_stdout(report_line(report))
 
 
-def cmd_run_many(args: argparse.Namespace, stages: list[Stage] | None, config: Config) -> int:
-    """Run many objects; print each report as it ends and a summary; the exit code."""
+def run_until_signal(work: Callable[[], Awaitable[None]], outcome: dict[str, Any]) -> None:
+    """Run ``work`` in the event loop; SIGINT or SIGTERM cancels it and is put in
+    ``outcome["signal"]`` (``fastpipe run``, one object or many)."""
     import anyio
 
     from ._groups import run_async
-
-    show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
-    bar = ManyProgress(sys.stderr) if show_progress else None
-    tally = Tally()
-    outcome: dict[str, Any] = {}
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
@@ -357,13 +353,27 @@ def cmd_run_many(args: argparse.Namespace, stages: list[Stage] | None, config: C
 
             tg.start_soon(watch_signals)
             try:
-                await _run(args, stages, config, tally, bar)
-            except FastpipeError as exc:
-                outcome["error"] = exc
+                await work()
             finally:
                 tg.cancel_scope.cancel()
 
     run_async(main)
+
+
+def cmd_run_many(args: argparse.Namespace, stages: list[Stage] | None, config: Config) -> int:
+    """Run many objects; print each report as it ends and a summary; the exit code."""
+    show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
+    bar = ManyProgress(sys.stderr) if show_progress else None
+    tally = Tally()
+    outcome: dict[str, Any] = {}
+
+    async def work() -> None:
+        try:
+            await _run(args, stages, config, tally, bar)
+        except FastpipeError as exc:
+            outcome["error"] = exc
+
+    run_until_signal(work, outcome)
     if bar is not None:
         bar.close()
     summary = "fastpipe: " + tally.line()
