@@ -229,3 +229,24 @@ def test_report_enums_are_their_strings_in_json(tmp_path: Path) -> None:
     for enum in (fastpipe.Status, fastpipe.Kind, fastpipe.Phase, fastpipe.Plane):
         assert enum.__doc__
         assert all(isinstance(m, str) and str(m) == m.value for m in enum)
+
+
+@pytest.mark.parametrize(("sync", "coro"), [("run", "process"), ("run_many", "process_many")])
+def test_sync_entry_points_take_what_their_coroutines_take(sync: str, coro: str) -> None:
+    import inspect
+
+    fn = getattr(fastpipe, sync)
+    assert fn.__name__ == sync and fn.__doc__ and fn.__doc__.startswith("Synchronous")
+    assert not inspect.iscoroutinefunction(fn)
+    assert inspect.signature(fn) == inspect.signature(getattr(fastpipe, coro))
+
+
+def test_run_many_runs_local_files(tmp_path: Path) -> None:
+    paths = []
+    for name in ("a.bin", "b.bin"):
+        path = tmp_path / name
+        path.write_bytes(name.encode() * 1000)
+        paths.append(str(path))
+    reports = fastpipe.run_many(paths, force=True)
+    assert sorted(r.size for r in reports) == [5000, 5000]
+    assert fastpipe.run(paths[0]).size == 5000

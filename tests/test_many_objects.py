@@ -413,6 +413,23 @@ def test_many_progress_line() -> None:
     assert "1/1 objects" in stream.getvalue().rsplit("\r", 1)[-1]
 
 
+def test_progress_displays_share_one_status_line() -> None:
+    import io
+
+    from fastpipe._console import ProgressBar, StatusLine
+    from fastpipe._many_cli import ManyProgress
+
+    for cls in (ManyProgress, ProgressBar):
+        stream = io.StringIO()
+        bar = cls(stream)
+        assert isinstance(bar, StatusLine)
+        bar.close()
+        assert stream.getvalue() == ""  # nothing drawn: no line to end
+        bar._write("x" * 200)
+        bar.close()
+        assert stream.getvalue() == "\r" + "x" * 120 + "\x1b[K\n"
+
+
 @pytest.mark.anyio
 async def test_disk_budget_is_first_come_first_served() -> None:
     from fastpipe._budgets import DiskBudget
@@ -481,3 +498,34 @@ def test_a_signal_stops_a_many_object_run_and_leaves_no_temp_file(
     assert proc.returncode == 143, err
     assert "interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_until_signal_cancels_the_work_and_names_the_signal() -> None:
+    import os
+    import signal
+
+    import anyio
+
+    from fastpipe._many_cli import run_until_signal
+
+    outcome: dict[str, object] = {}
+    cancelled: list[bool] = []
+    # Should the signal come before the receiver is up, the test fails instead of dying.
+    previous = signal.signal(signal.SIGTERM, lambda *_: outcome.setdefault("early", True))
+
+    async def work() -> None:
+        try:
+            for _ in range(3):  # let the signal watcher start first
+                await anyio.sleep(0)
+            os.kill(os.getpid(), signal.SIGTERM)
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            cancelled.append(True)
+            raise
+
+    try:
+        run_until_signal(work, outcome)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert outcome == {"signal": signal.SIGTERM}
+    assert cancelled == [True]

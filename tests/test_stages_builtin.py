@@ -855,6 +855,23 @@ def test_chunk_refuses_a_missing_manifest_folder(tmp_path: Path) -> None:
         parse_spec(f"chunk:previous={tmp_path / 'm.fpcdc'}")
 
 
+def test_chunk_manifest_readers_refuse_a_bad_header_alike(tmp_path: Path) -> None:
+    from fastpipe.stages.chunk import _HEADER, read_manifest
+
+    short = tmp_path / "short.fpcdc"
+    short.write_bytes(b"x" * (_HEADER.size - 1))
+    magic = tmp_path / "magic.fpcdc"
+    magic.write_bytes(b"x" * _HEADER.size)
+    for path, cause in ((short, "too short"), (magic, "bad magic")):
+        message = f"{str(path)!r} is not a fastpipe chunk manifest ({cause})"
+        with pytest.raises(ValueError) as read:
+            read_manifest(path)
+        assert str(read.value) == message
+        with pytest.raises(UsageError) as built:
+            parse_spec(f"chunk:previous={path}")
+        assert str(built.value) == f"chunk previous={path}: unusable: {message}"
+
+
 def test_cli_refuses_a_missing_manifest_folder_before_any_byte(tmp_path: Path) -> None:
     source = tmp_path / "data.bin"
     source.write_bytes(b"x" * 1000)

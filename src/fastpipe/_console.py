@@ -25,6 +25,7 @@ from ._report import Phase, Progress, Report
 
 __all__ = [
     "ProgressBar",
+    "StatusLine",
     "StdoutFailed",
     "format_size",
     "positive_int",
@@ -103,13 +104,29 @@ def positive_int(text: str) -> int:
     return value
 
 
-class ProgressBar:
-    """A one-line progress bar on a terminal stream (bytes, rate, ETA)."""
+class StatusLine:
+    """One line on a terminal stream, redrawn in place (the progress displays' base)."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self._last = 0.0
         self._shown = False
+
+    def _write(self, line: str) -> None:
+        # \r back to the line's start, \x1b[K clears what a longer line left behind.
+        self.stream.write("\r" + line[:120] + "\x1b[K")
+        self.stream.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        """End the line (when one was drawn)."""
+        if self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class ProgressBar(StatusLine):
+    """A one-line progress bar on a terminal stream (bytes, rate, ETA)."""
 
     def __call__(self, event: Progress) -> None:
         now = time.monotonic()
@@ -130,18 +147,6 @@ class ProgressBar:
             f"{printable(event.phase.value):>8} [{bar}] {format_size(event.bytes_done)} / "
             f"{format_size(event.total)}  {format_size(rate)}/s  {eta}"
         )
-
-    def _write(self, line: str) -> None:
-        # \r back to the line's start, \x1b[K clears what a longer line left behind.
-        self.stream.write("\r" + line[:120] + "\x1b[K")
-        self.stream.flush()
-        self._shown = True
-
-    def close(self) -> None:
-        """End the bar's line (when it drew one)."""
-        if self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 def short_value(value: Any) -> str:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
-from functools import partial
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from functools import partial, wraps
 from types import TracebackType
+from typing import ParamSpec, TypeVar
 
 import anyio
 
@@ -301,37 +302,26 @@ async def process_many(
         )
 
 
-def run_many(
-    sources: Iterable[str | os.PathLike[str]],
-    stages: StagesPerObject | None = None,
-    dest: str | os.PathLike[str] | None = None,
-    config: Config | None = None,
-    max_in_flight: int | None = None,
-    progress: ProgressCallback | None = None,
-    *,
-    force: bool = False,
-    resume: bool = False,
-    temp_dir: str | os.PathLike[str] | None = None,
-) -> list[Report]:
-    """Synchronous :func:`process_many`."""
-    many = partial(process_many, force=force, resume=resume, temp_dir=temp_dir)
-    return run_async(partial(many, sources, stages, dest, config, max_in_flight, progress))
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
-def run(
-    source: str | os.PathLike[str],
-    stages: Sequence[Stage] | None = None,
-    dest: str | os.PathLike[str] | None = None,
-    config: Config | None = None,
-    progress: ProgressCallback | None = None,
-    *,
-    force: bool = False,
-    resume: bool = False,
-    temp_dir: str | os.PathLike[str] | None = None,
-) -> Report:
-    """Synchronous :func:`process` (runs its own event loop; uvloop when installed)."""
-    one = partial(process, force=force, resume=resume, temp_dir=temp_dir)
-    return run_async(partial(one, source, stages, dest, config, progress))
+def _sync(coro_fn: Callable[P, Awaitable[T]], name: str, doc: str) -> Callable[P, T]:
+    """A synchronous twin of ``coro_fn``: the same parameters, run on its own event loop."""
+
+    @wraps(coro_fn)
+    def sync(*args: P.args, **kwargs: P.kwargs) -> T:
+        return run_async(partial(coro_fn, *args, **kwargs))
+
+    sync.__name__ = sync.__qualname__ = name
+    sync.__doc__ = doc
+    return sync
+
+
+run_many = _sync(process_many, "run_many", "Synchronous :func:`process_many`.")
+run = _sync(
+    process, "run", "Synchronous :func:`process` (runs its own event loop; uvloop when installed)."
+)
 
 
 __all__ = ["Engine", "process", "process_many", "run", "run_many"]

@@ -14,11 +14,11 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ._config import Config, format_size
-from ._console import positive_int, printable, size_arg, write_stdout
+from ._console import StatusLine, positive_int, printable, size_arg, write_stdout
 from ._exceptions import FastpipeError, UsageError
 from ._report import Phase, Progress, Report
 
@@ -194,19 +194,17 @@ def report_line(report: Report) -> str:
     return printable(text)
 
 
-class ManyProgress:
+class ManyProgress(StatusLine):
     """One status line on a terminal: objects done/total, bytes, aggregate rate, and the
     objects in progress."""
 
     def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
+        super().__init__(stream)
         self.started = time.monotonic()
         self.done = 0
         self.total: int | None = None
         self.bytes_finished = 0
         self.current: dict[str, int] = {}
-        self._last = 0.0
-        self._shown = False
 
     def for_object(self, source: str) -> Callable[[Progress], None]:
         """The progress callback of one object."""
@@ -244,14 +242,7 @@ class ManyProgress:
             f"{self.done}/{total} objects  {format_size(done_bytes)}  "
             f"{format_size(done_bytes / elapsed)}/s  {printable(names)}"
         )
-        self.stream.write("\r" + line[:120] + "\x1b[K")
-        self.stream.flush()
-        self._shown = True
-
-    def close(self) -> None:
-        if self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
+        self._write(line)
 
 
 async def _sources(
@@ -343,16 +334,12 @@ def _shown(
         write_stdout(report_line(report))
 
 
-def cmd_run_many(args: argparse.Namespace, stages: list[Stage] | None, config: Config) -> int:
-    """Run many objects; print each report as it ends and a summary; the exit code."""
+def run_until_signal(work: Callable[[], Awaitable[None]], outcome: dict[str, Any]) -> None:
+    """Run ``work`` in the event loop; SIGINT or SIGTERM cancels it and is put in
+    ``outcome["signal"]`` (``fastpipe run``, one object or many)."""
     import anyio
 
     from ._groups import run_async
-
-    show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
-    bar = ManyProgress(sys.stderr) if show_progress else None
-    tally = Tally()
-    outcome: dict[str, Any] = {}
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
@@ -366,13 +353,27 @@ def cmd_run_many(args: argparse.Namespace, stages: list[Stage] | None, config: C
 
             tg.start_soon(watch_signals)
             try:
-                await _run(args, stages, config, tally, bar)
-            except FastpipeError as exc:
-                outcome["error"] = exc
+                await work()
             finally:
                 tg.cancel_scope.cancel()
 
     run_async(main)
+
+
+def cmd_run_many(args: argparse.Namespace, stages: list[Stage] | None, config: Config) -> int:
+    """Run many objects; print each report as it ends and a summary; the exit code."""
+    show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
+    bar = ManyProgress(sys.stderr) if show_progress else None
+    tally = Tally()
+    outcome: dict[str, Any] = {}
+
+    async def work() -> None:
+        try:
+            await _run(args, stages, config, tally, bar)
+        except FastpipeError as exc:
+            outcome["error"] = exc
+
+    run_until_signal(work, outcome)
     if bar is not None:
         bar.close()
     summary = "fastpipe: " + tally.line()

@@ -298,10 +298,7 @@ def _run_setup(args: argparse.Namespace) -> tuple[list[Stage] | None, Config] | 
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import anyio
-
     from ._engine import Engine
-    from ._groups import run_async
 
     _log_to_stderr(args.verbose)
     args.source = args.sources[0] if len(args.sources) == 1 else None
@@ -316,39 +313,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     bar = ProgressBar(sys.stderr) if show_progress else None
     outcome: dict[str, Any] = {}
 
-    async def main() -> None:
-        async with anyio.create_task_group() as tg:
-
-            async def watch_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        outcome["signal"] = signum
-                        tg.cancel_scope.cancel()
-                        return
-
-            tg.start_soon(watch_signals)
+    async def work() -> None:
+        async with Engine(config) as engine:
+            sinks = _many_cli.make_sinks(args, engine)
             try:
-                async with Engine(config) as engine:
-                    sinks = _many_cli.make_sinks(args, engine)
-                    try:
-                        # Placement is per call, validated by the library (a UsageError, exit 2).
-                        outcome["report"] = await engine.process(
-                            args.source,
-                            stages,
-                            args.dest,
-                            bar,
-                            force=args.force,
-                            resume=args.resume,
-                            temp_dir=args.temp_dir,
-                        )
-                    except FastpipeError as exc:
-                        outcome["error"] = exc
-                    await _many_cli.write_sinks(outcome, sinks)
-            finally:
-                tg.cancel_scope.cancel()
+                # Placement is per call, validated by the library (a UsageError, exit 2).
+                outcome["report"] = await engine.process(
+                    args.source,
+                    stages,
+                    args.dest,
+                    bar,
+                    force=args.force,
+                    resume=args.resume,
+                    temp_dir=args.temp_dir,
+                )
+            except FastpipeError as exc:
+                outcome["error"] = exc
+            await _many_cli.write_sinks(outcome, sinks)
 
     _import_botocore_without_crt(args.source)
-    run_async(main)
+    _many_cli.run_until_signal(work, outcome)
     if bar is not None:
         bar.close()
     return _run_outcome(args, outcome)

@@ -72,15 +72,20 @@ class Manifest(NamedTuple):
     chunks: list[ManifestChunk]
 
 
+def _unpack_header(header: bytes, path: str | os.PathLike[str]) -> tuple[int, int, int, int]:
+    """A manifest header's min, avg and max sizes and record count; ValueError if not one."""
+    if len(header) != _HEADER.size:
+        raise ValueError(f"{os.fspath(path)!r} is not a fastpipe chunk manifest (too short)")
+    magic, min_size, avg_size, max_size, _reserved, count = _HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ValueError(f"{os.fspath(path)!r} is not a fastpipe chunk manifest (bad magic)")
+    return min_size, avg_size, max_size, count
+
+
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     """Read a manifest written by the ``chunk`` stage; ValueError when it is not one."""
     with open(path, "rb") as f:
-        header = f.read(_HEADER.size)
-        if len(header) != _HEADER.size:
-            raise ValueError(f"{os.fspath(path)!r} is not a fastpipe chunk manifest (too short)")
-        magic, min_size, avg_size, max_size, _reserved, count = _HEADER.unpack(header)
-        if magic != MAGIC:
-            raise ValueError(f"{os.fspath(path)!r} is not a fastpipe chunk manifest (bad magic)")
+        min_size, avg_size, max_size, count = _unpack_header(f.read(_HEADER.size), path)
         body = f.read()
     if len(body) != count * _RECORD.size:
         raise ValueError(
@@ -148,12 +153,7 @@ def _sizes(p: Params | Manifest) -> str:
 def _read_header(path: str) -> Manifest:
     """The sizes of a manifest (no records); ValueError when it is not one."""
     with open(path, "rb") as f:
-        header = f.read(_HEADER.size)
-    if len(header) != _HEADER.size:
-        raise ValueError(f"{path!r} is not a fastpipe chunk manifest (too short)")
-    magic, min_size, avg_size, max_size, _reserved, _count = _HEADER.unpack(header)
-    if magic != MAGIC:
-        raise ValueError(f"{path!r} is not a fastpipe chunk manifest (bad magic)")
+        min_size, avg_size, max_size, _count = _unpack_header(f.read(_HEADER.size), path)
     return Manifest(min_size, avg_size, max_size, [])
 
 

@@ -11,21 +11,17 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 from .. import FastpipeError
+from ._procs import ServerProcess, start_server
 
 #: Credentials of the embedded server's one identity. Loopback-only test values.
 DEFAULT_ACCESS_KEY = "fastpipe-local"
@@ -64,7 +60,7 @@ def free_ports(count: int) -> list[int]:
 
 
 @dataclass
-class LocalS3:
+class LocalS3(ServerProcess):
     """A SeaweedFS server with its S3 gateway on loopback.
 
     Use as a context manager (``with LocalS3() as s3: ...``) or call :meth:`start` and
@@ -85,7 +81,7 @@ class LocalS3:
     data_dir: str = ""
     _proc: subprocess.Popen[bytes] | None = None
     _tmp: str = ""
-    _log: object = None
+    _log_name: ClassVar[str] = "weed.log"
 
     def start(self) -> LocalS3:
         """Start the server and wait until its S3 gateway answers."""
@@ -150,63 +146,20 @@ class LocalS3:
             *tls_args,
         ]
         log_path = os.path.join(self._tmp, "weed.log")
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self._proc = subprocess.Popen(
-            args,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
         self.endpoint_url = f"http://127.0.0.1:{s3}"
         try:
-            self._wait_ready()
+            self._proc = start_server(
+                args,
+                log_path,
+                url=self.endpoint_url + "/",
+                timeout=self.startup_timeout,
+                name="SeaweedFS",
+                error=LocalS3Error,
+            )
         except BaseException:
-            self.stop()
+            self.stop()  # removes the temporary folder
             raise
         return self
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise LocalS3Error(f"SeaweedFS exited early:\n{self.log_tail()}")
-            try:
-                urllib.request.urlopen(self.endpoint_url + "/", timeout=1).close()
-                return
-            except urllib.error.HTTPError:
-                return  # an S3 error response (e.g. 403) means the gateway is up
-            except OSError:
-                time.sleep(0.2)
-        raise LocalS3Error(f"SeaweedFS did not answer within {self.startup_timeout}s")
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines the server printed (for error messages)."""
-        try:
-            with open(os.path.join(self._tmp, "weed.log"), "rb") as f:
-                return b"\n".join(f.read().splitlines()[-lines:]).decode(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after a short wait) and remove its data."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            except ProcessLookupError:
-                pass
-        if self._log is not None:
-            self._log.close()  # type: ignore[attr-defined]
-            self._log = None
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = ""
 
     @property
     def pid(self) -> int | None:
@@ -249,11 +202,3 @@ class LocalS3:
 
     def __enter__(self) -> LocalS3:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -12,18 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
+from ._procs import ServerProcess, start_server
 from .locals3 import free_ports
 
 
@@ -43,7 +39,7 @@ def find_moto_server() -> list[str]:
 
 
 @dataclass
-class LocalSQS:
+class LocalSQS(ServerProcess):
     """moto's server on a free loopback port; ``endpoint_url`` is set once started."""
 
     startup_timeout: float = 60.0
@@ -51,74 +47,33 @@ class LocalSQS:
     region: str = "us-east-1"
     _proc: subprocess.Popen[bytes] | None = None
     _tmp: str = ""
+    _log_name: ClassVar[str] = "moto.log"
 
     def start(self) -> LocalSQS:
         """Start the server and wait until it answers."""
         command = find_moto_server()
         (port,) = free_ports(1)
         self._tmp = tempfile.mkdtemp(prefix="fastpipe-sqs-")
-        log = open(os.path.join(self._tmp, "moto.log"), "wb")  # noqa: SIM115 - child keeps it
         env = dict(os.environ)
         # Queue URLs name the address the server is reached at, never a public name.
         env["MOTO_HOST"] = "127.0.0.1"
         env["MOTO_PORT"] = str(port)
-        try:
-            self._proc = subprocess.Popen(
-                [*command, "-H", "127.0.0.1", "-p", str(port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env=env,
-            )
-        finally:
-            log.close()
+        log_path = os.path.join(self._tmp, "moto.log")
         self.endpoint_url = f"http://127.0.0.1:{port}"
         try:
-            self._wait_ready()
+            self._proc = start_server(
+                [*command, "-H", "127.0.0.1", "-p", str(port)],
+                log_path,
+                url=self.endpoint_url + "/moto-api/",
+                timeout=self.startup_timeout,
+                name="moto_server",
+                error=LocalSQSError,
+                env=env,
+            )
         except BaseException:
-            self.stop()
+            self.stop()  # removes the temporary folder
             raise
         return self
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise LocalSQSError(f"moto_server exited early:\n{self.log_tail()}")
-            try:
-                urllib.request.urlopen(self.endpoint_url + "/moto-api/", timeout=1).close()
-                return
-            except urllib.error.HTTPError:
-                return  # any HTTP answer means the server is up
-            except OSError:
-                time.sleep(0.2)
-        raise LocalSQSError(f"moto_server did not answer within {self.startup_timeout}s")
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines the server printed."""
-        try:
-            with open(os.path.join(self._tmp, "moto.log"), "rb") as f:
-                return b"\n".join(f.read().splitlines()[-lines:]).decode(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after a short wait)."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            except ProcessLookupError:
-                pass
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = ""
 
     def client(self) -> Any:
         """A plain boto3 SQS client for this server (tests and the demo set queues up)."""
@@ -157,11 +112,3 @@ class LocalSQS:
 
     def __enter__(self) -> LocalSQS:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
