@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from types import TracebackType
 from typing import ClassVar
 
@@ -123,3 +124,17 @@ class ServerProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def stop_workers(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 60.0) -> None:
+    """SIGTERM (a drain) to each worker process still running, then wait for each
+    (killed past ``timeout`` seconds)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()

@@ -17,7 +17,6 @@ import argparse
 import functools
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 
 from .. import s3_event
 from .._console import format_size
+from ._procs import stop_workers
 from .bench import (
     CHUNK_AVG,
     DEFAULT_BUCKET,
@@ -156,7 +156,7 @@ def run_workers(
         )
         seconds = time.monotonic() - started
     finally:
-        _stop(procs)
+        stop_workers(procs)
     got = _read_results(results)
     bad = [r["key"] for r in got if r["outcome"] != "passed"]
     if bad or sorted(r["key"] for r in got) != sorted(keys):
@@ -237,17 +237,6 @@ def _wait(
         time.sleep(interval)
 
 
-def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM (a drain) to each worker, then wait (kill past 60 s)."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
 
 
 def bench_workers(

@@ -13,7 +13,6 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from typing import Any
 
 from .. import s3_event
 from .._console import format_size, printable, write_stdout
+from ._procs import stop_workers
 from .locals3 import LocalS3, free_ports
 from .localsqs import LocalSQS
 
@@ -69,7 +69,7 @@ def run_demo_service(largest: int = 32 << 20, timeout: float = 120.0) -> int:
             _wait_empty(sqs, queue, dlq, timeout, procs)
             metrics = [_scrape(port) for port in ports]
         finally:
-            _stop_workers(procs)
+            stop_workers(procs)
         ok = _print_verdicts(expected, _read_results(results), results)
         dead = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10, WaitTimeSeconds=1)
         bodies = [m["Body"] for m in dead.get("Messages", [])]
@@ -115,19 +115,6 @@ def _start_worker(queue: str, results: str, port: int, tmp: str) -> subprocess.P
     return subprocess.Popen(
         argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-
-
-def _stop_workers(procs: Sequence[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM (a drain) to each worker still running, then wait (kill past 60 s)."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
 
 
 def _read_results(results: Sequence[str]) -> dict[str, dict[str, Any]]:
