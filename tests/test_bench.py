@@ -274,6 +274,32 @@ def test_predictability_section(tmp_path: Path) -> None:
     assert not (tmp_path / "cache" / "fastpipe" / "model.json").exists()
 
 
+def test_predictability_in_flight(tmp_path: Path) -> None:
+    """`--in-flight 2`: objects run two at once through one engine, each with its
+    prediction, ETAs and actual time, and the prediction assumes the shared connections."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    out = subprocess.run(
+        [sys.executable, "-m", "fastpipe.cli", "bench", "--predictability"]
+        + ["--sizes", "1MiB,2MiB", "--repeat", "2", "--predict-warmup", "1"]
+        + ["--in-flight", "2", "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "2 in flight" in out.stdout and "p90/p50" in out.stdout
+    data = json.loads((tmp_path / "out" / "predictability.json").read_text())
+    assert data["in_flight"] == 2
+    runs = data["runs"]
+    assert len(runs) == 4 and all(r["passed"] and r["seconds"] > 0 for r in runs)
+    assert all(r["predicted"] for r in runs)
+    # The first pair is admitted together: the later one's prediction (after its HEAD,
+    # while the other still holds its slot) gets half of the connections.
+    assert any(r["connection_share"] == 0.5 for r in runs)
+    assert data["summary"]["errors"]["predicted"]["n"] == 4
+
+
 def test_predictability_summary_arithmetic() -> None:
     from fastpipe.tools.predictability import quantile, summarize
 

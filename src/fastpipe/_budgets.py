@@ -159,6 +159,11 @@ class Budgets:
         self._file_stages = anyio.Semaphore(self.file_stage_slots)
         self.disk = DiskBudget(self.disk_budget, strict=config.disk_budget is not None)
 
+    @property
+    def admitted(self) -> int:
+        """Objects holding an object slot now."""
+        return self.max_objects - int(self._objects.value)
+
     @asynccontextmanager
     async def object_slot(self, what: str) -> AsyncIterator[float]:
         """Hold one of ``max_objects`` for the block; yields the seconds waited."""

@@ -239,6 +239,8 @@ class Engine:
                     location, info, stages, report, placed, progress, plane, self.config
                 )
                 job.admission_wait = report.queued_seconds  # what the time model adds
+                job.in_flight = self.budgets.admitted
+                job.heavy_slots = self.budgets.file_stage_slots
                 fetcher = Fetcher(self._s3, self.config, job, self.budgets.connection)
                 one = OnePass(job, self.config, fetcher, self._model, self.budgets.file_stage)
                 await one.download_and_commit()

@@ -62,6 +62,10 @@ class Job:
     stream_indices: list[int] = field(init=False)
     #: Seconds the object waited to be admitted (the engine's object slot and disk budget).
     admission_wait: float = field(default=0.0, init=False)
+    #: Objects admitted beside it (itself included) and the engine's heavy-stage slots,
+    #: when it was admitted: the time model's shares of connections and slots.
+    in_flight: int = field(default=1, init=False)
+    heavy_slots: int | None = field(default=None, init=False)
     #: The time model's prediction, made before the first byte (None: no model).
     prediction: Prediction | None = field(default=None, init=False)
 

@@ -218,7 +218,7 @@ class OnePass:
                 job.info,
                 download_key=plane,
                 early_file_stages=self.config.early_file_stages,
-                load=Load(admission_wait=job.admission_wait),
+                load=Load.shared(job.in_flight, job.heavy_slots, job.admission_wait),
             )
         except Exception:  # noqa: BLE001 - a user stage's cost_key must not fail the object
             logger.warning("%s: no time prediction", job.info.source, exc_info=True)

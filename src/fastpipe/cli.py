@@ -210,6 +210,12 @@ def _add_tool_parsers(sub: Any) -> None:
         "time (library path, one engine; use --repeat 10)",
     )
     bench.add_argument(
+        "--in-flight",
+        type=positive_int,
+        default=1,
+        help="--predictability: objects at once through the engine (default 1)",
+    )
+    bench.add_argument(
         "--predict-warmup", type=int, default=3, help="unrecorded objects first (default 3)"
     )
     bench.add_argument(

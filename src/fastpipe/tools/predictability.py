@@ -89,6 +89,8 @@ async def _one(engine: Engine, uri: str, size: int) -> dict[str, Any]:
         "passed": report.passed,
         "predicted": report.predicted_seconds,
         "model_source": (report.model or {}).get("source"),
+        # The share of the connections the prediction assumed (1/objects in flight).
+        "connection_share": (report.model or {}).get("load", {}).get("connection_share"),
     }
     for point in ETA_POINTS:
         record[f"eta_{int(point * 100)}"] = seen.get(point)
@@ -96,9 +98,15 @@ async def _one(engine: Engine, uri: str, size: int) -> dict[str, Any]:
 
 
 def run_objects(
-    uris: dict[int, str], repeat: int, warmup: int, config: Config, seed: int = 0
+    uris: dict[int, str],
+    repeat: int,
+    warmup: int,
+    config: Config,
+    seed: int = 0,
+    in_flight: int = 1,
 ) -> list[dict[str, Any]]:
-    """Process the objects (``size -> uri``) with one engine; the recorded runs."""
+    """Process the objects (``size -> uri``) with one engine, ``in_flight`` at once after
+    the warm-up (which runs one at a time); the recorded runs, in the order they ended."""
     order = [size for size in uris for _ in range(repeat)]
     random.Random(seed).shuffle(order)
     warm = [sorted(uris)[i % len(uris)] for i in range(warmup)]
@@ -107,16 +115,32 @@ def run_objects(
         async with Engine(config) as engine:
             for size in warm:
                 await _one(engine, uris[size], size)
-            return [await _one(engine, uris[size], size) for size in order]
+            if in_flight <= 1:
+                return [await _one(engine, uris[size], size) for size in order]
+            runs: list[dict[str, Any]] = []
+            queue = iter(order)
+
+            async def worker() -> None:
+                # Each takes the next size when its object ends: N stay in flight.
+                for size in queue:
+                    runs.append(await _one(engine, uris[size], size))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(in_flight):
+                    tg.start_soon(worker)
+            return runs
 
     import anyio
 
     return anyio.run(main)
 
 
-def format_summary(summary: dict[str, Any]) -> str:
+def format_summary(summary: dict[str, Any], in_flight: int = 1) -> str:
     """The predictability section as text."""
-    lines = ["predictability (end-to-end seconds, library path, one engine learning):"]
+    lines = [
+        "predictability (end-to-end seconds, library path, one engine learning, "
+        f"{in_flight} in flight):"
+    ]
     lines.append(f"  {'size':>10} {'runs':>4} {'p50':>7} {'p90':>7} {'max':>7} {'p90/p50':>7}")
     for size, s in summary["sizes"].items():
         ratio = f"{s['p90_over_p50']:.2f}" if s["p90_over_p50"] else "-"
@@ -172,11 +196,12 @@ def cmd_predictability(args: argparse.Namespace) -> int:
         uris = _upload(endpoint, args.bucket or BUCKET, sizes, workdir)
         # The model learns into a state file of its own: the bench never moves the user's.
         config = Config(endpoint_url=endpoint, model_path=os.path.join(args.out, "model.json"))
-        runs = run_objects(uris, args.repeat, args.predict_warmup, config)
+        in_flight = getattr(args, "in_flight", 1)
+        runs = run_objects(uris, args.repeat, args.predict_warmup, config, in_flight=in_flight)
     summary = summarize(runs)
     with open(os.path.join(args.out, "predictability.json"), "w", encoding="utf-8") as f:
-        json.dump({"runs": runs, "summary": summary}, f, indent=1)
-    print(format_summary(summary))
+        json.dump({"in_flight": in_flight, "runs": runs, "summary": summary}, f, indent=1)
+    print(format_summary(summary, in_flight))
     png = os.path.join(args.out, "predicted_vs_actual.png")
     if plot(runs, png):
         print(f"plot: {png}")
