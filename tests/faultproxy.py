@@ -500,3 +500,20 @@ async def _acknowledged(writer: asyncio.StreamWriter) -> None:
         if pending[0] == 0 and writer.transport.get_write_buffer_size() == 0:
             return
         await asyncio.sleep(0.001)  # a poll for a kernel counter, not a guess of a delay
+
+
+def fast_retry_config(endpoint: str, part_size: int, plane: str, **kwargs: Any) -> Any:
+    """A fastpipe Config for fault tests: small parts, 4 fetchers, millisecond backoff,
+    ``plane`` as the data plane; ``kwargs`` override any of it."""
+    from fastpipe import Config
+
+    options: dict[str, Any] = dict(
+        endpoint_url=endpoint,
+        part_size=part_size,
+        max_concurrency=4,
+        data_plane=plane,
+        backoff_base=0.01,
+        backoff_max=0.05,
+    )
+    options.update(kwargs)
+    return Config(**options)

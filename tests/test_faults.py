@@ -24,7 +24,16 @@ from urllib.parse import urlsplit
 
 import anyio
 import pytest
-from faultproxy import Fault, FaultProxy, always, capped, internal_error, share, slow_down
+from faultproxy import (
+    Fault,
+    FaultProxy,
+    always,
+    capped,
+    fast_retry_config,
+    internal_error,
+    share,
+    slow_down,
+)
 
 import fastpipe
 import fastpipe.cli
@@ -38,16 +47,8 @@ REPO_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 def config(proxy: FaultProxy, plane: str, **kwargs: Any) -> Config:
-    options: dict[str, Any] = dict(
-        endpoint_url=proxy.url,
-        part_size=PART,
-        max_concurrency=4,
-        data_plane=plane,
-        backoff_base=0.01,
-        backoff_max=0.05,
-    )
-    options.update(kwargs)
-    return Config(**options)
+    config: Config = fast_retry_config(proxy.url, PART, plane, **kwargs)
+    return config
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from faultproxy import Fault, FaultProxy, Plan, Request, always, slow_down
+from faultproxy import Fault, FaultProxy, Plan, Request, always, fast_retry_config, slow_down
 
 import fastpipe
 from fastpipe import Config
@@ -26,16 +26,8 @@ PLANES = ["raw", "botocore"]
 
 
 def config(endpoint: str, plane: str, **kwargs: Any) -> Config:
-    options: dict[str, Any] = dict(
-        endpoint_url=endpoint,
-        part_size=PART,
-        max_concurrency=4,
-        data_plane=plane,
-        backoff_base=0.01,
-        backoff_max=0.05,
-    )
-    options.update(kwargs)
-    return Config(**options)
+    config: Config = fast_retry_config(endpoint, PART, plane, **kwargs)
+    return config
 
 
 def first_gets_of_each_part(cuts: int, fault: Fault) -> Plan:
