@@ -6,10 +6,12 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import ClassVar
 
@@ -26,7 +28,9 @@ def start_server(
 ) -> subprocess.Popen[bytes]:
     """Start ``args`` in its own session (output to ``log_path``) and wait until ``url`` answers.
 
-    On any failure the process is stopped before the error goes on.
+    On any failure the process is stopped before the error goes on. On Linux, when started
+    from the main thread, the server also gets SIGTERM if this process dies without
+    stopping it (a killed test run must not leave servers behind).
     """
     log = open(log_path, "wb")  # noqa: SIM115 - the child keeps its own copy
     try:
@@ -37,6 +41,7 @@ def start_server(
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             env=env,
+            preexec_fn=_die_with_parent(),
         )
     finally:
         log.close()
@@ -46,6 +51,36 @@ def start_server(
         stop_process_group(proc)
         raise
     return proc
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGTERM the child when this process dies.
+
+    The kernel sends it when the *thread* that forked ends, so it is only used from the
+    main thread, whose end is the process's.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_parent_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the request took hold
+            os._exit(1)
+
+    return set_parent_death_signal
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def log_tail(path: str, lines: int = 30) -> str:
