@@ -71,7 +71,9 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytest.
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "absent-config"))
-    monkeypatch.setenv("NO_PROXY", "*")
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
     yield monkeypatch
 
 
@@ -104,7 +106,9 @@ def frozen_botocore(monkeypatch: pytest.MonkeyPatch) -> None:
     """botocore's signers (its own and awscrt's, whichever it picks) read FROZEN."""
     import botocore.auth
 
-    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda **_: FROZEN.replace(tzinfo=None))
+    monkeypatch.setattr(
+        botocore.auth, "get_current_datetime", lambda **_: FROZEN.replace(tzinfo=None)
+    )
     try:
         import botocore.crt.auth as crt_auth
     except ImportError:
@@ -125,7 +129,11 @@ def _case_params() -> Iterator[Any]:
         bucket = BUCKETS[i % len(BUCKETS)]
         region = ("us-east-1", "eu-west-3", "local")[i % 3]
         token = "FQoGZXIvYXdzE/+=token value" if i % 2 else None
-        version = "3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY+MTRCxf3vjVBH40Nr8X8gdRQBpUMLUo" if i % 4 == 1 else None
+        version = (
+            "3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY+MTRCxf3vjVBH40Nr8X8gdRQBpUMLUo"
+            if i % 4 == 1
+            else None
+        )
         yield pytest.param(endpoint, bucket, key, region, token, version, id=f"key{i}")
 
 
@@ -269,7 +277,8 @@ ELIGIBILITY = [
     ({"AWS_CREDENTIAL_EXPIRATION": "2030-01-01T00:00:00Z"}, {}, "", False),
     ({}, {"control_plane": "botocore"}, "", False),
     ({}, {"data_plane": "botocore"}, "", False),
-    ({"HTTP_PROXY": "http://127.0.0.1:3", "NO_PROXY": ""}, {}, "", False),
+    ({"HTTP_PROXY": "http://127.0.0.1:3"}, {}, "", False),
+    ({"HTTP_PROXY": "http://127.0.0.1:3", "NO_PROXY": "127.0.0.1"}, {}, "", True),
     ({}, {"endpoint_url": None}, "", False),  # AWS's own endpoints
     ({}, {"endpoint_url": "http://127.0.0.1:9000/prefix"}, "", False),
     ({}, {"endpoint_url": "http://LocalHost:9000"}, "", False),
@@ -368,7 +377,13 @@ async def test_live_head_checksums_and_multipart(
             Body=os.urandom(size),
             ChecksumAlgorithm="CRC32",
         )
-        parts.append({"PartNumber": number, "ETag": answer["ETag"], "ChecksumCRC32": answer.get("ChecksumCRC32")})
+        parts.append(
+            {
+                "PartNumber": number,
+                "ETag": answer["ETag"],
+                "ChecksumCRC32": answer.get("ChecksumCRC32"),
+            }
+        )
     s3_client.complete_multipart_upload(
         Bucket=bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
     )
@@ -389,7 +404,9 @@ async def test_live_head_checksums_and_multipart(
     ],
     ids=["key", "bucket"],
 )
-async def test_live_missing_object_errors_equal(s3_server: Any, bucket: str, where: S3Location) -> None:
+async def test_live_missing_object_errors_equal(
+    s3_server: Any, bucket: str, where: S3Location
+) -> None:
     ours, theirs, _ = await _head_both(s3_server.endpoint_url, where)
     assert ours == theirs
     assert ours[0] is fastpipe.ObjectNotFound and str(where) in ours[1]
@@ -413,7 +430,9 @@ async def test_live_other_region_agrees(s3_server: Any, put_object: Any) -> None
     """SeaweedFS does not check the region it is signed for: both planes read the object."""
     uri = put_object(b"abc")
     bucket, _, key = uri[5:].partition("/")
-    ours, theirs, _ = await _head_both(s3_server.endpoint_url, S3Location(bucket, key), region="eu-west-3")
+    ours, theirs, _ = await _head_both(
+        s3_server.endpoint_url, S3Location(bucket, key), region="eu-west-3"
+    )
     assert ours == theirs and ours.size == 3
 
 
@@ -440,7 +459,9 @@ def test_live_download_special_key(s3_server: Any, put_object: Any, tmp_path: Pa
     assert report.passed, report.error
     assert report.download.control_plane == "light"
     assert (tmp_path / "out").read_bytes() == data
-    forced = fastpipe.run(uri, config=Config(endpoint_url=s3_server.endpoint_url, control_plane="botocore"))
+    forced = fastpipe.run(
+        uri, config=Config(endpoint_url=s3_server.endpoint_url, control_plane="botocore")
+    )
     assert forced.download.control_plane == "botocore"
 
 
@@ -462,7 +483,8 @@ def test_eligible_run_imports_no_botocore(s3_server: Any, put_object: Any, tmp_p
         "from fastpipe.stages import Checksum\n"
         f"r = fastpipe.run({uri!r}, [Checksum()], dest={str(tmp_path / 'o')!r}, force=True)\n"
         "assert r.passed, r.error\n"
-        "print(r.download.control_plane, sorted(m for m in sys.modules if m.startswith(('botocore', 'urllib3', 'awscrt'))))\n"
+        "loaded = [m for m in sys.modules if m.startswith(('botocore', 'urllib3', 'awscrt'))]\n"
+        "print(r.download.control_plane, sorted(loaded))\n"
     )
     env = dict(os.environ, PYTHONPATH=REPO_SRC)
     proc = subprocess.run(
@@ -470,3 +492,21 @@ def test_eligible_run_imports_no_botocore(s3_server: Any, put_object: Any, tmp_p
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[-2] == "light []"
+
+
+def test_cli_run_imports_no_botocore(s3_server: Any, put_object: Any) -> None:
+    """The CLI pre-imports botocore (without awscrt) only when the light plane cannot serve."""
+    uri = put_object(os.urandom(4096))
+    code = (
+        "import sys, fastpipe.cli\n"
+        f"code = fastpipe.cli.main(['run', {uri!r}, '--json', '--no-progress'])\n"
+        "assert code == 0, code\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('botocore', 'awscrt'))))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO_SRC)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert '"control_plane": "light"' in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "[]"

@@ -159,9 +159,7 @@ class Config:
         if self.data_plane not in ("auto", "raw", "botocore"):
             raise UsageError(f"data_plane must be auto, raw or botocore, got {self.data_plane!r}")
         if self.control_plane not in ("auto", "botocore"):
-            raise UsageError(
-                f"control_plane must be auto or botocore, got {self.control_plane!r}"
-            )
+            raise UsageError(f"control_plane must be auto or botocore, got {self.control_plane!r}")
         if self.receive_buffer < 4096 or self.stream_buffer < 4096:
             raise UsageError("receive_buffer and stream_buffer must be at least 4 KiB")
         if self.connect_timeout <= 0 or self.read_timeout <= 0:

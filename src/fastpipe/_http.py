@@ -401,3 +401,14 @@ def _frame_body(req: _Request, status: int, headers: dict[str, str]) -> None:
     else:
         req.body_length = -1  # until the connection closes
         req.response.keep_alive = False
+
+
+def proxy_configured(endpoint: str) -> bool:
+    """True when an HTTP(S) proxy applies to ``endpoint`` (the raw path cannot serve)."""
+    parts = urlsplit(endpoint)
+    import urllib.request  # lazily: it costs start-up time on every run
+
+    proxies = urllib.request.getproxies_environment()
+    if parts.scheme not in proxies:
+        return False
+    return not urllib.request.proxy_bypass_environment(parts.hostname or "")  # type: ignore[attr-defined]

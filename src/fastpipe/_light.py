@@ -54,7 +54,9 @@ _HEADER_KEYS = {
 def head_dict(headers: Mapping[str, str]) -> dict[str, Any]:
     """A HEAD response's headers (lower-case names) in the shape of botocore's
     ``head_object`` answer, as far as :func:`object_info_from_head` reads it."""
-    out: dict[str, Any] = {key: headers[name] for name, key in _HEADER_KEYS.items() if name in headers}
+    out: dict[str, Any] = {
+        key: headers[name] for name, key in _HEADER_KEYS.items() if name in headers
+    }
     for name, key in (("content-length", "ContentLength"), ("x-amz-mp-parts-count", "PartsCount")):
         if headers.get(name, "").isdigit():
             out[key] = int(headers[name])

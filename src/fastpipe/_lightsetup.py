@@ -103,7 +103,7 @@ def _env_reason(config: Config) -> str:
 def _plane_reason(config: Config) -> str:
     if config.data_plane == "botocore":
         return "the botocore data plane is configured"
-    from ._fetch import proxy_configured
+    from ._http import proxy_configured
 
     endpoint = config.resolved_endpoint() or "https://s3.amazonaws.com"
     return "a proxy applies to the endpoint" if proxy_configured(endpoint) else ""

@@ -40,7 +40,6 @@ from ._s3meta import (
     TransientError,
     check_range_response,
     map_s3_error,
-    object_changed,
     parts_from_etag,
     quoted_etag,
     strip_etag,
