@@ -1,13 +1,13 @@
 """The control plane: credentials, HEAD, presigning and error mapping.
 
 For a simple setup HEAD and presigning take the light plane (``_light``: no botocore);
-otherwise, and for everything else, botocore. The control plane's few calls (a HEAD, a presigned URL, the odd tag) run on a plain
-botocore client in worker threads: importing aiobotocore pulls in aiohttp, which loads the
-CA store into two SSL contexts at import, and its client takes longer to create and to
-make its first request; measured here the plain client costs about 0.15 s less of every
-run's fixed cost, which is most of the gap to s5cmd on a 1 GiB download. The fallback data
-plane (streaming aiobotocore's response bodies, for where the raw HTTP path cannot serve)
-keeps aiobotocore, imported only when it runs. botocore is imported lazily.
+otherwise, and for everything else, botocore. Its few calls (a HEAD, a presigned URL, the
+odd tag) run on a plain botocore client in worker threads: importing aiobotocore pulls in
+aiohttp, which loads the CA store into two SSL contexts at import, and its client takes
+longer to create and to make its first request; measured here the plain client costs
+about 0.15 s less of every run's fixed cost. The fallback data plane (streaming
+aiobotocore's response bodies, for where the raw HTTP path cannot serve) keeps
+aiobotocore, imported only when it runs. botocore is imported lazily.
 """
 
 from __future__ import annotations
