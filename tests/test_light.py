@@ -510,3 +510,42 @@ def test_cli_run_imports_no_botocore(s3_server: Any, put_object: Any) -> None:
     assert proc.returncode == 0, proc.stderr
     assert '"control_plane": "light"' in proc.stdout
     assert proc.stdout.splitlines()[-1] == "[]"
+
+
+def test_bucket_in_another_region_is_named(proxy: Any, put_object: Any) -> None:
+    """S3 answers a HEAD signed for the wrong region 301 with the bucket's region: the
+    error names the object and both regions (through the fault proxy, which answers so)."""
+    from faultproxy import Fault, fast_retry_config
+
+    uri = put_object(b"abc")
+    moved = Fault(
+        "error",
+        status=301,
+        code="PermanentRedirect",
+        headers=(("x-amz-bucket-region", "eu-west-3"),),
+    )
+    proxy.reset(None, head_plan=lambda n, request: moved)
+    with pytest.raises(fastpipe.SourceError) as caught:
+        fastpipe.run(uri, config=fast_retry_config(proxy.url, 1 << 20, "raw"))
+    message = str(caught.value)
+    assert uri in message and "region eu-west-3, not us-east-1" in message
+    assert caught.value.report is not None
+    assert caught.value.report.download.control_plane == "light"
+    assert len(proxy.heads()) == 1  # not retried
+
+
+def test_head_5xx_retried_as_botocore(proxy: Any, put_object: Any) -> None:
+    """As botocore's client: four attempts in all, then the same 5xx error."""
+    from faultproxy import Fault, fast_retry_config
+
+    uri = put_object(b"abc")
+    outcomes = []
+    for plane in ("auto", "botocore"):
+        error = Fault("error", status=500, code="InternalError")
+        proxy.reset(None, head_plan=lambda n, request: error)
+        config = fast_retry_config(proxy.url, 1 << 20, "raw", control_plane=plane)
+        with pytest.raises(fastpipe.FastpipeError) as caught:
+            fastpipe.run(uri, config=config)
+        outcomes.append((type(caught.value), str(caught.value), len(proxy.heads())))
+    assert outcomes[0] == outcomes[1]
+    assert uri in outcomes[0][1] and outcomes[0][2] == 4

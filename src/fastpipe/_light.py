@@ -5,7 +5,7 @@ run's first byte. For the setups :func:`~fastpipe._lightsetup.light_setup` accep
 plane signs with the standard library (``_sigv4``) and sends HEAD over the raw plane's HTTP
 connection, with the same URLs, answers and errors as the botocore client: a HEAD answered
 404 is looked up again as a bucket, 403 is :class:`AccessDenied`, 5xx and broken
-connections are retried (three attempts in all, as botocore's standard mode), and a
+connections are retried (four attempts in all, as botocore's client makes), and a
 bucket in another region is named as such. Everything else (listing, tagging, the
 fallback data plane) keeps botocore.
 """
@@ -40,8 +40,9 @@ from ._source import S3Location
 
 logger = logging.getLogger(__name__)
 
-#: Attempts of one HEAD, as botocore's client is configured (standard mode, 3).
-HEAD_ATTEMPTS = 3
+#: Attempts of one HEAD, as botocore's client makes them: its ``retries`` setting
+#: ``max_attempts: 3`` counts the retries, not the first attempt.
+HEAD_ATTEMPTS = 4
 _HEAD_BUFFER = 128 << 10
 _HEADER_KEYS = {
     "etag": "ETag",
