@@ -540,8 +540,8 @@ def test_head_5xx_retried_as_botocore(proxy: Any, put_object: Any) -> None:
 
     uri = put_object(b"abc")
     outcomes = []
+    error = Fault("error", status=500, code="InternalError")
     for plane in ("auto", "botocore"):
-        error = Fault("error", status=500, code="InternalError")
         proxy.reset(None, head_plan=lambda n, request: error)
         config = fast_retry_config(proxy.url, 1 << 20, "raw", control_plane=plane)
         with pytest.raises(fastpipe.FastpipeError) as caught:
