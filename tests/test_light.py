@@ -549,3 +549,33 @@ def test_head_5xx_retried_as_botocore(proxy: Any, put_object: Any) -> None:
         outcomes.append((type(caught.value), str(caught.value), len(proxy.heads())))
     assert outcomes[0] == outcomes[1]
     assert uri in outcomes[0][1] and outcomes[0][2] == 4
+
+
+@pytest.mark.parametrize(
+    ("env", "applies"),
+    [
+        ({}, False),
+        ({"NO_PROXY": "127.0.0.1"}, False),
+        ({"HTTPS_PROXY": "http://127.0.0.1:3"}, False),  # another scheme
+        ({"HTTP_PROXY": "http://127.0.0.1:3"}, True),
+        ({"http_proxy": "http://127.0.0.1:3"}, True),
+        ({"HTTP_PROXY": "http://127.0.0.1:3", "NO_PROXY": "127.0.0.1"}, False),
+        ({"HTTP_PROXY": ""}, False),
+    ],
+)
+def test_proxy_check_agrees_with_urllib(
+    aws_env: pytest.MonkeyPatch, env: dict[str, str], applies: bool
+) -> None:
+    """The shortcut (no proxy variable for the scheme: no urllib) decides as urllib does."""
+    import urllib.request
+
+    from fastpipe._http import proxy_configured
+
+    for name, value in env.items():
+        aws_env.setenv(name, value)
+    endpoint = "http://127.0.0.1:9000"
+    assert proxy_configured(endpoint) == applies
+    by_urllib = "http" in urllib.request.getproxies_environment() and not (
+        urllib.request.proxy_bypass_environment("127.0.0.1")  # type: ignore[attr-defined]
+    )
+    assert by_urllib == applies

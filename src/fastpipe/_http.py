@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import mmap
+import os
 import re
 import ssl
 from collections.abc import Callable
@@ -406,7 +407,12 @@ def _frame_body(req: _Request, status: int, headers: dict[str, str]) -> None:
 def proxy_configured(endpoint: str) -> bool:
     """True when an HTTP(S) proxy applies to ``endpoint`` (the raw path cannot serve)."""
     parts = urlsplit(endpoint)
-    import urllib.request  # lazily: it costs start-up time on every run
+    wanted = f"{parts.scheme}_proxy"
+    if not any(value and name.lower() == wanted for name, value in os.environ.items()):
+        # No such variable: urllib would find no proxy either. Importing it (and
+        # http.client, email) costs about 5 ms of every run's start-up.
+        return False
+    import urllib.request
 
     proxies = urllib.request.getproxies_environment()
     if parts.scheme not in proxies:
