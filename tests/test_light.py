@@ -579,3 +579,47 @@ def test_proxy_check_agrees_with_urllib(
         urllib.request.proxy_bypass_environment("127.0.0.1")  # type: ignore[attr-defined]
     )
     assert by_urllib == applies
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Fri, 27 Nov 2026 19:35:47 GMT",
+        "Sun, 06 Nov 1994 08:49:37 GMT",
+        "Sunday, 06-Nov-94 08:49:37 GMT",
+    ],
+)
+def test_http_date_reads_as_email_utils(text: str) -> None:
+    from email.utils import parsedate_to_datetime
+
+    from fastpipe._light import http_date
+
+    assert http_date(text) == parsedate_to_datetime(text)
+    assert http_date("not a date") is None
+
+
+@pytest.mark.anyio
+async def test_live_head_dict_is_botocores(s3_server: Any, s3_client: Any, bucket: str) -> None:
+    """Every field the light HEAD maps equals botocore's ``head_object`` answer."""
+    key = f"meta-{uuid.uuid4().hex} ü+"
+    s3_client.put_object(
+        Bucket=bucket,
+        Key=key,
+        Body=b"x" * 100,
+        ContentType="text/plain",
+        Metadata={"alpha": "1", "beta": "two"},
+        ChecksumAlgorithm="SHA256",
+    )
+    theirs = s3_client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    control = S3Control(Config(endpoint_url=s3_server.endpoint_url))
+    location = S3Location(bucket, key)
+    light = control.light(location)
+    assert light is not None
+    try:
+        ours = await light._head(location, encode_key_path(bucket, key), [])
+    finally:
+        await control.close()
+    assert ours["LastModified"] is not None
+    for name, value in ours.items():
+        assert theirs.get(name) == value, name
+    assert ours["ChecksumSHA256"] and ours["Metadata"] == {"alpha": "1", "beta": "two"}

@@ -18,6 +18,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
 from typing import Any
 
 import anyio
@@ -66,12 +67,33 @@ def head_dict(headers: Mapping[str, str]) -> dict[str, Any]:
         if value:
             out[f"Checksum{algorithm}"] = value
     if "last-modified" in headers:
-        from email.utils import parsedate_to_datetime
-
-        with contextlib.suppress(TypeError, ValueError):
-            out["LastModified"] = parsedate_to_datetime(headers["last-modified"])
+        out["LastModified"] = http_date(headers["last-modified"])
     out["Metadata"] = {k[11:]: v for k, v in headers.items() if k.startswith("x-amz-meta-")}
     return out
+
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(text: str) -> datetime | None:
+    """``Sun, 06 Nov 1994 08:49:37 GMT`` as an aware UTC datetime (None if unreadable).
+
+    The fixed form S3 sends is read directly; any other goes to :mod:`email.utils`, whose
+    import (about 2 ms) is left for that case.
+    """
+    parts = text.split()
+    try:
+        if len(parts) == 6 and parts[5] == "GMT" and parts[2] in _MONTHS:
+            hour, minute, second = (int(x) for x in parts[4].split(":"))
+            month = _MONTHS.index(parts[2]) + 1
+            return datetime(
+                int(parts[3]), month, int(parts[1]), hour, minute, second, tzinfo=timezone.utc
+            )
+        from email.utils import parsedate_to_datetime
+
+        return parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
 
 
 class LightControl:

@@ -11,7 +11,6 @@ Anything else keeps botocore (:func:`light_setup` returns None and says why).
 
 from __future__ import annotations
 
-import configparser
 import os
 import re
 from dataclasses import dataclass
@@ -142,6 +141,8 @@ def _profile() -> dict[str, str]:
     path = _config_path()
     if not os.path.isfile(path):
         return {}
+    import configparser  # only when there is a file: its import costs about 2 ms
+
     parser = configparser.RawConfigParser()
     parser.read(path, encoding="utf-8")
     merged: dict[str, str] = {}
@@ -152,6 +153,8 @@ def _profile() -> dict[str, str]:
 
 
 def _config_file_reason() -> str:
+    import configparser
+
     try:
         profile = _profile()
     except (OSError, UnicodeError, configparser.Error) as exc:
