@@ -173,7 +173,16 @@ class LightControl:
                     raise error
                 raise final from error
             cap = min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1))
-            await anyio.sleep(random.uniform(0, cap))
+            backoff = random.uniform(0, cap)
+            # A FastpipeError's message holds no signature.
+            logger.debug(
+                "%s: HEAD attempt %d failed: %s; retrying in %.3fs",
+                location,
+                attempt,
+                error,
+                backoff,
+            )
+            await anyio.sleep(backoff)
         raise AssertionError("unreachable")
 
     def _error(self, location: S3Location, response: Response) -> FastpipeError:
