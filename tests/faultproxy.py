@@ -69,6 +69,8 @@ class Fault:
     code: str = "SlowDown"
     echo: bool = False
     message: str = "injected by faultproxy"
+    #: Extra response headers of an ``"error"`` (e.g. ``x-amz-bucket-region``).
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 def slow_down() -> Fault:
@@ -396,7 +398,8 @@ class FaultProxy:
             f"HTTP/1.1 {fault.status} {_REASONS.get(fault.status, 'Error')}\r\n"
             "Content-Type: application/xml\r\n"
             "x-amz-request-id: faultproxy\r\n"  # as S3 sends it (botocore reads only this)
-            f"Content-Length: {len(body)}\r\n\r\n"
+            + "".join(f"{name}: {value}\r\n" for name, value in fault.headers)
+            + f"Content-Length: {len(body)}\r\n\r\n"
         )
         # A HEAD response carries the head only (its Content-Length is the body it would be).
         return head.encode("latin-1") + (b"" if request.method == "HEAD" else body)

@@ -16,12 +16,14 @@ REPO_SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def _run_in_fresh_process(uri: str, before: str, after: str) -> list[str]:
-    """Run ``fastpipe.run(uri)`` (checksum stage) between two snippets; return stdout lines."""
+    """Run ``fastpipe.run(uri)`` (checksum stage, botocore's control plane) between two
+    snippets; return stdout lines."""
     code = (
         "import sys, gc, fastpipe\n"
         "from fastpipe.stages import Checksum\n"
         f"{before}\n"
-        f"report = fastpipe.run({uri!r}, [Checksum()])\n"
+        "config = fastpipe.Config(control_plane='botocore')\n"
+        f"report = fastpipe.run({uri!r}, [Checksum()], config=config)\n"
         "assert report.passed, report.error\n"
         f"{after}\n"
     )

@@ -263,14 +263,16 @@ def test_import_fastpipe_loads_no_crt_crc32c_or_tool() -> None:
 
 def test_cli_run_on_s3_loads_no_crt(put_object: Any) -> None:
     """botocore loads awscrt whenever it is installed (about 40 ms); the CLI keeps it out,
-    and a stage that needs awscrt can still import it afterwards."""
+    and a stage that needs awscrt can still import it afterwards. (With the light control
+    plane the run loads no botocore at all: botocore's is asked for here.)"""
     import awscrt  # noqa: F401  (installed: else the test would prove nothing)
 
     uri = put_object(os.urandom(4096))
     env = dict(os.environ, PYTHONPATH=REPO_SRC)
+    args = ["run", uri, "--json", "--no-progress", "--control-plane", "botocore"]
     code = (
         "import sys, fastpipe.cli\n"
-        f"code = fastpipe.cli.main(['run', {uri!r}, '--json', '--no-progress'])\n"
+        f"code = fastpipe.cli.main({args!r})\n"
         "assert code == 0, code\n" + _loaded(NOT_ON_THE_RUN_PATH) + "import botocore.compat\n"
         "print(botocore.compat.HAS_CRT)\n"
         "from awscrt import checksums\n"

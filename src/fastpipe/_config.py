@@ -112,7 +112,10 @@ class Config:
 
     ``part_size`` is raised so that an object has at most 10,000 parts.
     ``data_plane`` is ``"auto"`` (raw HTTP unless a proxy is configured), ``"raw"`` or
-    ``"botocore"`` (stream aiobotocore's response bodies). ``early_file_stages`` lets a
+    ``"botocore"`` (stream aiobotocore's response bodies). ``control_plane`` is ``"auto"``
+    (HEAD and presigning without botocore when the setup is simple: static keys in the
+    environment, a custom endpoint, a region, the raw data plane; see the README) or
+    ``"botocore"`` (always botocore's client). ``early_file_stages`` lets a
     file stage that reads in order overlap the download (see ``FileStage.reads_in_order``).
     """
 
@@ -123,6 +126,7 @@ class Config:
     region: str | None = None
     verify_tls: bool = True
     data_plane: str = "auto"
+    control_plane: str = "auto"
     receive_buffer: int = 1 * MiB
     stream_buffer: int = 1 * MiB
     connect_timeout: float = 10.0
@@ -154,6 +158,8 @@ class Config:
         self._check_budgets()
         if self.data_plane not in ("auto", "raw", "botocore"):
             raise UsageError(f"data_plane must be auto, raw or botocore, got {self.data_plane!r}")
+        if self.control_plane not in ("auto", "botocore"):
+            raise UsageError(f"control_plane must be auto or botocore, got {self.control_plane!r}")
         if self.receive_buffer < 4096 or self.stream_buffer < 4096:
             raise UsageError("receive_buffer and stream_buffer must be at least 4 KiB")
         if self.connect_timeout <= 0 or self.read_timeout <= 0:

@@ -229,6 +229,7 @@ class Engine:
         placed = ObjectPlacement(placement, location.key)
         async with self.budgets.disk_hold() as disk:  # given back once the temp file is gone
             try:
+                report.download.control_plane = self._s3.control_plane(location)
                 info = await self._s3.head(location)
                 report.size, report.etag, report.version_id = info.size, info.etag, info.version_id
                 if not check_info(stages, info, report):

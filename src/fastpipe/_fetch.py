@@ -22,7 +22,7 @@ import anyio
 from ._config import Config
 from ._exceptions import AccessDenied, LocalIOError, RetriesExhausted
 from ._groups import unwrap_groups
-from ._http import HTTPFault, RawConnection, Response
+from ._http import HTTPFault, RawConnection, Response, proxy_configured
 from ._job import Job
 from ._report import DownloadReport, Plane
 from ._s3 import S3Control, check_range_response
@@ -53,17 +53,6 @@ class FetchStats:
         download.bytes, download.retries = self.bytes, self.retries
         if self.finished:
             download.seconds = self.finished - self.started
-
-
-def proxy_configured(endpoint: str) -> bool:
-    """True when an HTTP(S) proxy applies to ``endpoint`` (the raw path cannot serve)."""
-    parts = urlsplit(endpoint)
-    import urllib.request  # lazily: it costs start-up time on every run
-
-    proxies = urllib.request.getproxies_environment()
-    if parts.scheme not in proxies:
-        return False
-    return not urllib.request.proxy_bypass_environment(parts.hostname or "")  # type: ignore[attr-defined]
 
 
 def choose_plane(config: Config, location: S3Location) -> Plane:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import mmap
+import os
 import re
 import ssl
 from collections.abc import Callable
@@ -28,6 +29,10 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 class HTTPFault(FastpipeError):
     """The connection broke, timed out or spoke broken HTTP: worth a retry. Internal."""
+
+
+class ConnectFault(HTTPFault):
+    """The connection could not be opened (refused, unreachable, timed out). Internal."""
 
 
 @dataclass
@@ -61,6 +66,8 @@ class _Request:
     received: int = 0
     chunked: bool = False
     error_body: bytearray = field(default_factory=bytearray)
+    #: A HEAD: its Content-Length describes the object, no body follows.
+    head_only: bool = False
 
 
 class _ResponseProtocol(asyncio.BufferedProtocol):
@@ -123,12 +130,17 @@ class _ResponseProtocol(asyncio.BufferedProtocol):
     # -- requests -----------------------------------------------------------------------
 
     def start(
-        self, sink: Callable[[memoryview], None], check_head: Callable[[Response], None]
+        self,
+        sink: Callable[[memoryview], None],
+        check_head: Callable[[Response], None],
+        head_only: bool = False,
     ) -> asyncio.Future[Response]:
         loop = asyncio.get_running_loop()
         self._fill = 0
         self._scan_from = 0
-        req = _Request(sink=sink, check_head=check_head, future=loop.create_future())
+        req = _Request(
+            sink=sink, check_head=check_head, future=loop.create_future(), head_only=head_only
+        )
         self._request = req
         return req.future
 
@@ -280,7 +292,7 @@ class RawConnection:
             ) from exc
         except (OSError, asyncio.TimeoutError) as exc:
             why = str(exc) or type(exc).__name__
-            raise HTTPFault(f"cannot connect to {self.host}:{self.port}: {why}") from exc
+            raise ConnectFault(f"cannot connect to {self.host}:{self.port}: {why}") from exc
         return protocol
 
     async def get(
@@ -297,15 +309,30 @@ class RawConnection:
         a broken connection or an idle read timeout; bytes fed to ``sink`` before the
         fault stay fed (the caller resumes after them).
         """
+        return await self.request("GET", target, headers, sink, check_head)
+
+    async def head(self, target: str, headers: dict[str, str]) -> Response:
+        """Send ``HEAD target``; the response's headers, and no body whatever its length."""
+        return await self.request("HEAD", target, headers, _no_body, _no_check)
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        sink: Callable[[memoryview], None],
+        check_head: Callable[[Response], None],
+    ) -> Response:
+        """Send one bodiless request (see :meth:`get`)."""
         if self._protocol is None or self._protocol.lost:
             self.close()
             self._protocol = await self._connect()
         protocol = self._protocol
-        lines = [f"GET {target} HTTP/1.1", f"Host: {self.host_header}"]
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
         lines.append("User-Agent: fastpipe")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        future = protocol.start(sink, check_head)
+        future = protocol.start(sink, check_head, head_only=method == "HEAD")
         if protocol.transport is None or protocol.lost:
             raise HTTPFault("connection closed before the request")
         protocol.transport.write(request)
@@ -335,6 +362,14 @@ class RawConnection:
             self._protocol = None
 
 
+def _no_body(data: memoryview) -> None:
+    raise HTTPFault("a body after a HEAD response")
+
+
+def _no_check(response: Response) -> None:
+    return None
+
+
 def _split_head(head: str) -> tuple[int, str, bool, dict[str, str]]:
     """A response head's status, reason, keep-alive and headers (names lowercased)."""
     status_line, *lines = head.split("\r\n")
@@ -354,7 +389,9 @@ def _frame_body(req: _Request, status: int, headers: dict[str, str]) -> None:
     """How the body ends: its length, -1 until the connection closes (or chunked)."""
     assert req.response is not None
     req.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-    if "content-length" in headers:
+    if req.head_only:
+        req.chunked, req.body_length = False, 0  # the headers describe a body never sent
+    elif "content-length" in headers:
         req.body_length = int(headers["content-length"])
     elif req.chunked:
         if 200 <= status < 300:
@@ -365,3 +402,19 @@ def _frame_body(req: _Request, status: int, headers: dict[str, str]) -> None:
     else:
         req.body_length = -1  # until the connection closes
         req.response.keep_alive = False
+
+
+def proxy_configured(endpoint: str) -> bool:
+    """True when an HTTP(S) proxy applies to ``endpoint`` (the raw path cannot serve)."""
+    parts = urlsplit(endpoint)
+    wanted = f"{parts.scheme}_proxy"
+    if not any(value and name.lower() == wanted for name, value in os.environ.items()):
+        # No such variable: urllib would find no proxy either. Importing it (and
+        # http.client, email) costs about 5 ms of every run's start-up.
+        return False
+    import urllib.request
+
+    proxies = urllib.request.getproxies_environment()
+    if parts.scheme not in proxies:
+        return False
+    return not urllib.request.proxy_bypass_environment(parts.hostname or "")  # type: ignore[attr-defined]

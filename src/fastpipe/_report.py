@@ -77,7 +77,8 @@ class DownloadReport:
 
     ``plane`` is the data plane that ran (a :class:`Plane`: ``raw``, ``botocore`` or
     ``local``). ``bytes`` counts bytes fetched from S3; ``reused_bytes`` those taken from a resumed
-    temp file.
+    temp file. ``control_plane`` says what sent HEAD and signed the GETs: ``light`` (the
+    standard library, no botocore) or ``botocore``; ``None`` for a local file.
     """
 
     seconds: float = 0.0
@@ -88,6 +89,7 @@ class DownloadReport:
     retries: int = 0
     plane: Plane = Plane.RAW
     reused_bytes: int = 0
+    control_plane: str | None = None
 
 
 @dataclass

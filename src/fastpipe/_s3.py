@@ -1,12 +1,13 @@
-"""The control plane: botocore for credentials, HEAD, presigning and error mapping.
+"""The control plane: credentials, HEAD, presigning and error mapping.
 
-The control plane's few calls (a HEAD, a presigned URL, the odd tag) run on a plain
-botocore client in worker threads: importing aiobotocore pulls in aiohttp, which loads the
-CA store into two SSL contexts at import, and its client takes longer to create and to
-make its first request; measured here the plain client costs about 0.15 s less of every
-run's fixed cost, which is most of the gap to s5cmd on a 1 GiB download. The fallback data
-plane (streaming aiobotocore's response bodies, for where the raw HTTP path cannot serve)
-keeps aiobotocore, imported only when it runs. botocore is imported lazily.
+For a simple setup HEAD and presigning take the light plane (``_light``: no botocore);
+otherwise, and for everything else, botocore. Its few calls (a HEAD, a presigned URL, the
+odd tag) run on a plain botocore client in worker threads: importing aiobotocore pulls in
+aiohttp, which loads the CA store into two SSL contexts at import, and its client takes
+longer to create and to make its first request; measured here the plain client costs
+about 0.15 s less of every run's fixed cost. The fallback data plane (streaming
+aiobotocore's response bodies, for where the raw HTTP path cannot serve) keeps
+aiobotocore, imported only when it runs. botocore is imported lazily.
 """
 
 from __future__ import annotations
@@ -31,17 +32,15 @@ from ._exceptions import (
     AccessDenied,
     EndpointUnreachable,
     FastpipeError,
-    IntegrityError,
     ObjectNotFound,
     SourceError,
     UsageError,
 )
-from ._http import parse_content_range
 from ._objectinfo import PinnedObject, object_info_from_head
 from ._s3meta import (
     TransientError,
+    check_range_response,
     map_s3_error,
-    object_changed,
     parts_from_etag,
     quoted_etag,
     strip_etag,
@@ -49,37 +48,12 @@ from ._s3meta import (
 from ._source import S3Location
 
 if TYPE_CHECKING:
+    from ._light import LightControl
     from ._objectinfo import ObjectInfo
 
+__all__ = ["S3Control", "check_range_response"]
+
 logger = logging.getLogger(__name__)
-
-
-def check_range_response(
-    obj: PinnedObject,
-    start: int,
-    end: int,
-    *,
-    status: int,
-    content_length: int | None,
-    content_range: str | None,
-    response_etag: str | None,
-) -> None:
-    """Refuse a 2xx answer to ``GET bytes=start..end-1`` that is not that range of the
-    object seen by HEAD (both data planes call this before writing a byte)."""
-    location, size, etag = obj.location, obj.info.size, obj.info.etag
-    if status == 200 and not (start == 0 and end == size):
-        raise IntegrityError(f"{location}: server ignored the byte range")
-    if content_length is not None and content_length != end - start:
-        raise IntegrityError(f"{location}: server sent a different range length than asked")
-    if status == 206:
-        parsed = parse_content_range(content_range or "")
-        if parsed is None or parsed[0] != start or parsed[1] != end - 1:
-            raise IntegrityError(f"{location}: server sent another range than asked")
-        if parsed[2] is not None and parsed[2] != size:
-            raise object_changed(location, f"size {size} became {parsed[2]}")
-    got = strip_etag(response_etag)
-    if etag and got and got != etag:
-        raise object_changed(location, f"ETag {etag} became {got}")
 
 
 def _quiet_unverified_warning(endpoint_url: str | None) -> None:
@@ -116,6 +90,29 @@ class S3Control:
         self._data_client: Any = None
         self._client_lock = anyio.Lock()
         self._tls: ssl.SSLContext | None = None
+        self._light: LightControl | None = None
+        self._light_decided = False
+
+    def light(self, location: S3Location) -> LightControl | None:
+        """The light control plane (no botocore) when it serves ``location``, else None.
+
+        Whether the setup allows it is decided on first call, once per engine.
+        """
+        from ._lightsetup import light_setup, plain_bucket
+
+        if not self._light_decided:
+            self._light_decided = True
+            setup, why = light_setup(self.config)
+            if setup is not None:
+                from ._light import LightControl
+
+                self._light = LightControl(setup, self.config, self.data_plane_tls)
+            logger.debug("control plane: %s (%s)", "light" if setup else "botocore", why)
+        return self._light if self._light and plain_bucket(location.bucket) else None
+
+    def control_plane(self, location: S3Location) -> str:
+        """``light`` or ``botocore``: the control plane that serves ``location``."""
+        return "light" if self.light(location) is not None else "botocore"
 
     async def client(self) -> Any:
         """The botocore S3 client (created on first call); botocore retries its calls.
@@ -250,6 +247,8 @@ class S3Control:
 
     async def close(self) -> None:
         """Close the clients and their connection pools."""
+        if self._light is not None:
+            self._light.close()
         if self._exit_stack is not None:
             await self._exit_stack.aclose()
         if self._client is not None:
@@ -321,6 +320,9 @@ class S3Control:
 
     async def head(self, location: S3Location) -> ObjectInfo:
         """HEAD the object (checksums enabled); for multipart objects also part 1's size."""
+        light = self.light(location)
+        if light is not None:
+            return await light.head(location)
         client = await self.client()
         params: dict[str, Any] = {
             "Bucket": location.bucket,
@@ -358,6 +360,9 @@ class S3Control:
         Range and If-Match travel as plain headers beside it. The URL holds a signature:
         never print it.
         """
+        light = self.light(location)
+        if light is not None:
+            return light.presign(location, version_id)
         client = await self.client()
         params: dict[str, Any] = {"Bucket": location.bucket, "Key": location.key}
         if version_id:

@@ -11,15 +11,21 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ._exceptions import (
     AccessDenied,
     FastpipeError,
+    IntegrityError,
     ObjectChanged,
     ObjectNotFound,
     SourceError,
 )
+from ._http import parse_content_range
 from ._source import S3Location
+
+if TYPE_CHECKING:
+    from ._objectinfo import PinnedObject
 
 # -- ETags --------------------------------------------------------------------------------
 
@@ -168,3 +174,31 @@ def _mapped(
 def object_changed(location: S3Location, detail: str) -> ObjectChanged:
     """The error for an object replaced while it was read (``detail`` says how)."""
     return ObjectChanged(f"{location}: the object changed during the download ({detail})")
+
+
+def check_range_response(
+    obj: PinnedObject,
+    start: int,
+    end: int,
+    *,
+    status: int,
+    content_length: int | None,
+    content_range: str | None,
+    response_etag: str | None,
+) -> None:
+    """Refuse a 2xx answer to ``GET bytes=start..end-1`` that is not that range of the
+    object seen by HEAD (both data planes call this before writing a byte)."""
+    location, size, etag = obj.location, obj.info.size, obj.info.etag
+    if status == 200 and not (start == 0 and end == size):
+        raise IntegrityError(f"{location}: server ignored the byte range")
+    if content_length is not None and content_length != end - start:
+        raise IntegrityError(f"{location}: server sent a different range length than asked")
+    if status == 206:
+        parsed = parse_content_range(content_range or "")
+        if parsed is None or parsed[0] != start or parsed[1] != end - 1:
+            raise IntegrityError(f"{location}: server sent another range than asked")
+        if parsed[2] is not None and parsed[2] != size:
+            raise object_changed(location, f"size {size} became {parsed[2]}")
+    got = strip_etag(response_etag)
+    if etag and got and got != etag:
+        raise object_changed(location, f"ETag {etag} became {got}")

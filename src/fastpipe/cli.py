@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--max-attempts", type=positive_int, default=5)
     run.add_argument("--data-plane", choices=["auto", "raw", "botocore"], default="auto")
+    run.add_argument(
+        "--control-plane",
+        choices=["auto", "botocore"],
+        default="auto",
+        help="HEAD and signing: auto (without botocore when the setup is simple) or botocore",
+    )
     run.add_argument("--no-verify-tls", action="store_true", help="do not verify TLS certificates")
     run.add_argument("--force", action="store_true", help="replace an existing destination")
     run.add_argument(
@@ -292,6 +298,7 @@ def _run_setup(args: argparse.Namespace) -> tuple[list[Stage] | None, Config] | 
             region=args.region,
             verify_tls=not args.no_verify_tls,
             data_plane=args.data_plane,
+            control_plane=args.control_plane,
             **_many_cli.budget_settings(args),
         )
         _many_cli.check_many(args)
@@ -337,7 +344,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 outcome["error"] = exc
             await _many_cli.write_sinks(outcome, sinks)
 
-    _import_botocore_without_crt(args.source)
+    if not _light_serves(config, args.source):
+        _import_botocore_without_crt(args.source)
     _many_cli.run_until_signal(work, outcome)
     if bar is not None:
         bar.close()
@@ -364,6 +372,17 @@ def _run_outcome(args: argparse.Namespace, outcome: dict[str, Any]) -> int:
     if not report.passed and not args.json:
         print(f"fastpipe: {printable(report.error)}", file=sys.stderr)
     return report.exit_code
+
+
+def _light_serves(config: Config, source: str) -> bool:
+    """True when the light control plane will HEAD and sign ``source``: no botocore."""
+    from ._lightsetup import light_setup, plain_bucket
+
+    bucket = source[5:].partition("/")[0] if source.startswith("s3://") else ""
+    try:
+        return plain_bucket(bucket) and light_setup(config)[0] is not None
+    except FastpipeError:
+        return False  # a bad AWS_ENDPOINT_URL: the engine says so in its own words
 
 
 def _import_botocore_without_crt(source: str) -> None:
