@@ -266,7 +266,9 @@ ELIGIBILITY = [
     ({"AWS_REGION": "eu-west-1"}, {}, "", True),
     ({}, {}, "[default]\nregion = eu-west-1\noutput = json\n", True),
     ({"AWS_DEFAULT_REGION": ""}, {}, "[default]\nregion = eu-west-1\n", True),
-    ({"AWS_DEFAULT_REGION": ""}, {}, "", False),  # botocore's own default region
+    ({"AWS_DEFAULT_REGION": ""}, {}, "", True),  # us-east-1, as the botocore client gets
+    ({"AWS_DEFAULT_REGION": None}, {}, "[default]\nregion = eu-west-1\n", True),
+    ({"AWS_DEFAULT_REGION": None}, {}, "", True),
     ({"AWS_PROFILE": "other"}, {}, "", False),
     ({"AWS_USE_FIPS_ENDPOINT": "true"}, {}, "", False),
     ({"AWS_USE_DUALSTACK_ENDPOINT": "true"}, {}, "", False),
@@ -295,13 +297,16 @@ ELIGIBILITY = [
 def test_eligibility(
     aws_env: pytest.MonkeyPatch,
     tmp_path: Path,
-    env: dict[str, str],
+    env: dict[str, str | None],
     options: dict[str, Any],
     config_file: str,
     light: bool,
 ) -> None:
     for name, value in env.items():
-        aws_env.setenv(name, value)
+        if value is None:
+            aws_env.delenv(name)
+        else:
+            aws_env.setenv(name, value)
     if config_file:
         (tmp_path / "config").write_text(config_file)
         aws_env.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
@@ -309,6 +314,11 @@ def test_eligibility(
     setup, why = light_setup(config)
     assert (setup is not None) == light, why
     control = S3Control(config)
+    if setup is not None:  # it signs for the region the botocore client is created with
+        import botocore.session
+
+        options = control._client_options(botocore.session.get_session(), {})
+        assert setup.region == options["region_name"]
     where = S3Location("bucket", "key")
     assert control.control_plane(where) == ("light" if light else "botocore")
 

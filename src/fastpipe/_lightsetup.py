@@ -79,9 +79,7 @@ def light_setup(config: Config) -> tuple[LightSetup | None, str]:
     base, host, reason = _endpoint(endpoint)
     if reason:
         return None, reason
-    region, reason = _region(config)
-    if region is None:
-        return None, reason
+    region = _region(config)
     creds = Credentials(
         os.environ["AWS_ACCESS_KEY_ID"],
         os.environ["AWS_SECRET_ACCESS_KEY"],
@@ -122,14 +120,15 @@ def _endpoint(endpoint: str) -> tuple[str, str, str]:
     return f"{scheme}://{netloc}", netloc, ""
 
 
-def _region(config: Config) -> tuple[str | None, str]:
-    """The region botocore would sign with; None when it would be its default."""
+def _region(config: Config) -> str:
+    """The region the botocore client is created with (``S3Control._client_options``):
+    the config's, else botocore's configured one, else us-east-1, which we pass it."""
     if config.region:
-        return config.region, ""
-    region = os.environ.get("AWS_DEFAULT_REGION") or _profile().get("region")
-    if region:
-        return region, ""
-    return None, "no region set (Config.region, AWS_DEFAULT_REGION or the config file)"
+        return config.region
+    # botocore takes the variable when it is set, even empty: then the file is not read.
+    if "AWS_DEFAULT_REGION" in os.environ:
+        return os.environ["AWS_DEFAULT_REGION"] or "us-east-1"
+    return _profile().get("region") or "us-east-1"
 
 
 def _config_path() -> str:
