@@ -116,7 +116,8 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
     out = subprocess.run(
         [sys.executable, "-m", "fastpipe.cli", "bench", "--sizes", "1MiB,2MiB", "--repeat", "1"]
-        + ["--warmup", "0", "--variants", "fastpipe,sequential", "--no-low-entropy"]
+        + ["--warmup", "0", "--variants", "fastpipe,sequential,fastpipe-library"]
+        + ["--no-low-entropy"]
         + ["--out", str(tmp_path / "out")],
         capture_output=True,
         text=True,
@@ -127,7 +128,9 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     runs = results["runs"]
     assert {(r["variant"], r["size"]) for r in runs} == {
-        (v, s) for v in ("fastpipe", "sequential") for s in (1 << 20, 2 << 20)
+        (v, s)
+        for v in ("fastpipe", "sequential", "fastpipe-library")
+        for s in (1 << 20, 2 << 20)
     }
     assert all(r["exit_code"] == 0 and r["detail"].get("passed") for r in runs)
     # The server's CPU time is measured through LocalS3.pid.
@@ -167,6 +170,7 @@ def test_targets_and_table_per_link_rate() -> None:
     }
     runs = [_run(v, s, rate) for v, s in seconds.items()]
     runs += [_run("fastpipe", 1.5, None), _run("sequential", 1.8, None)]
+    runs += [_run("fastpipe-library", 0.9, None), _run("s5cmd", 1.1, None)]
     checks = {name: (value, limit) for name, value, limit, _ in check_targets(runs)}
     at = "1.0 GiB at 2.4Gbit"
     assert checks[f"{at}: fastpipe / fastpipe-download"] == (pytest.approx(4.0 / 3.9), 1.05)
@@ -176,10 +180,14 @@ def test_targets_and_table_per_link_rate() -> None:
     assert checks[f"{at}: fastpipe / three-services"] == (pytest.approx(4.0 / 11.0), 0.40)
     assert checks[f"{at}: fastpipe-download / s5cmd"] == (pytest.approx(3.9 / 3.6), 1.05)
     assert checks["1.0 GiB at unlimited: fastpipe / sequential"] == (pytest.approx(1.5 / 1.8), 0.8)
+    assert checks["1.0 GiB at unlimited: fastpipe-library / s5cmd"] == (
+        pytest.approx(0.9 / 1.1),
+        0.85,
+    )
     table = format_table(runs).splitlines()
     assert table[0].split()[0] == "link"
-    assert [line.split()[0] for line in table[1:3]] == ["unlimited", "unlimited"]
-    assert {line.split()[0] for line in table[3:]} == {"2.4Gbit"}
+    assert [line.split()[0] for line in table[1:5]] == ["unlimited"] * 4
+    assert {line.split()[0] for line in table[5:]} == {"2.4Gbit"}
 
 
 needs_root_and_tc = pytest.mark.skipif(

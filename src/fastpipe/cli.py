@@ -189,7 +189,8 @@ def _add_tool_parsers(sub: Any) -> None:
         type=_names,
         default=None,
         help="comma-separated subset of: fastpipe, sequential, three-services, "
-        "fastpipe-download, s5cmd, boto3, local-stages, fastpipe-chunk, pyfastcdc",
+        "fastpipe-download, fastpipe-library, s5cmd, boto3, local-stages, fastpipe-chunk, "
+        "pyfastcdc",
     )
     bench.add_argument("--no-low-entropy", action="store_true", help="skip the low-entropy object")
     bench.add_argument(
