@@ -33,6 +33,7 @@ import anyio
 
 from ._config import Config, format_size
 from ._exceptions import BudgetExceeded
+from ._sharing import InFlight
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +159,8 @@ class Budgets:
         self._connections = anyio.Semaphore(self.max_connections)
         self._file_stages = anyio.Semaphore(self.file_stage_slots)
         self.disk = DiskBudget(self.disk_budget, strict=config.disk_budget is not None)
+        #: Objects admitted and not yet ended, over time (what the time model shares).
+        self.in_flight = InFlight()
 
     @property
     def admitted(self) -> int:
