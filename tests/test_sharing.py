@@ -290,3 +290,17 @@ def test_reports_say_what_they_shared(put_object: Any) -> None:
         assert load["share_seconds"] is not None and load["share_seconds"] > 0
         assert load["stay_seconds"] >= load["download_span"] > 0
         assert "in_flight_expected" in load and "shared" in load
+
+
+def test_default_disk_budget_stays_below_the_writeback_threshold(tmp_path: Any) -> None:
+    from fastpipe._budgets import default_disk_budget, writeback_threshold
+
+    vmstat = tmp_path / "vmstat"
+    vmstat.write_text("nr_dirty 10\nnr_dirty_background_threshold 1000\n")
+    assert writeback_threshold(str(vmstat)) == 1000 * os.sysconf("SC_PAGE_SIZE")
+    vmstat.write_text("nr_dirty 10\n")
+    assert writeback_threshold(str(vmstat)) is None
+    assert writeback_threshold(str(tmp_path / "missing")) is None
+    threshold = writeback_threshold()
+    if threshold:  # Linux
+        assert default_disk_budget(tmp_path) <= threshold

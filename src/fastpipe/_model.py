@@ -575,7 +575,7 @@ class TimeModel:
         ``download_key`` names the download's rate (None: a local file, read in place).
         """
         load = load or Load()
-        shared = self.sharing.fit() if load.in_flight > 1 and download_key else None
+        shared = self.sharing.fit(size) if load.in_flight > 1 and download_key else None
         if shared is not None:
             return self._predict_shared(size, stages, download_key, load, shared)
         stages = tuple(stages)

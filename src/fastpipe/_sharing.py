@@ -232,17 +232,21 @@ class SharingModel:
         if point.size > 0 and point.capacity > 0 and all(math.isfinite(v) for v in values):
             self.points.append(point)
 
-    def fit(self) -> Shared | None:
+    def fit(self, size: int | None = None) -> Shared | None:
         """The fit, or None before :data:`MIN_SHARED` objects.
 
         Each object's share-seconds (its share of the engine integrated over its
         download) against its size: the slope of a Theil-Sen line is the time per byte
         of the whole engine, its intercept the overhead (an object's first requests);
         with too narrow a spread of sizes, the median time per byte and no overhead.
+        The neighbours' weight and count are what objects of about ``size`` (within a
+        factor of 2, when there are enough) saw: a long object sees its short
+        neighbours come and go, with gaps, a short one sees the long ones downloading.
         """
         points = list(self.points)
         if len(points) < MIN_SHARED:
             return None
+        alike = _alike(points, size)
         xy = [(float(p.size), p.size / p.capacity) for p in points]
         per_byte = theil_sen(xy)
         overhead = 0.0
@@ -257,10 +261,10 @@ class SharingModel:
             after=max(0.0, statistics.median(p.after for p in points)),
             typical_size=statistics.mean(p.size for p in points),
             typical_weight=statistics.median(
-                p.neighbour_weight if p.neighbour_weight > 0 else p.weight for p in points
+                p.neighbour_weight if p.neighbour_weight > 0 else p.weight for p in alike
             ),
             objects=len(points),
-            others=statistics.median(p.others for p in points),
+            others=statistics.median(p.others for p in alike),
         )
 
     def to_list(self) -> list[list[float]]:
@@ -276,6 +280,14 @@ class SharingModel:
             size, weight, capacity, before, after, others, nw = (float(v) for v in row)
             model.add(SharedPoint(int(size), weight, capacity, before, after, others, max(0.0, nw)))
         return model
+
+
+def _alike(points: list[SharedPoint], size: int | None) -> list[SharedPoint]:
+    """The points of objects within a factor of 2 of ``size``, if there are enough."""
+    if size is None:
+        return points
+    near = [p for p in points if size / 2 <= p.size <= size * 2]
+    return near if len(near) >= MIN_SHARED else points
 
 
 def shared_finish(
