@@ -304,3 +304,15 @@ def test_default_disk_budget_stays_below_the_writeback_threshold(tmp_path: Any) 
     threshold = writeback_threshold()
     if threshold:  # Linux
         assert default_disk_budget(tmp_path) <= threshold
+
+
+def test_rates_follow_a_machine_whose_speed_changes() -> None:
+    from fastpipe._model import WINDOW, recent_median
+
+    assert recent_median([1.0, 2.0, 3.0]) == 2.0
+    assert recent_median([9.0] + [1.0] * 4) == 1.0  # one outlier does not move it
+    # After a long run at 100, the machine halves its speed: within 8 objects the
+    # recency-weighted median is the new speed (the plain median of 32 needs 17).
+    old = [100.0] * (WINDOW - 8)
+    assert recent_median(old + [50.0] * 8) == 50.0
+    assert recent_median(old + [50.0] * 4) == 100.0
