@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import statistics
 import tempfile
 import threading
 import time
@@ -70,6 +69,9 @@ EARLY_LAST_WINDOW = 16 * MiB
 #: How many bytes of evidence a learned rate counts for against what an object in flight
 #: shows so far (the ETA trusts the object's own rate more as its bytes arrive).
 PRIOR_BYTES = 64 * MiB
+#: The same for the capacity an object sharing the engine saw so far: its first bytes
+#: come slower (its parts start while the others' run), so they count for less.
+SHARED_PRIOR_BYTES = 256 * MiB
 
 #: Seconds of fixed cost per object (HEAD, temp file, commit) before anything is learned.
 BUILTIN_FIXED = 0.5
@@ -325,7 +327,7 @@ class Prediction:
             left += shared.overhead  # its first requests are still ahead
         elif at.share_so_far > 0:  # its own capacity so far, its overhead counted as done
             done = at.downloaded + shared.overhead
-            weight = at.downloaded / (at.downloaded + PRIOR_BYTES)
+            weight = at.downloaded / (at.downloaded + SHARED_PRIOR_BYTES)
             per_byte = weight * at.share_so_far / done + (1 - weight) / capacity
             capacity = 1.0 / per_byte
         seconds, _ = replace(shared, capacity=capacity).finish(
@@ -541,10 +543,11 @@ class TimeModel:
 
         Each object gives a point (its pass at its own rates, its time less its tail and
         admission wait); a Theil-Sen line through the window's points (the median of the
-        pairwise slopes, then the median intercept) gives the overlap factor (the slope:
-        on a machine whose cores the download and the stages share, the pass runs longer
-        than its slowest phase alone) and the fixed cost (the intercept). With too narrow
-        a spread of sizes the factor is 1 and the fixed cost the median residual.
+        pairwise slopes, then the recency-weighted median intercept) gives the overlap
+        factor (the slope: on a machine whose cores the download and the stages share, the
+        pass runs longer than its slowest phase alone) and the fixed cost (the intercept).
+        With too narrow a spread of sizes the factor is 1 and the fixed cost the median
+        residual.
         """
         with self._lock:
             points = list(self._fixed)
@@ -553,7 +556,8 @@ class TimeModel:
         factor = theil_sen(points)
         low, high = OVERLAP_BOUNDS
         factor = 1.0 if factor is None else min(max(factor, low), high)
-        fixed = max(0.0, statistics.median(y - factor * x for x, y in points))
+        # The intercept follows the recent objects (the fixed cost moves with the load).
+        fixed = max(0.0, recent_median([y - factor * x for x, y in points]))
         return fixed, factor, "learned", len(points)
 
     @property
