@@ -10,8 +10,11 @@ engine overlaps them:
   ``chunk``), runs alongside: it may not pass the download, and it takes its last window
   only after the stream stages passed;
 - the other file stages are the tail, one after another, after the pass;
-- with several objects in flight an object gets a share of the connections (its download
-  rate) and of the heavy-stage slots (its file stages' rates), after an admission wait.
+- with several objects in flight, after its admission wait, an object shares the
+  engine's capacity with the others by weight (``_sharing``: weighted processor
+  sharing, learned from the objects that shared it); until that is learned, it gets a
+  share of the connections (its download rate) and of the heavy-stage slots (its file
+  stages' rates).
 
 Rates are learned online from the engine's finished objects (:meth:`TimeModel.learn`),
 per stage identity (:meth:`Stage.cost_key`: the name plus the options that change the
