@@ -33,6 +33,7 @@ import anyio
 
 from ._config import Config, format_size
 from ._exceptions import BudgetExceeded
+from ._sharing import InFlight
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +43,41 @@ DISK_SHARE = 0.9
 
 def default_disk_budget(folder: str | os.PathLike[str] | None = None) -> int:
     """90% of the free space where ``folder`` is (its nearest existing parent: a ``dest``
-    may name a file not written yet; default the temp folder), at least 1 byte. When the
-    space cannot be read, no limit (a full disk is still a LocalIOError)."""
+    may name a file not written yet; default the temp folder), at least 1 byte, and at
+    most the kernel's writeback threshold (:func:`writeback_threshold`). When the space
+    cannot be read, no limit but that one (a full disk is still a LocalIOError)."""
     path = os.path.abspath(os.fspath(folder or tempfile.gettempdir()))
     while not os.path.isdir(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     try:
-        free = shutil.disk_usage(path).free
+        budget = max(1, int(shutil.disk_usage(path).free * DISK_SHARE))
     except OSError:
-        return 1 << 62
-    return max(1, int(free * DISK_SHARE))
+        budget = 1 << 62
+    threshold = writeback_threshold()
+    return min(budget, threshold) if threshold else budget
+
+
+def writeback_threshold(vmstat: str = "/proc/vmstat") -> int | None:
+    """Bytes of dirty page cache past which the kernel starts writing back to disk
+    (``nr_dirty_background_threshold``, Linux), or None when it cannot be read.
+
+    Temp files are written, read by the stages and removed: while the engine holds less
+    than this, their bytes never reach the disk. Past it, the kernel writes back bytes
+    about to be removed, and every object in flight slows down (three 1 GiB objects at
+    once on a 24 GiB machine: 1 GiB written back, 4.4-5.1 s instead of about 3.3 s). The
+    default disk budget stays below it, so that an object waits to be admitted (a wait
+    the time model knows) rather than slowing the others down unpredictably.
+    """
+    try:
+        with open(vmstat, encoding="ascii") as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == "nr_dirty_background_threshold":
+                    pages = int(value)
+                    return pages * os.sysconf("SC_PAGE_SIZE") if pages > 0 else None
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def default_file_stage_slots() -> int:
@@ -158,6 +184,8 @@ class Budgets:
         self._connections = anyio.Semaphore(self.max_connections)
         self._file_stages = anyio.Semaphore(self.file_stage_slots)
         self.disk = DiskBudget(self.disk_budget, strict=config.disk_budget is not None)
+        #: Objects admitted and not yet ended, over time (what the time model shares).
+        self.in_flight = InFlight()
 
     @property
     def admitted(self) -> int:

@@ -30,6 +30,7 @@ from ._onepass import OnePass
 from ._placement import ObjectPlacement, Placement
 from ._report import Plane, Report, StageReport, log_done
 from ._s3 import S3Control
+from ._sharing import weight_of
 from ._sinks import Sink, TagSink
 from ._source import LocalLocation, S3Location, parse_source
 from ._stagelist import StagesPerObject
@@ -242,9 +243,13 @@ class Engine:
                 job.admission_wait = report.queued_seconds  # what the time model adds
                 job.in_flight = self.budgets.admitted
                 job.heavy_slots = self.budgets.file_stage_slots
+                job.tracker = tracker = self.budgets.in_flight
                 fetcher = Fetcher(self._s3, self.config, job, self.budgets.connection)
                 one = OnePass(job, self.config, fetcher, self._model, self.budgets.file_stage)
-                await one.download_and_commit()
+                weight = weight_of(report.download.parts, self.config.max_concurrency)
+                stats = fetcher.stats  # read as bytes arrive: its bytes left, for the others
+                with tracker.stay(report, info.size, weight, lambda: stats.bytes) as job.ticket:
+                    await one.download_and_commit()
             finally:
                 with anyio.CancelScope(shield=True):  # cleans up after a cancel too
                     await anyio.to_thread.run_sync(placed.close)

@@ -20,6 +20,7 @@ from ._model import Prediction
 from ._objectinfo import ObjectInfo, PinnedObject
 from ._placement import ObjectPlacement
 from ._report import Phase, Plane, Progress, Report, Status
+from ._sharing import InFlight, Ticket
 from ._source import LocalLocation, S3Location
 from .stages._base import Stage, StreamStage
 
@@ -66,8 +67,12 @@ class Job:
     #: when it was admitted: the time model's shares of connections and slots.
     in_flight: int = field(default=1, init=False)
     heavy_slots: int | None = field(default=None, init=False)
+    #: The engine's objects in flight (the ETA re-plans as they come and go).
+    tracker: InFlight | None = field(default=None, init=False)
     #: The time model's prediction, made before the first byte (None: no model).
     prediction: Prediction | None = field(default=None, init=False)
+    #: Its stay among the objects in flight (None: not counted, e.g. a local file).
+    ticket: Ticket | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.stream_indices = [i for i, s in enumerate(self.stages) if isinstance(s, StreamStage)]

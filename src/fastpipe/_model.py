@@ -10,8 +10,11 @@ engine overlaps them:
   ``chunk``), runs alongside: it may not pass the download, and it takes its last window
   only after the stream stages passed;
 - the other file stages are the tail, one after another, after the pass;
-- with several objects in flight an object gets a share of the connections (its download
-  rate) and of the heavy-stage slots (its file stages' rates), after an admission wait.
+- with several objects in flight, after its admission wait, an object shares the
+  engine's capacity with the others by weight (``_sharing``: weighted processor
+  sharing, learned from the objects that shared it); until that is learned, it gets a
+  share of the connections (its download rate) and of the heavy-stage slots (its file
+  stages' rates).
 
 Rates are learned online from the engine's finished objects (:meth:`TimeModel.learn`),
 per stage identity (:meth:`Stage.cost_key`: the name plus the options that change the
@@ -29,7 +32,6 @@ import json
 import logging
 import math
 import os
-import statistics
 import tempfile
 import threading
 import time
@@ -39,6 +41,15 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
+from ._sharing import (
+    ALONE_BELOW,
+    Shared,
+    SharedPoint,
+    SharingModel,
+    load_figures,
+    theil_sen,
+)
+
 logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
@@ -47,8 +58,12 @@ STATE_VERSION = 2
 #: Bounds of the learned overlap factor (how much longer the pass runs than its slowest
 #: phase alone, when the phases compete for the same cores).
 OVERLAP_BOUNDS = (0.8, 3.0)
-#: Observations kept per key: the median of these is the rate used.
+#: Observations kept per key: their recency-weighted median is the rate used.
 WINDOW = 32
+#: Objects after which an observation weighs half as much in that median: the model
+#: follows a machine whose speed changes (another load came) within a few objects, and
+#: one outlier still cannot move it.
+HALF_LIFE = 8
 #: Objects smaller than this teach no rate (their time is mostly latency), only the
 #: fixed cost.
 MIN_RATE_BYTES = 4 * MiB
@@ -57,6 +72,9 @@ EARLY_LAST_WINDOW = 16 * MiB
 #: How many bytes of evidence a learned rate counts for against what an object in flight
 #: shows so far (the ETA trusts the object's own rate more as its bytes arrive).
 PRIOR_BYTES = 64 * MiB
+#: The same for the capacity an object sharing the engine saw so far: its first bytes
+#: come slower (its parts start while the others' run), so they count for less.
+SHARED_PRIOR_BYTES = 256 * MiB
 
 #: Seconds of fixed cost per object (HEAD, temp file, commit) before anything is learned.
 BUILTIN_FIXED = 0.5
@@ -148,6 +166,12 @@ class Load:
     connection_share: float = 1.0
     heavy_share: float = 1.0
     admission_wait: float = 0.0
+    #: Objects in flight when it was admitted (itself included), its weight (connections
+    #: it holds while downloading) and the ``(bytes left, weight)`` of the others
+    #: downloading then: what the sharing model runs forward.
+    in_flight: int = 1
+    weight: float = 1.0
+    neighbours: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not (0 < self.connection_share <= 1 and 0 < self.heavy_share <= 1):
@@ -163,7 +187,7 @@ class Load:
         slots (default: one each)."""
         n = max(1, in_flight)
         slots = n if heavy_slots is None else max(1, heavy_slots)
-        return cls(1.0 / n, min(1.0, slots / n), admission_wait)
+        return cls(1.0 / n, min(1.0, slots / n), admission_wait, n)
 
 
 @dataclass(frozen=True)
@@ -188,7 +212,9 @@ class Position:
     ``stream_busy``: seconds the stream stages spent on them; ``download_seconds``:
     seconds since the download started; ``early_done``: bytes the early file stage
     consumed; ``file_stages_done``: tail stages finished; ``in_stage``: seconds spent in
-    the tail stage now running.
+    the tail stage now running; ``neighbours``: ``(bytes left, weight)`` of the other
+    objects downloading now (None: not known); ``share_so_far``: the object's share of
+    the engine integrated since it was admitted (seconds).
     """
 
     downloaded: int = 0
@@ -198,6 +224,8 @@ class Position:
     early_done: int = 0
     file_stages_done: int = 0
     in_stage: float = 0.0
+    neighbours: tuple[tuple[float, float], ...] | None = None
+    share_so_far: float = 0.0
 
 
 def _blend(model_rate: float, done: int, seconds: float, prior: float) -> float:
@@ -233,6 +261,12 @@ class Prediction:
     rates: tuple[Rate, ...]
     load: Load = field(default_factory=Load)
     objects: int = 0
+    #: What the sharing model learned, when the object shares the engine (None: alone,
+    #: or the shares arithmetic); the seconds it would take alone; the objects in flight
+    #: over its life as the sharing model expects them.
+    shared: Shared | None = None
+    lone_seconds: float = 0.0
+    in_flight_expected: float = 1.0
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready: the report's ``model`` field."""
@@ -256,6 +290,12 @@ class Prediction:
             "load": {
                 "connection_share": self.load.connection_share,
                 "heavy_share": self.load.heavy_share,
+                "in_flight": self.load.in_flight,
+                "weight": self.load.weight,
+                "neighbours": len(self.load.neighbours),
+                "in_flight_expected": self.in_flight_expected,
+                "lone_seconds": self.lone_seconds,
+                "shared": None if self.shared is None else self.shared.to_dict(),
             },
         }
 
@@ -273,10 +313,38 @@ class Prediction:
     def remaining(self, at: Position) -> float:
         """Seconds left to the end of the object from ``at``: the download left, the
         stream work left, the early file stage and the tail stages, blended with the rates
-        the object shows so far."""
+        the object shows so far (sharing the engine: with its own pace so far)."""
+        if self.shared is not None and at.neighbours is not None:
+            return self._shared_remaining(self.shared, at)
+        return self._left(at, own=True)
+
+    def _shared_remaining(self, shared: Shared, at: Position) -> float:
+        """The download left, shared with the neighbours of the moment (it re-plans as
+        they come and go) at the capacity this object saw so far blended with the
+        learned one, then the seconds after the download."""
+        left = float(self.size - at.downloaded)
+        if left <= 0:
+            return self._left(at, own=False)
+        capacity = shared.capacity
+        if at.downloaded <= 0:
+            left += shared.overhead  # its first requests are still ahead
+        elif at.share_so_far > 0:  # its own capacity so far, its overhead counted as done
+            done = at.downloaded + shared.overhead
+            weight = at.downloaded / (at.downloaded + SHARED_PRIOR_BYTES)
+            per_byte = weight * at.share_so_far / done + (1 - weight) / capacity
+            capacity = 1.0 / per_byte
+        seconds, _ = replace(shared, capacity=capacity).finish(
+            left, self.load.weight, at.neighbours or ()
+        )
+        return seconds + shared.after
+
+    def _left(self, at: Position, own: bool) -> float:
+        """The arithmetic of :meth:`remaining` (``own``: blended with the object's
+        rates so far; else at the model's rates only)."""
         size = self.size
         d, rates = self._effective()
-        prior_dl = PRIOR_BYTES if self.download_rate and self.download_rate.objects else 0.0
+        trusted = own and self.download_rate is not None and self.download_rate.objects > 0
+        prior_dl = PRIOR_BYTES if trusted else (0.0 if own else math.inf)
         dl_left = 0.0
         if d is not None:
             d = _blend(d, at.downloaded, at.download_seconds, prior_dl)
@@ -287,6 +355,7 @@ class Prediction:
         stream_left = dl_left
         if stream_rate is not None:
             prior_s = PRIOR_BYTES if any(r.objects for r in self.rates) else 0.0
+            prior_s = prior_s if own else math.inf
             stream_rate = _blend(stream_rate, at.streamed, at.stream_busy, prior_s)
             stream_left = max(dl_left, max(0, size - at.streamed) / stream_rate)
         pass_left = stream_left
@@ -366,6 +435,14 @@ class Observation:
     load: Load = field(default_factory=Load)
     #: Bytes taken from a resumed temp file: the total time says little then.
     reused_bytes: int = 0
+    #: Objects in flight over its life, time-averaged (itself included; None: unknown);
+    #: its weight, its share of the engine integrated over its download, the download's
+    #: span and its whole stay after admission (seconds): what the sharing model learns.
+    in_flight_avg: float | None = None
+    weight: float = 1.0
+    share_seconds: float | None = None
+    download_span: float | None = None
+    stay_seconds: float | None = None
 
     @classmethod
     def from_report(
@@ -399,6 +476,25 @@ class Observation:
         )
 
 
+def shared_point(obs: Observation) -> SharedPoint | None:
+    """What an object that shared the engine teaches (None: figures missing)."""
+    share, span, stay = obs.share_seconds, obs.download_span, obs.stay_seconds
+    if not share or not span or stay is None or obs.in_flight_avg is None:
+        return None
+    others = max(0.0, obs.in_flight_avg - 1.0)
+    # Its average share was weight / (weight + others' weight): the others' weight.
+    others_weight = obs.weight * max(0.0, span / share - 1.0)
+    return SharedPoint(
+        size=obs.size,
+        weight=obs.weight,
+        capacity=obs.download_bytes / share,
+        before=obs.seconds - obs.load.admission_wait - stay,
+        after=stay - span,
+        others=others,
+        neighbour_weight=others_weight / others if others > 0.05 else 0.0,
+    )
+
+
 class TimeModel:
     """Predicts end-to-end seconds and learns from finished objects (thread-safe).
 
@@ -414,6 +510,8 @@ class TimeModel:
         self._rates: dict[str, deque[float]] = {}
         #: (pass seconds at the object's own rates, its time less the tail and the wait)
         self._fixed: deque[tuple[float, float]] = deque(maxlen=WINDOW)
+        #: What sharing the engine does (objects in flight beside others).
+        self.sharing = SharingModel()
         self.objects = 0
         self._lock = threading.Lock()
         self._dirty = False
@@ -425,7 +523,7 @@ class TimeModel:
         with self._lock:
             window = self._rates.get(key)
             if window:
-                return Rate(key, statistics.median(window), "learned", len(window))
+                return Rate(key, recent_median(window), "learned", len(window))
         if key in self.calibrated:
             return Rate(key, self.calibrated[key], "calibrated")
         family = key.split(":", 1)[0]
@@ -448,19 +546,21 @@ class TimeModel:
 
         Each object gives a point (its pass at its own rates, its time less its tail and
         admission wait); a Theil-Sen line through the window's points (the median of the
-        pairwise slopes, then the median intercept) gives the overlap factor (the slope:
-        on a machine whose cores the download and the stages share, the pass runs longer
-        than its slowest phase alone) and the fixed cost (the intercept). With too narrow
-        a spread of sizes the factor is 1 and the fixed cost the median residual.
+        pairwise slopes, then the recency-weighted median intercept) gives the overlap
+        factor (the slope: on a machine whose cores the download and the stages share, the
+        pass runs longer than its slowest phase alone) and the fixed cost (the intercept).
+        With too narrow a spread of sizes the factor is 1 and the fixed cost the median
+        residual.
         """
         with self._lock:
             points = list(self._fixed)
         if not points:
             return BUILTIN_FIXED, 1.0, "builtin", 0
-        factor = _theil_sen_slope(points)
+        factor = theil_sen(points)
         low, high = OVERLAP_BOUNDS
         factor = 1.0 if factor is None else min(max(factor, low), high)
-        fixed = max(0.0, statistics.median(y - factor * x for x, y in points))
+        # The intercept follows the recent objects (the fixed cost moves with the load).
+        fixed = max(0.0, recent_median([y - factor * x for x, y in points]))
         return fixed, factor, "learned", len(points)
 
     @property
@@ -486,6 +586,9 @@ class TimeModel:
         ``download_key`` names the download's rate (None: a local file, read in place).
         """
         load = load or Load()
+        shared = self.sharing.fit(size) if load.in_flight > 1 and download_key else None
+        if shared is not None:
+            return self._predict_shared(size, stages, download_key, load, shared)
         stages = tuple(stages)
         dl_rate = self.rate(download_key, "download") if download_key else None
         rates = tuple(self.rate(c.key, c.kind) for c in stages)
@@ -514,6 +617,30 @@ class TimeModel:
             rates=rates,
             load=load,
             objects=self.objects,
+            lone_seconds=fixed + factor * max(stream_end, early_end) + tail,
+        )
+
+    def _predict_shared(
+        self,
+        size: int,
+        stages: Sequence[StageCost],
+        download_key: str | None,
+        load: Load,
+        shared: Shared,
+    ) -> Prediction:
+        """Beside others: the seconds before the download, the download shared by weight
+        with the neighbours (and typical objects up to the usual count: a closed loop),
+        and the seconds after it."""
+        lone = self.predict(size, stages, download_key=download_key)
+        download, expected = shared.finish(size + shared.overhead, load.weight, load.neighbours)
+        return replace(
+            lone,
+            seconds=load.admission_wait + shared.before + download + shared.after,
+            admission_wait=load.admission_wait,
+            load=replace(load, connection_share=1.0, heavy_share=1.0),
+            shared=shared,
+            lone_seconds=lone.seconds,
+            in_flight_expected=expected,
         )
 
     # -- learning ------------------------------------------------------------------------
@@ -531,6 +658,9 @@ class TimeModel:
         once the pass and the tail (at its own rates when it is large enough, else at the
         model's) are taken off. A resumed object teaches no fixed cost.
         """
+        if obs.in_flight_avg is not None and obs.in_flight_avg >= ALONE_BELOW:
+            self._learn_shared(obs)
+            return
         size = obs.size
         big = size >= MIN_RATE_BYTES
         with self._lock:
@@ -555,6 +685,16 @@ class TimeModel:
         if math.isfinite(rest) and pass_seconds >= 0:
             with self._lock:
                 self._fixed.append((pass_seconds, max(0.0, rest)))
+
+    def _learn_shared(self, obs: Observation) -> None:
+        """An object that shared the engine teaches the sharing model (the capacity it
+        saw, its seconds before and after the download); the lone rates stay as they are."""
+        with self._lock:
+            point = shared_point(obs)
+            if point is not None:
+                self.sharing.add(point)
+            self.objects += 1
+            self._dirty = True
 
     def _pass_and_tail(self, obs: Observation, own: bool) -> tuple[float, float]:
         costs = [c for c, _ in obs.stages]
@@ -592,6 +732,7 @@ class TimeModel:
                 "fixed": [list(p) for p in self._fixed],
                 "rates": {k: list(v) for k, v in self._rates.items()},
                 "calibrated": dict(self.calibrated),
+                "sharing": self.sharing.to_list(),
             }
 
     @classmethod
@@ -609,6 +750,7 @@ class TimeModel:
             x, y = (float(v) for v in point)
             if math.isfinite(x) and math.isfinite(y) and x >= 0 and y >= 0:
                 model._fixed.append((x, y))
+        model.sharing = SharingModel.from_list(data.get("sharing"))
         model.objects = int(data.get("objects", 0))
         return model
 
@@ -647,18 +789,21 @@ class TimeModel:
             raise
 
 
-def _theil_sen_slope(points: Sequence[tuple[float, float]]) -> float | None:
-    """The median slope over pairs of points whose x differ by a fifth or more (None when
-    there are fewer than three points or no such pair)."""
-    if len(points) < 3:
-        return None
-    slopes = [
-        (y2 - y1) / (x2 - x1)
-        for i, (x1, y1) in enumerate(points)
-        for x2, y2 in points[i + 1 :]
-        if abs(x2 - x1) >= 0.2 * max(x1, x2) and x1 != x2
-    ]
-    return statistics.median(slopes) if slopes else None
+def recent_median(values: Sequence[float], half_life: float = HALF_LIFE) -> float:
+    """The weighted median of ``values`` (oldest first), each weighing half as much as
+    the one ``half_life`` places after it: the value where half the weight is on either
+    side (the mean of the two middle ones on an exact tie, as the plain median)."""
+    n = len(values)
+    weighted = sorted((v, 0.5 ** ((n - 1 - i) / half_life)) for i, v in enumerate(values))
+    half = sum(w for _, w in weighted) / 2
+    seen = 0.0
+    for i, (value, weight) in enumerate(weighted):
+        seen += weight
+        if math.isclose(seen, half, rel_tol=1e-12) and i + 1 < n:
+            return (value + weighted[i + 1][0]) / 2
+        if seen > half:
+            return value
+    return weighted[-1][0]
 
 
 def _positive(values: Any, zero: bool = False) -> list[float]:
@@ -697,6 +842,7 @@ def observation_from_described(report: Any) -> Observation | None:
         connection_share=float(shares.get("connection_share", 1.0)),
         heavy_share=float(shares.get("heavy_share", 1.0)),
         admission_wait=float(described.get("admission_wait", 0.0)),
+        in_flight=int(shares.get("in_flight", 1)),
     )
     obs = Observation.from_report(
         report, costs, download_key=download["key"] if download else None, load=load
@@ -704,8 +850,14 @@ def observation_from_described(report: Any) -> Observation | None:
     if obs is None:
         return None
     busy = [e.get("busy_seconds") for e in entries]
+    figures = load_figures(described)
     return replace(
         obs,
+        in_flight_avg=figures["in_flight_avg"],
+        weight=figures["weight"] or 1.0,
+        share_seconds=figures["share_seconds"],
+        download_span=figures["download_span"],
+        stay_seconds=figures["stay_seconds"],
         stages=tuple(
             (cost, seconds if b is None else float(b))
             for (cost, seconds), b in zip(obs.stages, busy, strict=True)

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -199,6 +200,8 @@ class OnePass:
     async def _download(self, fetcher: Fetcher) -> None:
         try:
             await fetcher.run(self.config.max_concurrency)
+            if self.job.tracker is not None and self.job.ticket is not None:
+                self.job.tracker.downloaded(self.job.ticket)  # its share of the engine ends
         except BaseException:
             self.runner.stop()
             if self.early is not None:
@@ -218,13 +221,23 @@ class OnePass:
                 job.info,
                 download_key=plane,
                 early_file_stages=self.config.early_file_stages,
-                load=Load.shared(job.in_flight, job.heavy_slots, job.admission_wait),
+                load=self._load(),
             )
         except Exception:  # noqa: BLE001 - a user stage's cost_key must not fail the object
             logger.warning("%s: no time prediction", job.info.source, exc_info=True)
             return
         job.report.predicted_seconds = prediction.seconds
         job.report.model = prediction.describe()
+
+    def _load(self) -> Load:
+        """What the object shares the engine with: the count admitted, its weight and
+        the neighbours downloading now."""
+        job = self.job
+        load = Load.shared(job.in_flight, job.heavy_slots, job.admission_wait)
+        tracker, ticket = job.tracker, job.ticket
+        if tracker is None or ticket is None:
+            return load
+        return replace(load, weight=ticket.weight, neighbours=tracker.neighbours(ticket))
 
     def _progress_event(self) -> Progress:
         size = self.job.info.size
@@ -254,6 +267,13 @@ class OnePass:
             download_seconds=elapsed,
             early_done=early.consumed if early is not None else 0,
         )
+        tracker, ticket = job.tracker, job.ticket
+        if tracker is not None and ticket is not None:
+            position = replace(
+                position,
+                neighbours=tracker.neighbours(ticket),
+                share_so_far=tracker.share_so_far(ticket),
+            )
         return prediction.remaining(position)
 
     def _file_stage_eta(self, index: int, finished: bool) -> float | None:

@@ -74,27 +74,50 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 async def _one(engine: Engine, uri: str, size: int) -> dict[str, Any]:
     started = time.perf_counter()
     seen: dict[float, float] = {}
+    at: dict[float, float] = {}  # when each point was read (seconds into the object)
 
     def on_progress(event: Progress) -> None:
         if event.eta_seconds is None or event.total <= 0:
             return
         for point in ETA_POINTS:
             if point not in seen and event.bytes_done >= point * event.total:
-                seen[point] = time.perf_counter() - started + event.eta_seconds
+                at[point] = time.perf_counter() - started
+                seen[point] = at[point] + event.eta_seconds
 
     report = await engine.process(uri, [Checksum(), Scan(), Chunk()], progress=on_progress)
+    model = report.model or {}
+    load = model.get("load", {})
     record: dict[str, Any] = {
         "size": size,
         "seconds": report.seconds,
         "passed": report.passed,
         "predicted": report.predicted_seconds,
-        "model_source": (report.model or {}).get("source"),
-        # The share of the connections the prediction assumed (1/objects in flight).
-        "connection_share": (report.model or {}).get("load", {}).get("connection_share"),
+        "model_source": model.get("source"),
+        # When it started and ended (seconds since the engine's first object).
+        "started": started - _ORIGIN[0],
+        "ended": time.perf_counter() - _ORIGIN[0],
+        "queued": report.queued_seconds,
+        "download_seconds": report.download.seconds,
+        "stage_seconds": {s.name: s.seconds for s in report.stages},
+        # The objects in flight the prediction assumed, and over the object's life.
+        "in_flight": load.get("in_flight"),
+        "in_flight_avg": load.get("in_flight_avg"),
+        "in_flight_expected": load.get("in_flight_expected"),
+        "weight": load.get("weight"),
+        "neighbours": load.get("neighbours"),
+        "shared": load.get("shared"),
+        "share_seconds": load.get("share_seconds"),
+        "lone_seconds": load.get("lone_seconds"),
+        "connection_share": load.get("connection_share"),
     }
     for point in ETA_POINTS:
         record[f"eta_{int(point * 100)}"] = seen.get(point)
+        record[f"eta_{int(point * 100)}_at"] = at.get(point)
     return record
+
+
+#: The bench's clock origin (set when the engine takes its first object).
+_ORIGIN = [0.0]
 
 
 def run_objects(
@@ -106,15 +129,23 @@ def run_objects(
     in_flight: int = 1,
 ) -> list[dict[str, Any]]:
     """Process the objects (``size -> uri``) with one engine, ``in_flight`` at once after
-    the warm-up (which runs one at a time); the recorded runs, in the order they ended."""
+    the warm-up (whose objects run one at a time with ``in_flight`` 1, else all at once:
+    the model learns the regime it is measured in); the recorded runs, in the order they
+    ended."""
     order = [size for size in uris for _ in range(repeat)]
     random.Random(seed).shuffle(order)
     warm = [sorted(uris)[i % len(uris)] for i in range(warmup)]
 
     async def main() -> list[dict[str, Any]]:
         async with Engine(config) as engine:
-            for size in warm:
-                await _one(engine, uris[size], size)
+            _ORIGIN[0] = time.perf_counter()
+            if in_flight <= 1:
+                for size in warm:
+                    await _one(engine, uris[size], size)
+            else:  # the warm-up runs as the objects after it do: beside each other
+                async with anyio.create_task_group() as tg:
+                    for size in warm:
+                        tg.start_soon(_one, engine, uris[size], size)
             if in_flight <= 1:
                 return [await _one(engine, uris[size], size) for size in order]
             runs: list[dict[str, Any]] = []
@@ -194,6 +225,9 @@ def cmd_predictability(args: argparse.Namespace) -> int:
             endpoint = server.endpoint_url
         workdir = stack.enter_context(tempfile.TemporaryDirectory())
         uris = _upload(endpoint, args.bucket or BUCKET, sizes, workdir)
+        # The server's writeback of what was just uploaded would land in the runs (its
+        # dirty pages expire 30 s later, while the engine runs): flush it first.
+        os.sync()
         # The model learns into a state file of its own: the bench never moves the user's.
         config = Config(endpoint_url=endpoint, model_path=os.path.join(args.out, "model.json"))
         in_flight = getattr(args, "in_flight", 1)
