@@ -49,7 +49,8 @@ def add_budget_arguments(parser: argparse.ArgumentParser, objects: bool = True) 
         type=size_arg,
         default=None,
         help=f"bytes of temp files at once (default {DISK_SHARE:.0%} of the free space of "
-        f"the temp folder: now {format_size(default_disk_budget(temp))} in {temp})".replace(
+        "the temp folder, at most the kernel's writeback threshold: now "
+        f"{format_size(default_disk_budget(temp))} in {temp})".replace(
             "%", "%%"
         ),
     )
