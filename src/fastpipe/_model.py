@@ -323,8 +323,9 @@ class Prediction:
         they come and go) at the capacity this object saw so far blended with the
         learned one, then the seconds after the download."""
         left = float(self.size - at.downloaded)
-        if left <= 0:
-            return self._left(at, own=False)
+        if left <= 0:  # its download just ended: what objects of its size took after it,
+            # or its stream stages' lag at the pace they showed so far (beside others)
+            return max(shared.after, self._left(at, own=True))
         capacity = shared.capacity
         if at.downloaded <= 0:
             left += shared.overhead  # its first requests are still ahead
