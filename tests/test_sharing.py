@@ -57,11 +57,13 @@ def test_in_flight_count_average_and_shares() -> None:
     clock.now += 3.0  # a 16/24 and b 8/24 of the engine for 3 s
     assert flight.share_so_far(a) == pytest.approx(1.0 + 2.0)
     assert flight.share_so_far(b) == pytest.approx(1.0)
+    assert flight.since_download(b) == 0.0
     flight.downloaded(b)  # b holds no connection any more
     assert b.download_share == pytest.approx(1.0) and b.download_span == pytest.approx(3.0)
     assert flight.neighbours(a) == ()
     clock.now += 1.0  # a alone again in its download
     assert flight.share_so_far(a) == pytest.approx(4.0)
+    assert flight.since_download(b) == pytest.approx(1.0)
     assert flight.leave(b) == pytest.approx(2.0)  # two objects all along its 4 s
     clock.now += 1.0
     # a: 1 s alone, 4 s beside b, 1 s alone: (1 + 8 + 1) / 6
@@ -379,6 +381,15 @@ def test_eta_after_the_download_is_what_objects_of_its_size_took_after_it() -> N
     )
     # The stream stage is through: the learned seconds after the download are left.
     assert p.remaining(done) == pytest.approx(0.1)
+    # 0.04 s of them already past.
+    later = Position(
+        downloaded=400 * MiB,
+        streamed=400 * MiB,
+        download_seconds=1.0,
+        neighbours=(),
+        after_download=0.04,
+    )
+    assert p.remaining(later) == pytest.approx(0.06)
     # Its stream stage lags 300 MiB behind at its own pace so far (100 MiB/s): 3 s.
     lagging = Position(
         downloaded=400 * MiB,

@@ -133,6 +133,12 @@ class InFlight:
             self._tickets.remove(ticket)
         return ticket.average
 
+    def since_download(self, ticket: Ticket) -> float:
+        """Seconds since its download ended (0 while it downloads)."""
+        if ticket.download_span is None:
+            return 0.0
+        return max(0.0, self.clock() - ticket.started - ticket.download_span)
+
     def share_so_far(self, ticket: Ticket) -> float:
         """Its share of the engine integrated over its stay so far (seconds)."""
         self._advance()
