@@ -57,11 +57,13 @@ def test_in_flight_count_average_and_shares() -> None:
     clock.now += 3.0  # a 16/24 and b 8/24 of the engine for 3 s
     assert flight.share_so_far(a) == pytest.approx(1.0 + 2.0)
     assert flight.share_so_far(b) == pytest.approx(1.0)
+    assert flight.since_download(b) == 0.0
     flight.downloaded(b)  # b holds no connection any more
     assert b.download_share == pytest.approx(1.0) and b.download_span == pytest.approx(3.0)
     assert flight.neighbours(a) == ()
     clock.now += 1.0  # a alone again in its download
     assert flight.share_so_far(a) == pytest.approx(4.0)
+    assert flight.since_download(b) == pytest.approx(1.0)
     assert flight.leave(b) == pytest.approx(2.0)  # two objects all along its 4 s
     clock.now += 1.0
     # a: 1 s alone, 4 s beside b, 1 s alone: (1 + 8 + 1) / 6
@@ -316,3 +318,85 @@ def test_rates_follow_a_machine_whose_speed_changes() -> None:
     old = [100.0] * (WINDOW - 8)
     assert recent_median(old + [50.0] * 8) == 50.0
     assert recent_median(old + [50.0] * 4) == 100.0
+
+
+def test_newcomers_start_after_the_time_before_a_download() -> None:
+    # A closed loop of one other (weight 1, 100 MB each) at 10 B/s; a newcomer needs 2 s
+    # (its HEAD and temp file) before it downloads: 20 B alone, then 80 B at half pace.
+    seconds, average = shared_finish(100, 1, [], 10, (100, 1), keep=1.0, delay=2.0)
+    assert seconds == pytest.approx(2.0 + 16.0)
+    assert average == pytest.approx((2 * 1 + 16 * 2) / 18)
+    # An object through within the delay is never slowed by a newcomer.
+    assert shared_finish(10, 1, [], 10, (100, 1), keep=3.0, delay=2.0) == (1.0, 1.0)
+    # The neighbours already downloading share from the start.
+    seconds, _ = shared_finish(10, 1, [(100, 1)], 10, (100, 1), keep=1.0, delay=2.0)
+    assert seconds == pytest.approx(2.0)
+
+
+def test_objects_about_to_download_are_neighbours() -> None:
+    clock = Clock()
+    flight = InFlight(clock)
+    a = flight.enter(100, 16)
+    with flight.coming(64, 8.0):
+        assert flight.neighbours(a) == ((64, 8.0),)
+        with pytest.raises(RuntimeError), flight.coming(32, 4.0):
+            assert len(flight.neighbours(a)) == 2
+            raise RuntimeError("its temp file could not be opened")
+        assert flight.neighbours(a) == ((64, 8.0),)
+    assert flight.neighbours(a) == ()
+    assert flight.count == 1  # not in flight before it enters
+
+
+def test_a_size_never_seen_gets_the_neighbours_of_its_own_size() -> None:
+    model = SharingModel()
+    # Small objects saw three neighbours; the one large object saw one (two large
+    # objects fill the disk budget), and took longer before and after its download.
+    for _ in range(4):
+        model.add(SharedPoint(64 * MiB, 8.0, 800 * MiB, 0.1, 0.2, 3.0, 14.0))
+    model.add(SharedPoint(1024 * MiB, 16.0, 800 * MiB, 0.3, 0.4, 1.0, 10.0))
+    large = model.fit(1024 * MiB)
+    assert large is not None and large.others == 1.0 and large.typical_weight == 10.0
+    # One object of the size is too few for its seconds before and after: all objects'.
+    assert large.before == pytest.approx(0.1) and large.after == pytest.approx(0.2)
+    for _ in range(2):
+        model.add(SharedPoint(1024 * MiB, 16.0, 800 * MiB, 0.3, 0.4, 1.0, 10.0))
+    large = model.fit(1024 * MiB)
+    assert large is not None and large.before == pytest.approx(0.3)
+    assert large.after == pytest.approx(0.4)
+    small = model.fit(64 * MiB)
+    assert small is not None and small.others == 3.0 and small.after == pytest.approx(0.2)
+
+
+def test_eta_after_the_download_is_what_objects_of_its_size_took_after_it() -> None:
+    m = _shared_model()
+    load = Load(in_flight=4, weight=16.0, neighbours=((400 * MiB, 16.0),) * 3)
+    p = m.predict(400 * MiB, [A], load=load)
+    assert p.shared is not None and p.shared.after == pytest.approx(0.1)
+    done = Position(
+        downloaded=400 * MiB,
+        streamed=400 * MiB,
+        download_seconds=1.0,
+        share_so_far=0.25,
+        neighbours=(),
+    )
+    # The stream stage is through: the learned seconds after the download are left.
+    assert p.remaining(done) == pytest.approx(0.1)
+    # 0.04 s of them already past.
+    later = Position(
+        downloaded=400 * MiB,
+        streamed=400 * MiB,
+        download_seconds=1.0,
+        neighbours=(),
+        after_download=0.04,
+    )
+    assert p.remaining(later) == pytest.approx(0.06)
+    # Its stream stage lags 300 MiB behind at its own pace so far (100 MiB/s): 3 s.
+    lagging = Position(
+        downloaded=400 * MiB,
+        streamed=100 * MiB,
+        stream_busy=1.0,
+        download_seconds=1.0,
+        share_so_far=0.25,
+        neighbours=(),
+    )
+    assert p.remaining(lagging) == pytest.approx(3.0)

@@ -237,13 +237,16 @@ class Engine:
                     return
                 report.queued_seconds += await disk.take(info.size, report.source)
                 plane = choose_plane(self.config, location)
-                job = await open_download(
-                    location, info, stages, report, placed, progress, plane, self.config
-                )
+                tracker = self.budgets.in_flight
+                parts = -(-info.size // self.config.plan_part_size(info.size))
+                with tracker.coming(info.size, weight_of(parts, self.config.max_concurrency)):
+                    job = await open_download(
+                        location, info, stages, report, placed, progress, plane, self.config
+                    )
                 job.admission_wait = report.queued_seconds  # what the time model adds
                 job.in_flight = self.budgets.admitted
                 job.heavy_slots = self.budgets.file_stage_slots
-                job.tracker = tracker = self.budgets.in_flight
+                job.tracker = tracker
                 fetcher = Fetcher(self._s3, self.config, job, self.budgets.connection)
                 one = OnePass(job, self.config, fetcher, self._model, self.budgets.file_stage)
                 weight = weight_of(report.download.parts, self.config.max_concurrency)

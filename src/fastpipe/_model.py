@@ -214,7 +214,8 @@ class Position:
     consumed; ``file_stages_done``: tail stages finished; ``in_stage``: seconds spent in
     the tail stage now running; ``neighbours``: ``(bytes left, weight)`` of the other
     objects downloading now (None: not known); ``share_so_far``: the object's share of
-    the engine integrated since it was admitted (seconds).
+    the engine integrated since it was admitted (seconds); ``after_download``: seconds
+    since the download ended.
     """
 
     downloaded: int = 0
@@ -226,6 +227,8 @@ class Position:
     in_stage: float = 0.0
     neighbours: tuple[tuple[float, float], ...] | None = None
     share_so_far: float = 0.0
+    #: Seconds since its download ended (0 while it runs).
+    after_download: float = 0.0
 
 
 def _blend(model_rate: float, done: int, seconds: float, prior: float) -> float:
@@ -321,10 +324,13 @@ class Prediction:
     def _shared_remaining(self, shared: Shared, at: Position) -> float:
         """The download left, shared with the neighbours of the moment (it re-plans as
         they come and go) at the capacity this object saw so far blended with the
-        learned one, then the seconds after the download."""
+        learned one, then the seconds objects of its size took after the download. Once
+        it ended: those seconds less the ones already past, or, when more, its stream
+        stages' lag at the pace they showed so far (while the download runs, that pace
+        says more about the cores its download took than about the stages)."""
         left = float(self.size - at.downloaded)
         if left <= 0:
-            return self._left(at, own=False)
+            return max(shared.after - at.after_download, self._left(at, own=True))
         capacity = shared.capacity
         if at.downloaded <= 0:
             left += shared.overhead  # its first requests are still ahead

@@ -273,6 +273,7 @@ class OnePass:
                 position,
                 neighbours=tracker.neighbours(ticket),
                 share_so_far=tracker.share_so_far(ticket),
+                after_download=tracker.since_download(ticket),
             )
         return prediction.remaining(position)
 

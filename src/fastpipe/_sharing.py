@@ -39,6 +39,11 @@ MIN_SHARED = 3
 #: Objects whose time-averaged count stays below this teach the lone model; above it,
 #: the sharing model.
 ALONE_BELOW = 1.25
+#: Objects of about the size asked for (within a factor of 2) from which the neighbours
+#: they saw are taken: one is enough (a size never seen beside others would get the
+#: neighbours of other sizes, which differ: two 1 GiB objects fill the disk budget, so a
+#: 1 GiB object has about one neighbour where a 64 MiB one has three).
+MIN_ALIKE = 1
 #: Steps of :func:`shared_finish` at most (each ends one object).
 MAX_STEPS = 10_000
 
@@ -78,6 +83,9 @@ class InFlight:
     _area: float = 0.0
     _at: float = 0.0
     _tickets: list[Ticket] = field(default_factory=list)
+    #: ``(size, weight)`` of the objects admitted whose download is about to start (temp
+    #: file, part plan): neighbours within a moment.
+    _coming: list[tuple[int, float]] = field(default_factory=list)
 
     def _advance(self) -> float:
         now = self.clock()
@@ -125,16 +133,33 @@ class InFlight:
             self._tickets.remove(ticket)
         return ticket.average
 
+    def since_download(self, ticket: Ticket) -> float:
+        """Seconds since its download ended (0 while it downloads)."""
+        if ticket.download_span is None:
+            return 0.0
+        return max(0.0, self.clock() - ticket.started - ticket.download_span)
+
     def share_so_far(self, ticket: Ticket) -> float:
         """Its share of the engine integrated over its stay so far (seconds)."""
         self._advance()
         return ticket.share
 
     def neighbours(self, ticket: Ticket | None = None) -> tuple[tuple[int, float], ...]:
-        """``(bytes left, weight)`` of every other object still downloading."""
+        """``(bytes left, weight)`` of every other object downloading or about to."""
         return tuple(
             (t.left(), t.weight) for t in self._tickets if t is not ticket and t.weight > 0
-        )
+        ) + tuple(self._coming)
+
+    @contextmanager
+    def coming(self, size: int, weight: float) -> Iterator[None]:
+        """An admitted object of ``size`` that will download with ``weight`` once the
+        block (its temp file, its part plan) is through: a neighbour for the others."""
+        entry = (size, max(0.0, weight))
+        self._coming.append(entry)
+        try:
+            yield
+        finally:
+            self._coming.remove(entry)
 
     @contextmanager
     def stay(
@@ -197,9 +222,12 @@ class Shared:
         """``(seconds, average count)`` of the download of ``size`` bytes from now (the
         caller adds the overhead when the download has not started), beside
         ``neighbours`` downloading and, up to the learned number of others, typical
-        objects about to start (a closed loop keeps the count up)."""
+        objects starting (a closed loop keeps the count up) once a new object could
+        have reached its download (``before``)."""
         typical = (self.typical_size + self.overhead, self.typical_weight)
-        return shared_finish(size, weight, neighbours, self.capacity, typical, self.others)
+        return shared_finish(
+            size, weight, neighbours, self.capacity, typical, self.others, self.before
+        )
 
 
 @dataclass(frozen=True)
@@ -240,13 +268,16 @@ class SharingModel:
         of the whole engine, its intercept the overhead (an object's first requests);
         with too narrow a spread of sizes, the median time per byte and no overhead.
         The neighbours' weight and count are what objects of about ``size`` (within a
-        factor of 2, when there are enough) saw: a long object sees its short
-        neighbours come and go, with gaps, a short one sees the long ones downloading.
+        factor of 2; one is enough) saw: a long object sees its short neighbours come
+        and go, with gaps, a short one sees the long ones downloading. The seconds before
+        and after the download are those of objects of about ``size`` when there are
+        :data:`MIN_SHARED` (a small object's stages lag further behind its download).
         """
         points = list(self.points)
         if len(points) < MIN_SHARED:
             return None
-        alike = _alike(points, size)
+        alike = _alike(points, size, MIN_ALIKE)
+        band = _alike(points, size, MIN_SHARED)
         xy = [(float(p.size), p.size / p.capacity) for p in points]
         per_byte = theil_sen(xy)
         overhead = 0.0
@@ -257,8 +288,8 @@ class SharingModel:
         return Shared(
             overhead=overhead,
             capacity=1.0 / per_byte,
-            before=max(0.0, statistics.median(p.before for p in points)),
-            after=max(0.0, statistics.median(p.after for p in points)),
+            before=max(0.0, statistics.median(p.before for p in band)),
+            after=max(0.0, statistics.median(p.after for p in band)),
             typical_size=statistics.mean(p.size for p in points),
             typical_weight=statistics.median(
                 p.neighbour_weight if p.neighbour_weight > 0 else p.weight for p in alike
@@ -282,12 +313,12 @@ class SharingModel:
         return model
 
 
-def _alike(points: list[SharedPoint], size: int | None) -> list[SharedPoint]:
-    """The points of objects within a factor of 2 of ``size``, if there are enough."""
+def _alike(points: list[SharedPoint], size: int | None, least: int) -> list[SharedPoint]:
+    """The points of objects within a factor of 2 of ``size``, if there are ``least``."""
     if size is None:
         return points
     near = [p for p in points if size / 2 <= p.size <= size * 2]
-    return near if len(near) >= MIN_SHARED else points
+    return near if len(near) >= max(1, least) else points
 
 
 def shared_finish(
@@ -297,28 +328,32 @@ def shared_finish(
     capacity: float,
     typical: tuple[float, float] | None = None,
     keep: float = 0.0,
+    delay: float = 0.0,
 ) -> tuple[float, float]:
     """Weighted processor sharing: ``(seconds, average count)`` until ``size`` bytes of an
     object of ``weight`` are through, beside ``neighbours`` (``(bytes left, weight)``), the
     engine moving ``capacity`` bytes/s split by weight.
 
     With a ``typical`` ``(size, weight)`` object, the others are kept up to ``keep``
-    objects (a fraction: a lighter one), from the start and whenever one ends: a closed
-    loop. Without, or above ``keep``, an object that ends is not replaced and the
-    others' shares grow.
+    objects (a fraction: a lighter one), after ``delay`` seconds and whenever one ends
+    then: a closed loop (a new object downloads only after its HEAD and temp file, so a
+    short object may be through before any comes). Without, or above ``keep``, an
+    object that ends is not replaced and the others' shares grow.
     """
     others = [[float(b), float(w), 1.0] for b, w in neighbours if b > 0 and w > 0]
     mine = float(size)
     weight = max(weight, 1e-9)
     elapsed = area = 0.0
     for _ in range(MAX_STEPS):
-        if typical is not None and typical[0] > 0:
+        if typical is not None and typical[0] > 0 and elapsed >= delay:
             _top_up(others, typical, keep)
         if mine <= 0:
             break
         total = weight + sum(w for _, w, _ in others)
         per_weight = capacity / total  # bytes/s per unit of weight
         dt = min([mine / weight, *(b / w for b, w, _ in others)]) / per_weight
+        if elapsed < delay:  # no newcomer before then
+            dt = min(dt, delay - elapsed)
         elapsed += dt
         area += (1 + sum(c for _, _, c in others)) * dt
         mine -= dt * per_weight * weight

@@ -75,6 +75,7 @@ async def _one(engine: Engine, uri: str, size: int) -> dict[str, Any]:
     started = time.perf_counter()
     seen: dict[float, float] = {}
     at: dict[float, float] = {}  # when each point was read (seconds into the object)
+    frac: dict[float, float] = {}  # the fraction of the bytes in at that event
 
     def on_progress(event: Progress) -> None:
         if event.eta_seconds is None or event.total <= 0:
@@ -83,6 +84,7 @@ async def _one(engine: Engine, uri: str, size: int) -> dict[str, Any]:
             if point not in seen and event.bytes_done >= point * event.total:
                 at[point] = time.perf_counter() - started
                 seen[point] = at[point] + event.eta_seconds
+                frac[point] = event.bytes_done / event.total
 
     report = await engine.process(uri, [Checksum(), Scan(), Chunk()], progress=on_progress)
     model = report.model or {}
@@ -113,6 +115,7 @@ async def _one(engine: Engine, uri: str, size: int) -> dict[str, Any]:
     for point in ETA_POINTS:
         record[f"eta_{int(point * 100)}"] = seen.get(point)
         record[f"eta_{int(point * 100)}_at"] = at.get(point)
+        record[f"eta_{int(point * 100)}_done"] = frac.get(point)
     return record
 
 
