@@ -605,10 +605,10 @@ class TimeModel:
         d = dl_rate.rate * load.connection_share if dl_rate else None
         t_dl, stream_end, early_end, tail, bound = combine(size, d, stages, effective)
         fixed, factor, _, _ = self.fit()
-        seconds = load.admission_wait + fixed + factor * max(stream_end, early_end) + tail
+        lone_seconds = fixed + factor * max(stream_end, early_end) + tail
         return Prediction(
             size=size,
-            seconds=seconds,
+            seconds=load.admission_wait + lone_seconds,
             fixed=fixed,
             overlap=factor,
             admission_wait=load.admission_wait,
@@ -623,7 +623,7 @@ class TimeModel:
             rates=rates,
             load=load,
             objects=self.objects,
-            lone_seconds=fixed + factor * max(stream_end, early_end) + tail,
+            lone_seconds=lone_seconds,
         )
 
     def _predict_shared(
