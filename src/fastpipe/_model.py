@@ -809,11 +809,11 @@ def recent_median(values: Sequence[float], half_life: float = HALF_LIFE) -> floa
     return weighted[-1][0]
 
 
-def _positive(values: Any, zero: bool = False) -> list[float]:
+def _positive(values: Any) -> list[float]:
     out = []
     for v in list(values or []):
         x = float(v)
-        if math.isfinite(x) and (x > 0 or (zero and x == 0)):
+        if math.isfinite(x) and x > 0:
             out.append(x)
     return out
 
