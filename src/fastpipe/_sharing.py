@@ -65,8 +65,6 @@ class Ticket:
     share: float = 0.0
     download_share: float | None = None
     download_span: float | None = None
-    #: Set when the object leaves: its time-averaged in-flight count (itself included).
-    average: float | None = None
 
     def left(self) -> int:
         """Bytes it has still to download."""
@@ -126,12 +124,12 @@ class InFlight:
         return max(1.0, (self._area - ticket.area) / span)
 
     def leave(self, ticket: Ticket) -> float:
-        """The object leaves; returns (and records in the ticket) its average count."""
-        ticket.average = self.average(ticket)
+        """The object leaves; returns its time-averaged count (itself included)."""
+        average = self.average(ticket)
         self.count -= 1
         if ticket in self._tickets:
             self._tickets.remove(ticket)
-        return ticket.average
+        return average
 
     def since_download(self, ticket: Ticket) -> float:
         """Seconds since its download ended (0 while it downloads)."""
