@@ -63,8 +63,13 @@ class Ticket:
     weight: float = 1.0
     done: Callable[[], int] | None = None
     share: float = 0.0
-    download_share: float | None = None
     download_span: float | None = None
+
+    @property
+    def download_share(self) -> float | None:
+        """Its share-seconds over its download (None while it runs): ``share`` stops
+        growing once its weight is 0."""
+        return None if self.download_span is None else self.share
 
     def left(self) -> int:
         """Bytes it has still to download."""
@@ -111,7 +116,6 @@ class InFlight:
         """Its download ended: its share so far is what it had of the engine's capacity;
         from now on it holds no connection (its weight is 0)."""
         now = self._advance()
-        ticket.download_share = ticket.share
         ticket.download_span = now - ticket.started
         ticket.weight = 0.0
 
