@@ -54,6 +54,8 @@ A = StageCost("a", "a", "stream")
 B = StageCost("b", "b", "stream")
 EARLY = StageCost("chunk", "chunk", "file", early=True)
 TAIL = StageCost("tool", "tool", "file")
+#: A file stage after the download (the tail of the objects in the learning tests).
+CHUNK = StageCost("chunk", "chunk", "file")
 
 
 def model(**rates: float) -> TimeModel:
@@ -175,11 +177,10 @@ def _observation(size: int, dl: float, a: float, chunk: float, fixed: float) -> 
     seconds_a = size / (a * MiB)
     seconds_chunk = size / (chunk * MiB)
     total = fixed + max(seconds_dl, seconds_a) + seconds_chunk
-    tail = StageCost("chunk", "chunk", "file")
     return Observation(
         size=size,
         seconds=total,
-        stages=((A, seconds_a), (tail, seconds_chunk)),
+        stages=((A, seconds_a), (CHUNK, seconds_chunk)),
         download_bytes=size,
         download_seconds=seconds_dl,
     )
@@ -188,7 +189,6 @@ def _observation(size: int, dl: float, a: float, chunk: float, fixed: float) -> 
 def test_learning_converges_and_ignores_outliers() -> None:
     rng = random.Random(7)
     m = TimeModel()
-    tail = StageCost("chunk", "chunk", "file")
     for i in range(30):
         size = rng.choice([64, 256, 1024]) * MiB
         if i % 10 == 3:  # a stall: everything ten times slower
@@ -203,7 +203,7 @@ def test_learning_converges_and_ignores_outliers() -> None:
     assert m.rate("a").rate == pytest.approx(1000 * MiB, rel=0.05)
     assert m.rate("chunk", "file").rate == pytest.approx(500 * MiB, rel=0.05)
     assert m.fixed()[0] == pytest.approx(0.3, abs=0.02)
-    p = m.predict(S, [A, tail])
+    p = m.predict(S, [A, CHUNK])
     assert p.source == "learned"
     assert p.seconds == pytest.approx(0.3 + 2.56 + 2.048, rel=0.05)
 
@@ -295,8 +295,7 @@ def test_state_file_round_trip_and_permissions(tmp_path: Path) -> None:
     assert again.to_dict() == m.to_dict()
     assert again.rate("download").objects == 1 and again.objects == 1
     assert again.rate("scan").source == "calibrated"
-    tail = StageCost("chunk", "chunk", "file")
-    assert again.predict(S, [A, tail]).seconds == m.predict(S, [A, tail]).seconds
+    assert again.predict(S, [A, CHUNK]).seconds == m.predict(S, [A, CHUNK]).seconds
 
 
 def test_unusable_state_file_falls_back(tmp_path: Path, caplog: Any) -> None:

@@ -5,6 +5,7 @@ sharing, and the report's fields (a real server)."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -184,12 +185,8 @@ def test_learning_goes_to_the_lone_or_the_sharing_model() -> None:
     )
     m.learn(lone)
     assert m.rate("download").objects == 1 and not m.sharing.points
-    shared = Observation(
-        size=64 * MiB,
-        seconds=1.0,
-        stages=((A, 0.5),),
-        download_bytes=64 * MiB,
-        download_seconds=0.5,
+    shared = replace(
+        lone,
         in_flight_avg=3.0,
         weight=8.0,
         share_seconds=0.25,

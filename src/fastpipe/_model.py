@@ -304,14 +304,7 @@ class Prediction:
 
     def _effective(self) -> tuple[float | None, list[float]]:
         """Download rate and per-stage rates under this prediction's load."""
-        d = None
-        if self.download_rate is not None:
-            d = self.download_rate.rate * self.load.connection_share
-        rates = [
-            r.rate * (self.load.heavy_share if c.kind == "file" else 1.0)
-            for c, r in zip(self.stages, self.rates, strict=True)
-        ]
-        return d, rates
+        return _effective(self.download_rate, self.stages, self.rates, self.load)
 
     def remaining(self, at: Position) -> float:
         """Seconds left to the end of the object from ``at``: the download left, the
@@ -380,6 +373,19 @@ class Prediction:
             spent = at.in_stage if i == at.file_stages_done else 0.0
             tail_left += max(0.0, size / r - spent)
         return pass_left + tail_left
+
+
+def _effective(
+    download: Rate | None, stages: Sequence[StageCost], rates: Sequence[Rate], load: Load
+) -> tuple[float | None, list[float]]:
+    """The download rate and per-stage rates under ``load`` (its connection share for the
+    download, its heavy share for the file stages)."""
+    d = None if download is None else download.rate * load.connection_share
+    effective = [
+        r.rate * (load.heavy_share if c.kind == "file" else 1.0)
+        for c, r in zip(stages, rates, strict=True)
+    ]
+    return d, effective
 
 
 def _combined(rates: Iterable[float]) -> float | None:
@@ -598,17 +604,13 @@ class TimeModel:
         stages = tuple(stages)
         dl_rate = self.rate(download_key, "download") if download_key else None
         rates = tuple(self.rate(c.key, c.kind) for c in stages)
-        effective = [
-            r.rate * (load.heavy_share if c.kind == "file" else 1.0)
-            for c, r in zip(stages, rates, strict=True)
-        ]
-        d = dl_rate.rate * load.connection_share if dl_rate else None
+        d, effective = _effective(dl_rate, stages, rates, load)
         t_dl, stream_end, early_end, tail, bound = combine(size, d, stages, effective)
         fixed, factor, _, _ = self.fit()
-        seconds = load.admission_wait + fixed + factor * max(stream_end, early_end) + tail
+        lone_seconds = fixed + factor * max(stream_end, early_end) + tail
         return Prediction(
             size=size,
-            seconds=seconds,
+            seconds=load.admission_wait + lone_seconds,
             fixed=fixed,
             overlap=factor,
             admission_wait=load.admission_wait,
@@ -623,7 +625,7 @@ class TimeModel:
             rates=rates,
             load=load,
             objects=self.objects,
-            lone_seconds=fixed + factor * max(stream_end, early_end) + tail,
+            lone_seconds=lone_seconds,
         )
 
     def _predict_shared(
@@ -716,14 +718,9 @@ class TimeModel:
                     else self.rate(obs.download_key, "download").rate
                 )
         else:
-            load = obs.load
-            rates = [
-                self.rate(c.key, c.kind).rate * (load.heavy_share if c.kind == "file" else 1.0)
-                for c in costs
-            ]
-            d = None
-            if obs.download_key:
-                d = self.rate(obs.download_key, "download").rate * load.connection_share
+            dl = self.rate(obs.download_key, "download") if obs.download_key else None
+            model_rates = [self.rate(c.key, c.kind) for c in costs]
+            d, rates = _effective(dl, costs, model_rates, obs.load)
         _, stream_end, early_end, tail, _ = combine(obs.size, d, costs, rates)
         return max(stream_end, early_end), tail
 
@@ -812,11 +809,11 @@ def recent_median(values: Sequence[float], half_life: float = HALF_LIFE) -> floa
     return weighted[-1][0]
 
 
-def _positive(values: Any, zero: bool = False) -> list[float]:
+def _positive(values: Any) -> list[float]:
     out = []
     for v in list(values or []):
         x = float(v)
-        if math.isfinite(x) and (x > 0 or (zero and x == 0)):
+        if math.isfinite(x) and x > 0:
             out.append(x)
     return out
 

@@ -63,10 +63,13 @@ class Ticket:
     weight: float = 1.0
     done: Callable[[], int] | None = None
     share: float = 0.0
-    download_share: float | None = None
     download_span: float | None = None
-    #: Set when the object leaves: its time-averaged in-flight count (itself included).
-    average: float | None = None
+
+    @property
+    def download_share(self) -> float | None:
+        """Its share-seconds over its download (None while it runs): ``share`` stops
+        growing once its weight is 0."""
+        return None if self.download_span is None else self.share
 
     def left(self) -> int:
         """Bytes it has still to download."""
@@ -113,7 +116,6 @@ class InFlight:
         """Its download ended: its share so far is what it had of the engine's capacity;
         from now on it holds no connection (its weight is 0)."""
         now = self._advance()
-        ticket.download_share = ticket.share
         ticket.download_span = now - ticket.started
         ticket.weight = 0.0
 
@@ -126,12 +128,12 @@ class InFlight:
         return max(1.0, (self._area - ticket.area) / span)
 
     def leave(self, ticket: Ticket) -> float:
-        """The object leaves; returns (and records in the ticket) its average count."""
-        ticket.average = self.average(ticket)
+        """The object leaves; returns its time-averaged count (itself included)."""
+        average = self.average(ticket)
         self.count -= 1
         if ticket in self._tickets:
             self._tickets.remove(ticket)
-        return ticket.average
+        return average
 
     def since_download(self, ticket: Ticket) -> float:
         """Seconds since its download ended (0 while it downloads)."""
