@@ -227,7 +227,10 @@ class Engine:
         a stage may refuse it from its metadata, then its size must fit the disk budget.
         """
         # Before HEAD: a bad destination, or one another resumable run holds, fails at once.
-        placed = ObjectPlacement(placement, location.key)
+        # Resolving it makes folders, stats and may take the resume lock: file-system calls
+        # that must not stall the loop other objects' transfers run on.
+        with anyio.CancelScope(shield=True):  # a lock taken is not lost to a cancel
+            placed = await anyio.to_thread.run_sync(ObjectPlacement, placement, location.key)
         async with self.budgets.disk_hold() as disk:  # given back once the temp file is gone
             try:
                 report.download.control_plane = self._s3.control_plane(location)
