@@ -41,9 +41,8 @@ from ._s3meta import (
     TransientError,
     check_range_response,
     map_s3_error,
-    parts_from_etag,
+    needs_part1,
     quoted_etag,
-    strip_etag,
 )
 from ._source import S3Location
 
@@ -339,7 +338,7 @@ class S3Control:
             await self._raise_missing_bucket(location)
             raise
         part1 = None
-        if parts_from_etag(strip_etag(head.get("ETag"))) or head.get("ChecksumType") == "COMPOSITE":
+        if needs_part1(head):
             part_params = dict(params, PartNumber=1)
             if head.get("VersionId"):
                 part_params["VersionId"] = head["VersionId"]
