@@ -13,6 +13,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -134,29 +135,41 @@ def _case_params() -> Iterator[Any]:
             if i % 4 == 1
             else None
         )
-        yield pytest.param(endpoint, bucket, key, region, token, version, id=f"key{i}")
+        yield pytest.param((endpoint, bucket, key, region, token, version), id=f"key{i}")
 
 
 CASES = list(_case_params())
 
 
-@pytest.mark.parametrize(("endpoint", "bucket", "key", "region", "token", "version"), CASES)
-def test_presigned_url_is_botocores(
-    aws_env: pytest.MonkeyPatch,
-    frozen_botocore: None,
-    endpoint: str,
-    bucket: str,
-    key: str,
-    region: str,
-    token: str | None,
-    version: str | None,
-) -> None:
-    """Byte for byte the URL botocore's client presigns, at the same instant."""
+@dataclass(frozen=True)
+class Case:
+    """One offline case: where, what, and the light setup for it."""
+
+    endpoint: str
+    bucket: str
+    key: str
+    region: str
+    version: str | None
+    setup: LightSetup
+
+
+@pytest.fixture(params=CASES)
+def case(
+    request: pytest.FixtureRequest, aws_env: pytest.MonkeyPatch, frozen_botocore: None
+) -> Case:
+    """A case of :data:`CASES` with its setup (token in the environment, clock frozen)."""
+    endpoint, bucket, key, region, token, version = request.param
     setup = _setup(endpoint, region, token, aws_env)
+    return Case(endpoint, bucket, key, region, version, setup)
+
+
+def test_presigned_url_is_botocores(case: Case) -> None:
+    """Byte for byte the URL botocore's client presigns, at the same instant."""
+    setup, bucket, key, version = case.setup, case.bucket, case.key, case.version
     params = {"Bucket": bucket, "Key": key}
     if version:
         params["VersionId"] = version
-    theirs = _boto_client(setup, endpoint).generate_presigned_url(
+    theirs = _boto_client(setup, case.endpoint).generate_presigned_url(
         "get_object", Params=params, ExpiresIn=900
     )
     ours = presign_get(
@@ -172,59 +185,39 @@ def test_presigned_url_is_botocores(
     assert ours == theirs
 
 
-@pytest.mark.parametrize(("endpoint", "bucket", "key", "region", "token", "version"), CASES)
-def test_presigned_url_signs_as_botocores_own_signer(
-    aws_env: pytest.MonkeyPatch,
-    frozen_botocore: None,
-    endpoint: str,
-    bucket: str,
-    key: str,
-    region: str,
-    token: str | None,
-    version: str | None,
-) -> None:
+def test_presigned_url_signs_as_botocores_own_signer(case: Case) -> None:
     """The same parameters and signature as botocore's pure-Python S3 query signer (used
     when awscrt is absent; it orders two parameters differently)."""
     from botocore.auth import S3SigV4QueryAuth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
-    setup = _setup(endpoint, region, token, aws_env)
+    setup, bucket, key, version = case.setup, case.bucket, case.key, case.version
     path = encode_key_path(bucket, key)
     params = [("versionId", version)] if version else []
     query = "&".join(f"{uri_encode(k)}={uri_encode(v)}" for k, v in params)
     request = AWSRequest("GET", f"{setup.base}{path}" + (f"?{query}" if query else ""))
     creds = setup.credentials
     boto_creds = Credentials(creds.access_key, creds.secret_key, creds.token)
-    S3SigV4QueryAuth(boto_creds, "s3", region, expires=900).add_auth(request)
-    ours = presign_get(creds, region, setup.base, setup.host, path, params, 900, now=FROZEN)
+    S3SigV4QueryAuth(boto_creds, "s3", case.region, expires=900).add_auth(request)
+    ours = presign_get(creds, case.region, setup.base, setup.host, path, params, 900, now=FROZEN)
     theirs = urlsplit(request.url)
     assert urlsplit(ours)[:3] == theirs[:3]
     assert sorted(parse_qsl(urlsplit(ours).query)) == sorted(parse_qsl(theirs.query))
 
 
-@pytest.mark.parametrize(("endpoint", "bucket", "key", "region", "token", "version"), CASES)
-def test_head_signature_is_botocores(
-    aws_env: pytest.MonkeyPatch,
-    frozen_botocore: None,
-    endpoint: str,
-    bucket: str,
-    key: str,
-    region: str,
-    token: str | None,
-    version: str | None,
-) -> None:
+def test_head_signature_is_botocores(case: Case) -> None:
     """botocore's S3 SigV4 (its own and awscrt's) signs our HEAD's headers the same."""
     from botocore.auth import S3SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
-    setup = _setup(endpoint, region, token, aws_env)
+    setup, bucket, key, version = case.setup, case.bucket, case.key, case.version
     path = encode_key_path(bucket, key)
     params = [("partNumber", "1")] + ([("versionId", version)] if version else [])
     ours = sign_headers(
         setup.credentials,
-        region,
+        case.region,
         "HEAD",
         setup.host,
         path,
@@ -245,7 +238,7 @@ def test_head_signature_is_botocores(
     for signer in signers:
         unsigned = {k: v for k, v in ours.items() if k != "authorization"}
         request = AWSRequest("HEAD", f"{setup.base}{path}?{query}", headers=unsigned)
-        signer(boto_creds, "s3", region).add_auth(request)
+        signer(boto_creds, "s3", case.region).add_auth(request)
         assert request.headers["Authorization"] == ours["authorization"], signer.__name__
 
 

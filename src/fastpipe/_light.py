@@ -32,9 +32,8 @@ from ._s3meta import (
     CHECKSUM_ALGORITHMS,
     TransientError,
     map_s3_error,
-    parts_from_etag,
+    needs_part1,
     request_id_from_headers,
-    strip_etag,
 )
 from ._sigv4 import encode_key_path, presign_get, sign_headers, uri_encode
 from ._source import S3Location
@@ -132,7 +131,7 @@ class LightControl:
             await self._raise_missing_bucket(location)
             raise
         part1 = None
-        if parts_from_etag(strip_etag(head.get("ETag"))) or head.get("ChecksumType") == "COMPOSITE":
+        if needs_part1(head):
             version = head.get("VersionId") or location.version_id
             part_params = [("partNumber", "1")] + ([("versionId", version)] if version else [])
             with contextlib.suppress(SourceError):

@@ -69,17 +69,17 @@ def light_setup(config: Config) -> tuple[LightSetup | None, str]:
     """The light plane's setup, or None and the reason botocore is kept."""
     if config.control_plane == "botocore":
         return None, "Config.control_plane is botocore"
-    for check in (_env_reason, _plane_reason):
-        reason = check(config)
-        if reason:
-            return None, reason
+    profile, reason = _environment()
+    reason = reason or _plane_reason(config)
+    if reason:
+        return None, reason
     endpoint = config.resolved_endpoint()
     if endpoint is None:
         return None, "no custom endpoint (AWS's own endpoints are left to botocore)"
     base, host, reason = _endpoint(endpoint)
     if reason:
         return None, reason
-    region = _region(config)
+    region = _region(config, profile)
     creds = Credentials(
         os.environ["AWS_ACCESS_KEY_ID"],
         os.environ["AWS_SECRET_ACCESS_KEY"],
@@ -88,13 +88,17 @@ def light_setup(config: Config) -> tuple[LightSetup | None, str]:
     return LightSetup(creds, region, base, host), "static keys, custom endpoint"
 
 
-def _env_reason(config: Config) -> str:
+def _environment() -> tuple[dict[str, str], str]:
+    """The default profile of the shared config file, read once, and the reason the
+    environment or that profile keeps botocore ("" if none)."""
     others = sorted(k for k in os.environ if k.startswith("AWS_") and k not in _ALLOWED_ENV)
     if others:
-        return f"{others[0]} is set"
+        return {}, f"{others[0]} is set"
     if not (os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")):
-        return "no AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-    return _config_file_reason()
+        return {}, "no AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    profile, reason = _profile()
+    odd = sorted(set(profile) - _HARMLESS_PROFILE_KEYS)
+    return profile, reason or (f"the config file's profile sets {odd[0]}" if odd else "")
 
 
 def _plane_reason(config: Config) -> str:
@@ -120,7 +124,7 @@ def _endpoint(endpoint: str) -> tuple[str, str, str]:
     return f"{scheme}://{netloc}", netloc, ""
 
 
-def _region(config: Config) -> str:
+def _region(config: Config, profile: dict[str, str]) -> str:
     """The region the botocore client is created with (``S3Control._client_options``):
     the config's, else botocore's configured one, else us-east-1, which we pass it."""
     if config.region:
@@ -128,35 +132,28 @@ def _region(config: Config) -> str:
     # botocore takes the variable when it is set, even empty: then the file is not read.
     if "AWS_DEFAULT_REGION" in os.environ:
         return os.environ["AWS_DEFAULT_REGION"] or "us-east-1"
-    return _profile().get("region") or "us-east-1"
+    return profile.get("region") or "us-east-1"
 
 
 def _config_path() -> str:
     return os.path.expanduser(os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config")
 
 
-def _profile() -> dict[str, str]:
-    """The default profile of the shared config file (empty when there is none)."""
+def _profile() -> tuple[dict[str, str], str]:
+    """The default profile of the shared config file (empty when there is none), or a
+    reason it cannot be read."""
     path = _config_path()
     if not os.path.isfile(path):
-        return {}
+        return {}, ""
     import configparser  # only when there is a file: its import costs about 2 ms
 
     parser = configparser.RawConfigParser()
-    parser.read(path, encoding="utf-8")
+    try:
+        parser.read(path, encoding="utf-8")
+    except (OSError, UnicodeError, configparser.Error) as exc:
+        return {}, f"the shared config file cannot be read ({type(exc).__name__})"
     merged: dict[str, str] = {}
     for section in ("default", "profile default"):
         if parser.has_section(section):
             merged.update(parser.items(section))
-    return merged
-
-
-def _config_file_reason() -> str:
-    import configparser
-
-    try:
-        profile = _profile()
-    except (OSError, UnicodeError, configparser.Error) as exc:
-        return f"the shared config file cannot be read ({type(exc).__name__})"
-    odd = sorted(set(profile) - _HARMLESS_PROFILE_KEYS)
-    return f"the config file's profile sets {odd[0]}" if odd else ""
+    return merged, ""

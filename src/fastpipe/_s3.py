@@ -41,9 +41,8 @@ from ._s3meta import (
     TransientError,
     check_range_response,
     map_s3_error,
-    parts_from_etag,
+    needs_part1,
     quoted_etag,
-    strip_etag,
 )
 from ._source import S3Location
 
@@ -72,6 +71,14 @@ def _quiet_unverified_warning(endpoint_url: str | None) -> None:
         message=f"Unverified HTTPS request is being made to host '{pattern}'",
         category=InsecureRequestWarning,
     )
+
+
+def _object_params(location: S3Location, version_id: str | None, **extra: Any) -> dict[str, Any]:
+    """botocore's parameters naming the object (and its version, if any), and ``extra``."""
+    params: dict[str, Any] = {"Bucket": location.bucket, "Key": location.key, **extra}
+    if version_id:
+        params["VersionId"] = version_id
+    return params
 
 
 class S3Control:
@@ -324,20 +331,14 @@ class S3Control:
         if light is not None:
             return await light.head(location)
         client = await self.client()
-        params: dict[str, Any] = {
-            "Bucket": location.bucket,
-            "Key": location.key,
-            "ChecksumMode": "ENABLED",
-        }
-        if location.version_id:
-            params["VersionId"] = location.version_id
+        params = _object_params(location, location.version_id, ChecksumMode="ENABLED")
         try:
             head = await self._call(location, client.head_object, **params)
         except ObjectNotFound:
             await self._raise_missing_bucket(location)
             raise
         part1 = None
-        if parts_from_etag(strip_etag(head.get("ETag"))) or head.get("ChecksumType") == "COMPOSITE":
+        if needs_part1(head):
             part_params = dict(params, PartNumber=1)
             if head.get("VersionId"):
                 part_params["VersionId"] = head["VersionId"]
@@ -364,9 +365,7 @@ class S3Control:
         if light is not None:
             return light.presign(location, version_id)
         client = await self.client()
-        params: dict[str, Any] = {"Bucket": location.bucket, "Key": location.key}
-        if version_id:
-            params["VersionId"] = version_id
+        params = _object_params(location, version_id)
         expires = self.config.presign_expires
         url = await self._call(
             location,
@@ -396,9 +395,7 @@ class S3Control:
     async def get_tags(self, location: S3Location, version_id: str | None) -> dict[str, str]:
         """The object's tags (GetObjectTagging)."""
         client = await self.client()
-        params: dict[str, Any] = {"Bucket": location.bucket, "Key": location.key}
-        if version_id:
-            params["VersionId"] = version_id
+        params = _object_params(location, version_id)
         answer = await self._call(location, client.get_object_tagging, **params)
         return {t["Key"]: t["Value"] for t in answer.get("TagSet", [])}
 
@@ -407,9 +404,7 @@ class S3Control:
     ) -> None:
         """Replace the object's tags (PutObjectTagging)."""
         client = await self.client()
-        params: dict[str, Any] = {"Bucket": location.bucket, "Key": location.key}
-        if version_id:
-            params["VersionId"] = version_id
+        params = _object_params(location, version_id)
         tag_set = [{"Key": k, "Value": v} for k, v in tags.items()]
         await self._call(location, client.put_object_tagging, Tagging={"TagSet": tag_set}, **params)
 
@@ -427,15 +422,9 @@ class S3Control:
 
         location, etag, version_id = obj.location, obj.info.etag, obj.info.version_id
         client = await self.data_client()
-        params: dict[str, Any] = {
-            "Bucket": location.bucket,
-            "Key": location.key,
-            "Range": f"bytes={start}-{end - 1}",
-        }
+        params = _object_params(location, version_id, Range=f"bytes={start}-{end - 1}")
         if etag:
             params["IfMatch"] = quoted_etag(etag)
-        if version_id:
-            params["VersionId"] = version_id
         response = await self._call(
             location,
             client.get_object,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._exceptions import (
     AccessDenied,
@@ -49,6 +49,13 @@ def parts_from_etag(etag: str | None) -> int | None:
     """The part count of a multipart ETag (``<md5>-N``), or None for any other shape."""
     m = MULTIPART_ETAG.match(strip_etag(etag) or "")
     return int(m.group(2)) if m else None
+
+
+def needs_part1(head: Mapping[str, Any]) -> bool:
+    """True when a HEAD answer (botocore's shape) is of a multipart object: a second HEAD
+    of part 1 gives its part size (both control planes ask it)."""
+    etag = strip_etag(head.get("ETag"))
+    return bool(parts_from_etag(etag)) or head.get("ChecksumType") == "COMPOSITE"
 
 
 def quoted_etag(etag: str) -> str:

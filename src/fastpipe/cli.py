@@ -31,7 +31,7 @@ from ._console import (
 )
 from ._exceptions import FastpipeError, UsageError
 from ._report import Report
-from ._source import parse_source
+from ._source import S3Location, parse_source
 
 if TYPE_CHECKING:
     from .stages import Stage
@@ -379,11 +379,13 @@ def _light_serves(config: Config, source: str) -> bool:
     """True when the light control plane will HEAD and sign ``source``: no botocore."""
     from ._lightsetup import light_setup, plain_bucket
 
-    bucket = source[5:].partition("/")[0] if source.startswith("s3://") else ""
     try:
-        return plain_bucket(bucket) and light_setup(config)[0] is not None
+        location = parse_source(source)  # as the engine reads it (S3:// too)
+        if not isinstance(location, S3Location) or not plain_bucket(location.bucket):
+            return False
+        return light_setup(config)[0] is not None
     except FastpipeError:
-        return False  # a bad AWS_ENDPOINT_URL: the engine says so in its own words
+        return False  # a bad URI or AWS_ENDPOINT_URL: the engine says so in its own words
 
 
 def _import_botocore_without_crt(source: str) -> None:
