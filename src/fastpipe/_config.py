@@ -190,6 +190,16 @@ class Config:
             check_endpoint_url(from_env, "AWS_ENDPOINT_URL")
         return from_env or None
 
+    def resolved_data_plane(self) -> str:
+        """``data_plane`` with ``auto`` decided: ``raw`` unless a proxy applies to the
+        endpoint (the raw plane speaks to the endpoint directly), then ``botocore``."""
+        if self.data_plane != "auto":
+            return self.data_plane
+        from ._http import proxy_configured
+
+        endpoint = self.resolved_endpoint() or "https://s3.amazonaws.com"
+        return "botocore" if proxy_configured(endpoint) else "raw"
+
     def resolved_model_path(self) -> str | None:
         """The time model's state file (see ``model_path``), or None for none."""
         if self.model_path == "":

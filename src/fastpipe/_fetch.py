@@ -22,7 +22,7 @@ import anyio
 from ._config import Config
 from ._exceptions import AccessDenied, LocalIOError, RetriesExhausted
 from ._groups import unwrap_groups
-from ._http import HTTPFault, RawConnection, Response, proxy_configured
+from ._http import HTTPFault, RawConnection, Response
 from ._job import Job
 from ._report import DownloadReport, Plane
 from ._s3 import S3Control, check_range_response
@@ -57,10 +57,7 @@ class FetchStats:
 
 def choose_plane(config: Config, location: S3Location) -> Plane:
     """The configured data plane; ``auto`` is ``raw`` unless a proxy applies."""
-    plane = config.data_plane
-    if plane == "auto":
-        endpoint = config.resolved_endpoint() or "https://s3.amazonaws.com"
-        plane = "botocore" if proxy_configured(endpoint) else "raw"
+    plane = config.resolved_data_plane()
     logger.debug("%s: data plane %s (configured: %s)", location, plane, config.data_plane)
     return Plane(plane)
 

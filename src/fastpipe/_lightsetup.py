@@ -104,10 +104,9 @@ def _environment() -> tuple[dict[str, str], str]:
 def _plane_reason(config: Config) -> str:
     if config.data_plane == "botocore":
         return "the botocore data plane is configured"
-    from ._http import proxy_configured
-
-    endpoint = config.resolved_endpoint() or "https://s3.amazonaws.com"
-    return "a proxy applies to the endpoint" if proxy_configured(endpoint) else ""
+    if config.resolved_data_plane() == "botocore":
+        return "a proxy applies to the endpoint"
+    return ""
 
 
 def _endpoint(endpoint: str) -> tuple[str, str, str]:
