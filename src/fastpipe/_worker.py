@@ -339,7 +339,8 @@ class Worker:
                 if own_engine:
                     await engine.aclose()
                 await self.queue.aclose()
-            self._temp.release()
+                # rmtree of a folder of partial downloads: not on the event loop.
+                await anyio.to_thread.run_sync(self._temp.release)
         return self.stats
 
     async def _receive_loop(self, tg: Any, engine: Engine, visibility: int) -> None:
