@@ -42,6 +42,7 @@ from .bench import (
 )
 from .locals3 import LocalS3, free_ports
 from .localsqs import LocalSQS
+from .predictability import quantile
 from .shaping import Interrupted, signals_raise
 
 #: The pipeline of the other benches, as worker ``--stage`` specs.
@@ -63,15 +64,8 @@ class WorkersRun:
     latency_p90: float
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile (0..1) of ``values``, linearly interpolated."""
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    position = q * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+#: The ``q`` quantile (0..1) of values, linearly interpolated (the predictability bench's).
+percentile = quantile
 
 
 def upload_objects(
@@ -235,7 +229,6 @@ def _wait(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(interval)
-
 
 
 
