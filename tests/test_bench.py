@@ -258,18 +258,24 @@ def test_sigterm_during_a_shaped_bench_cleans_up(tmp_path: Path) -> None:
         assert s.connect_ex(("127.0.0.1", port)) != 0  # the server is gone
 
 
-def test_predictability_section(tmp_path: Path) -> None:
-    """`fastpipe bench --predictability` on tiny objects: the spread and error figures."""
+def _predictability(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`fastpipe bench --predictability` on 1 and 2 MiB objects, twice each, its output
+    and the model's cache under ``tmp_path``."""
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
-    out = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "fastpipe.cli", "bench", "--predictability"]
         + ["--sizes", "1MiB,2MiB", "--repeat", "2", "--predict-warmup", "1"]
-        + ["--out", str(tmp_path / "out")],
+        + [*extra, "--out", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         env=env,
         timeout=240,
     )
+
+
+def test_predictability_section(tmp_path: Path) -> None:
+    """`fastpipe bench --predictability` on tiny objects: the spread and error figures."""
+    out = _predictability(tmp_path)
     assert out.returncode == 0, out.stderr
     assert "p90/p50" in out.stdout and "eta_10" in out.stdout
     data = json.loads((tmp_path / "out" / "predictability.json").read_text())
@@ -285,16 +291,7 @@ def test_predictability_section(tmp_path: Path) -> None:
 def test_predictability_in_flight(tmp_path: Path) -> None:
     """`--in-flight 2`: objects run two at once through one engine, each with its
     prediction, ETAs and actual time, and the prediction assumes the shared connections."""
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
-    out = subprocess.run(
-        [sys.executable, "-m", "fastpipe.cli", "bench", "--predictability"]
-        + ["--sizes", "1MiB,2MiB", "--repeat", "2", "--predict-warmup", "1"]
-        + ["--in-flight", "2", "--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=240,
-    )
+    out = _predictability(tmp_path, "--in-flight", "2")
     assert out.returncode == 0, out.stderr
     assert "2 in flight" in out.stdout and "p90/p50" in out.stdout
     data = json.loads((tmp_path / "out" / "predictability.json").read_text())

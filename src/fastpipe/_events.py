@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import quote_plus, unquote_plus
 
 from ._exceptions import UsageError
 from ._source import S3Location, parse_source
@@ -119,7 +119,7 @@ def _parse_record(record: Any) -> Item:
     name = record.get("eventName")
     if not isinstance(name, str):
         return Malformed("record without eventName")
-    if name.startswith("ObjectRemoved:") or not name.startswith("ObjectCreated:"):
+    if not name.startswith("ObjectCreated:"):  # ObjectRemoved:*, and any other kind
         return Skipped(name)
     s3 = record.get("s3")
     if not isinstance(s3, dict):
@@ -197,8 +197,6 @@ def s3_event(
     """An S3 ``ObjectCreated:Put`` event notification for one object (what ``fastpipe
     enqueue`` sends), in the format S3 itself writes: the key URL-encoded, ``+`` for
     spaces."""
-    from urllib.parse import quote_plus
-
     obj: dict[str, Any] = {"key": quote_plus(key, safe="/")}
     if size is not None:
         obj["size"] = size

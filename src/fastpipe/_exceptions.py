@@ -58,6 +58,10 @@ class FastpipeError(Exception):
         super().__init_subclass__(**kwargs)
         EXIT_CODES[cls.__name__] = cls.exit_code
 
+    def report_for(self, source: str) -> Report:
+        """The object's report: the one the error carries, else one that holds only it."""
+        return self.report or Report(source=source, error=str(self), error_type=type(self).__name__)
+
 
 class UsageError(FastpipeError, ValueError):
     """Bad arguments: a malformed source, an unknown stage or option, a bad size."""

@@ -95,9 +95,7 @@ class PerObject:
         try:
             return await process(source, stages, where.dest, callback, key_paths=keyed)
         except FastpipeError as exc:
-            return exc.report or Report(
-                source=str(source), error=str(exc), error_type=type(exc).__name__
-            )
+            return exc.report_for(str(source))
 
 
 async def in_order(indexed: AsyncIterator[tuple[int, Report]], count: int) -> list[Report]:

@@ -283,7 +283,8 @@ async def _run(
     async with Engine(config) as engine:
         sinks = make_sinks(args, engine)
         out: list[Sink] = [*sinks, JsonLinesSink(sys.stdout)] if args.json else sinks
-        factory = None if stages is None else _factory(args.stage)  # fresh per object
+        # Spec strings: engine.map builds a fresh stage list from them for each object.
+        factory = None if stages is None else args.stage
 
         async def emit(report: Report) -> None:
             """A report made outside the engine (a malformed line): same way out."""
@@ -306,12 +307,6 @@ async def _run(
         finally:
             for sink in sinks:
                 await sink.aclose()
-
-
-def _factory(specs: list[str]) -> Callable[[], list[Stage]]:
-    from .stages import parse_spec
-
-    return lambda: [parse_spec(spec) for spec in specs]
 
 
 async def _counted(sources: AsyncIterator[str], bar: ManyProgress | None) -> AsyncIterator[str]:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
+
 from ._exceptions import AccessDenied, EndpointUnreachable, SourceError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class Queue:
         self.region = region
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
+        self._client_lock = anyio.Lock()
 
     async def __aenter__(self) -> Queue:
         return self
@@ -83,27 +86,35 @@ class Queue:
 
     async def client(self) -> Any:
         """The SQS client (created on first call)."""
-        if self._client is None:
-            from aiobotocore.config import AioConfig
-            from aiobotocore.session import get_session
-
-            session = get_session()
-            region = self.region or session.get_config_variable("region") or "us-east-1"
-            # The read timeout must outlast a 20 s long poll.
-            config = AioConfig(
-                connect_timeout=10,
-                read_timeout=MAX_WAIT_SECONDS + 15,
-                retries={"max_attempts": 5, "mode": "standard"},
-            )
-            try:
-                self._client = await self._stack.enter_async_context(
-                    session.create_client(
-                        "sqs", endpoint_url=self.endpoint_url, region_name=region, config=config
+        async with self._client_lock:  # concurrent first calls (results sink) share one
+            if self._client is None:
+                # Importing aiobotocore and reading the AWS config files block: in a thread,
+                # as a results queue's client is made while other objects are transferring.
+                session, region, config = await anyio.to_thread.run_sync(self._client_setup)
+                try:
+                    self._client = await self._stack.enter_async_context(
+                        session.create_client(
+                            "sqs", endpoint_url=self.endpoint_url, region_name=region, config=config
+                        )
                     )
-                )
-            except ValueError as exc:
-                raise UsageError(f"SQS client setup: {exc}") from None
+                except ValueError as exc:
+                    raise UsageError(f"SQS client setup: {exc}") from None
         return self._client
+
+    def _client_setup(self) -> tuple[Any, str, Any]:
+        """The aiobotocore session, region and client config."""
+        from aiobotocore.config import AioConfig
+        from aiobotocore.session import get_session
+
+        session = get_session()
+        region = self.region or session.get_config_variable("region") or "us-east-1"
+        # The read timeout must outlast a 20 s long poll.
+        config = AioConfig(
+            connect_timeout=10,
+            read_timeout=MAX_WAIT_SECONDS + 15,
+            retries={"max_attempts": 5, "mode": "standard"},
+        )
+        return session, str(region), config
 
     async def _call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
         from botocore.exceptions import (

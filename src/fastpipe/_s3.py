@@ -380,13 +380,19 @@ class S3Control:
 
     async def list_keys(self, bucket: str, prefix: str) -> AsyncIterator[str]:
         """Every key under ``prefix`` (ListObjectsV2, page by page, as pages arrive)."""
+        async for item in self.list_objects(bucket, prefix):
+            yield item["Key"]
+
+    async def list_objects(self, bucket: str, prefix: str) -> AsyncIterator[dict[str, Any]]:
+        """Every object under ``prefix`` as ListObjectsV2 describes it (``Key``, ``Size``,
+        ``ETag``...), page by page, as pages arrive."""
         client = await self.client()
         where = S3Location(bucket, prefix or "/")
         params: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
         while True:
             page = await self._call(where, client.list_objects_v2, **params)
             for item in page.get("Contents", []):
-                yield item["Key"]
+                yield item
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return

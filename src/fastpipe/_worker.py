@@ -339,7 +339,8 @@ class Worker:
                 if own_engine:
                     await engine.aclose()
                 await self.queue.aclose()
-            self._temp.release()
+                # rmtree of a folder of partial downloads: not on the event loop.
+                await anyio.to_thread.run_sync(self._temp.release)
         return self.stats
 
     async def _receive_loop(self, tg: Any, engine: Engine, visibility: int) -> None:
@@ -512,7 +513,7 @@ class Worker:
             )
             outcome = "passed" if report.passed else "failed"
         except ObjectNotFound as exc:
-            report = _error_report(event, exc)
+            report = exc.report_for(event.source)
             outcome = "gone"
         except AccessDenied as exc:
             self.metrics.objects.labels("denied").inc()
@@ -606,9 +607,3 @@ class Worker:
             receive_count=message.receive_count,
             end_to_end_seconds=round(end_to_end, 6),
         )
-
-
-def _error_report(event: ObjectEvent, exc: FastpipeError) -> Report:
-    return exc.report or Report(
-        source=event.source, error=str(exc), error_type=type(exc).__name__
-    )

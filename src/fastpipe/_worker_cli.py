@@ -290,24 +290,14 @@ async def _list_prefix(args: argparse.Namespace) -> AsyncIterator[dict[str, Any]
     bucket, _, prefix = text[5:].partition("/")
     if not bucket:
         raise UsageError(f"malformed S3 URI {text!r}: no bucket")
-    location = S3Location(bucket, prefix or "/")
     control = S3Control(Config(endpoint_url=args.endpoint_url, region=args.region))
     try:
-        client = await control.client()
-        params: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
-        while True:
-            # Each page is one ListObjectsV2 call: map its errors like any S3 call.
-            page = await control._call(location, client.list_objects_v2, **params)
-            for item in page.get("Contents", []):
-                yield {
-                    "bucket": bucket,
-                    "key": item["Key"],
-                    "size": int(item.get("Size", 0)),
-                    "etag": str(item.get("ETag", "")).strip('"') or None,
-                }
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
-                break
-            params["ContinuationToken"] = token
+        async for item in control.list_objects(bucket, prefix):
+            yield {
+                "bucket": bucket,
+                "key": item["Key"],
+                "size": int(item.get("Size", 0)),
+                "etag": str(item.get("ETag", "")).strip('"') or None,
+            }
     finally:
         await control.close()

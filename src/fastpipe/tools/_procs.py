@@ -140,9 +140,14 @@ class ServerProcess:
     _tmp: str
     _log_name: ClassVar[str]
 
+    @property
+    def log_path(self) -> str:
+        """The server's log file, in its temp folder."""
+        return os.path.join(self._tmp, self._log_name)
+
     def log_tail(self, lines: int = 30) -> str:
         """The last lines the server printed (for error messages)."""
-        return log_tail(os.path.join(self._tmp, self._log_name), lines)
+        return log_tail(self.log_path, lines)
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after a short wait) and remove its data."""

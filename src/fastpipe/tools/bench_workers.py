@@ -37,11 +37,12 @@ from .bench import (
     delete_keys,
     machine_info,
     pipeline_stages,
-    upload_targets,
     write_random,
 )
 from .locals3 import LocalS3, free_ports
 from .localsqs import LocalSQS
+from .predictability import quantile
+from .s3 import ensure_bucket, s3_client, upload_file
 from .shaping import Interrupted, signals_raise
 
 #: The pipeline of the other benches, as worker ``--stage`` specs.
@@ -63,15 +64,8 @@ class WorkersRun:
     latency_p90: float
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile (0..1) of ``values``, linearly interpolated."""
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    position = q * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+#: The ``q`` quantile (0..1) of values, linearly interpolated (the predictability bench's).
+percentile = quantile
 
 
 def upload_objects(
@@ -80,11 +74,16 @@ def upload_objects(
     """Upload ``count`` random objects of ``size`` bytes; return their keys."""
     path = os.path.join(workdir, "object")
     keys = []
-    for i in range(count):
-        write_random(path, size)
-        key = f"{KEY_PREFIX}{i:03d}.bin"
-        upload_targets(endpoint_url, bucket, [(path, key)], create_bucket=i == 0)
-        keys.append(key)
+    client = s3_client(endpoint_url)  # one client for all (each costs tenths of a second)
+    try:
+        ensure_bucket(client, bucket)
+        for i in range(count):
+            write_random(path, size)
+            key = f"{KEY_PREFIX}{i:03d}.bin"
+            upload_file(client, path, bucket, key)
+            keys.append(key)
+    finally:
+        client.close()
     os.remove(path)
     return keys
 
@@ -235,7 +234,6 @@ def _wait(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(interval)
-
 
 
 

@@ -145,12 +145,11 @@ class LocalS3(ServerProcess):
             "-master.volumeSizeLimitMB=1024",
             *tls_args,
         ]
-        log_path = os.path.join(self._tmp, "weed.log")
         self.endpoint_url = f"http://127.0.0.1:{s3}"
         try:
             self._proc = start_server(
                 args,
-                log_path,
+                self.log_path,
                 url=self.endpoint_url + "/",
                 timeout=self.startup_timeout,
                 name="SeaweedFS",

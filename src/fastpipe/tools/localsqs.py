@@ -58,12 +58,11 @@ class LocalSQS(ServerProcess):
         # Queue URLs name the address the server is reached at, never a public name.
         env["MOTO_HOST"] = "127.0.0.1"
         env["MOTO_PORT"] = str(port)
-        log_path = os.path.join(self._tmp, "moto.log")
         self.endpoint_url = f"http://127.0.0.1:{port}"
         try:
             self._proc = start_server(
                 [*command, "-H", "127.0.0.1", "-p", str(port)],
-                log_path,
+                self.log_path,
                 url=self.endpoint_url + "/moto-api/",
                 timeout=self.startup_timeout,
                 name="moto_server",
