@@ -7,7 +7,7 @@ import sys
 import tempfile
 import time
 
-from .. import Config, FastpipeError, Report, run
+from .. import Config, FastpipeError, run
 from .._console import format_size, printable, report_json, summary, write_stdout
 from .locals3 import LocalS3
 from .s3 import upload_file
@@ -96,9 +96,7 @@ def run_demo(size: int, as_json: bool = False) -> int:
             )
         except FastpipeError as exc:
             print(f"fastpipe demo: error: {printable(exc)}", file=sys.stderr)
-            report = getattr(exc, "report", None) or Report(
-                source=uri, error=str(exc), error_type=type(exc).__name__
-            )
+            report = exc.report_for(uri)
             if not as_json:
                 return int(exc.exit_code)
     write_stdout(report_json(report) if as_json else summary(report))
