@@ -582,6 +582,45 @@ async def test_library_worker_in_the_callers_event_loop(
     assert result["stages"][0]["result"]["hexdigest"] == hashlib.sha256(b"library").hexdigest()
 
 
+@pytest.mark.anyio
+async def test_library_worker_reads_its_results_file_when_it_runs(
+    sqs_server: Any, queues: tuple[str, str], s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    import fastpipe
+
+    queue, _ = queues
+    sqs = sqs_server.client()
+    key = f"lib/{uuid.uuid4().hex}.bin"
+    s3_client.put_object(Bucket=bucket, Key=key, Body=b"done once")
+    event = put_event(sqs, queue, s3_client, bucket, key)
+    out = tmp_path / "r.jsonl"
+
+    async def run_once() -> Any:
+        sink = fastpipe.JsonLinesSink(out)
+        worker = fastpipe.Worker(queue, sinks=[sink], wait_seconds=1, once=True,
+                                 temp_dir=tmp_path, results_file=out)
+        try:
+            return await worker.run()
+        finally:
+            await sink.aclose()
+
+    first = await run_once()
+    assert first.outcomes == {"passed": 1}
+    # A restarted worker remembers what the file holds: the redelivery is acknowledged.
+    sqs.send_message(QueueUrl=queue, MessageBody=json.dumps(event))
+    second = await run_once()
+    assert (second.skipped, second.deleted, second.outcomes) == (1, 1, {})
+    assert len(results(out)) == 1
+    # A results file that cannot be read is a usage error when the worker starts.
+    temp = tmp_path / "t"
+    temp.mkdir()
+    worker = fastpipe.Worker(queue, wait_seconds=1, once=True, temp_dir=temp,
+                             results_file=tmp_path)
+    with pytest.raises(fastpipe.UsageError, match="results file"):
+        await worker.run()
+    assert os.listdir(temp) == []  # no temp folder was claimed
+
+
 def test_missing_queue_and_bad_arguments_are_one_line_errors(
     sqs_server: Any, s3_server: Any, tmp_path: Path, workers: Any
 ) -> None:

@@ -279,8 +279,8 @@ class Worker:
         self.stats = WorkerStats()
         self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._seen_capacity = seen_capacity
-        if results_file is not None:
-            self._load_seen(os.fspath(results_file))
+        # Read at the start of run, in a worker thread: a long file is blocking I/O.
+        self._results_to_load = os.fspath(results_file) if results_file is not None else None
         self._stopping = False
         self._aborting = False
         self._loop_scope: anyio.CancelScope | None = None
@@ -317,7 +317,7 @@ class Worker:
         and nothing is in flight); return what was done."""
         self._idle = anyio.Event()
         self._idle.set()
-        removed = await anyio.to_thread.run_sync(self._temp.claim)
+        removed = await anyio.to_thread.run_sync(self._start_up)
         if removed:
             logger.warning("removed %d temp folder(s) of dead workers", len(removed))
         own_engine = self._engine is None
@@ -342,6 +342,14 @@ class Worker:
                 # rmtree of a folder of partial downloads: not on the event loop.
                 await anyio.to_thread.run_sync(self._temp.release)
         return self.stats
+
+    def _start_up(self) -> list[str]:
+        """The blocking setup (a worker thread): read the results file once, then claim
+        the temp folder; return the dead workers' folders removed."""
+        if self._results_to_load is not None:
+            self._load_seen(self._results_to_load)
+            self._results_to_load = None
+        return self._temp.claim()
 
     async def _receive_loop(self, tg: Any, engine: Engine, visibility: int) -> None:
         slots = anyio.Semaphore(self.max_objects)
