@@ -496,6 +496,36 @@ def test_stale_event_gone_object_results_queue_and_enqueue_from_file(
     assert sent_results == {key, gone}
 
 
+def test_enqueue_from_a_missing_file_or_with_bad_lines_names_the_file_and_the_cause(
+    sqs_server: Any, queues: tuple[str, str], bucket: str, tmp_path: Path
+) -> None:
+    queue, _ = queues
+    env = dict(os.environ, PYTHONPATH=REPO_SRC)
+
+    def enqueue(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "fastpipe.cli", "enqueue", "--from", str(path),
+             "--queue", queue],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )
+
+    missing = tmp_path / "no-such-list.txt"
+    sent = enqueue(missing)
+    assert sent.returncode == 2 and "Traceback" not in sent.stderr
+    assert f"fastpipe: error: --from {missing}: cannot read: No such file" in sent.stderr
+    # Bad lines are reported (file, line, cause) and skipped, as by run --from; the rest
+    # is sent and the exit code says a line was bad.
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"s3://{bucket}/a.bin\n/local/path\ns3://x/bad\n\ns3://{bucket}/b.bin\n")
+    sent = enqueue(listing)
+    assert sent.returncode == 2, sent.stderr
+    assert "Traceback" not in sent.stderr
+    assert f"fastpipe: error: {listing} line 2: not an s3:// URI: '/local/path'" in sent.stderr
+    assert f"fastpipe: error: {listing} line 3: malformed S3 URI" in sent.stderr
+    assert "2 message(s) sent, 2 bad line(s) skipped" in sent.stderr
+    assert counts(sqs_server.client(), queue) == (2, 0)
+
+
 @pytest.mark.parametrize(
     ("fault", "summary"),
     [

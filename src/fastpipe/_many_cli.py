@@ -251,10 +251,8 @@ async def _sources(
 ) -> AsyncIterator[str]:
     from . import _listing
 
-    async def bad_line(number: int, text: str, exc: UsageError) -> None:
-        where = "stdin" if args.from_file == "-" else args.from_file
-        report = Report(source=text, error=f"{where} line {number}: {exc}", error_type="UsageError")
-        await emit(report)
+    async def bad_line(text: str, exc: UsageError) -> None:
+        await emit(Report(source=text, error=str(exc), error_type="UsageError"))
 
     if args.recursive:
         bucket, prefix = _listing.parse_prefix(args.sources[0])
