@@ -362,8 +362,11 @@ def cmd_run_many(args: argparse.Namespace, stages: list[Stage] | None, config: C
     outcome: dict[str, Any] = {}
 
     async def work() -> None:
+        from ._groups import unwrap_groups
+
         try:
-            await _run(args, stages, config, tally, bar)
+            with unwrap_groups():  # an error of the sources (--from) comes out of map's group
+                await _run(args, stages, config, tally, bar)
         except FastpipeError as exc:
             outcome["error"] = exc
 
