@@ -651,6 +651,22 @@ async def test_library_worker_reads_its_results_file_when_it_runs(
     assert os.listdir(temp) == []  # no temp folder was claimed
 
 
+def test_library_worker_stages_are_checked_as_process_many_checks_them(
+    sqs_server: Any, queues: tuple[str, str], tmp_path: Path
+) -> None:
+    import fastpipe
+    from fastpipe.stages import Checksum
+
+    queue, _ = queues
+    with pytest.raises(fastpipe.UsageError, match="Worker got a stage instance .* factory"):
+        fastpipe.Worker(queue, [Checksum()], temp_dir=tmp_path)
+    with pytest.raises(fastpipe.UsageError, match="not a stage spec or stage class: 3"):
+        fastpipe.Worker(queue, [3], temp_dir=tmp_path)  # type: ignore[list-item]
+    with pytest.raises(fastpipe.UsageError, match="no-such-stage"):
+        fastpipe.Worker(queue, ["no-such-stage"], temp_dir=tmp_path)
+    fastpipe.Worker(queue, [Checksum, "verify"], temp_dir=tmp_path)  # classes and specs
+
+
 def test_missing_queue_and_bad_arguments_are_one_line_errors(
     sqs_server: Any, s3_server: Any, tmp_path: Path, workers: Any
 ) -> None:

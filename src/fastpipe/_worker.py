@@ -39,7 +39,7 @@ import socket
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +58,7 @@ from ._queue import MAX_WAIT_SECONDS, Message, Queue
 from ._report import Report
 from ._sinks import Sink, TagSink, report_line
 from ._source import S3Location
-from .stages import Stage, parse_spec
+from ._stagelist import StagesPerObject, stage_factory
 
 if TYPE_CHECKING:
     from ._metrics import WorkerMetrics
@@ -130,22 +130,6 @@ class WorkerStats:
     outcomes: dict[str, int] = field(default_factory=dict)
 
 
-StagesFactory = Callable[[], Sequence[Stage]]
-
-
-def stages_factory(stages: StagesFactory | Sequence[str] | None) -> StagesFactory | None:
-    """A factory of fresh stage lists (stages keep per-object state): ``stages`` itself
-    when callable, else one that parses the spec strings (checked once, here)."""
-    if stages is None or callable(stages):
-        return stages
-    specs = list(stages)
-    for spec in specs:
-        if not isinstance(spec, str):
-            raise UsageError(f"Worker stages: a factory or spec strings, not {spec!r}")
-        parse_spec(spec)  # a bad spec is a usage error at start, not one per object
-    return lambda: [parse_spec(spec) for spec in specs]
-
-
 class _TempFolder:
     """This worker's temp folder under ``base``, and the cleanup of dead workers' folders."""
 
@@ -211,8 +195,9 @@ class _TempFolder:
 class Worker:
     """Consumes S3 events from an SQS queue and processes each object (``await run()``).
 
-    ``stages`` is a factory of fresh stage lists or a list of spec strings (default: the
-    engine's default stages). ``dest`` is a folder that keeps each object that passed
+    ``stages`` is a factory of fresh stage lists, or spec strings and stage classes
+    built afresh for each object, as for ``process_many`` (default: the engine's default
+    stages). ``dest`` is a folder that keeps each object that passed
     (replacing an older copy); without it the bytes go to this worker's temp folder under
     ``temp_dir`` and are removed. ``sinks`` receive each terminal result (the caller closes
     them). ``engine`` may be shared with the caller (else one is created from ``config``).
@@ -225,7 +210,7 @@ class Worker:
     def __init__(
         self,
         queue_url: str,
-        stages: StagesFactory | Sequence[str] | None = None,
+        stages: StagesPerObject | None = None,
         *,
         engine: Engine | None = None,
         config: Any = None,
@@ -256,7 +241,7 @@ class Worker:
         if not os.path.isdir(base):
             raise UsageError(f"temp_dir {base!r} is not a folder")
         self.queue = Queue(queue_url, endpoint_url=sqs_endpoint_url, region=region)
-        self._factory = stages_factory(stages)
+        self._factory = stage_factory(stages, "Worker")
         self._engine = engine
         self._config = config
         self.dest = os.fspath(dest) if dest is not None else None
@@ -508,7 +493,7 @@ class Worker:
             self.stats.skipped += 1
             self.metrics.messages.labels("skipped").inc()
             return DELETE
-        stages = None if self._factory is None else list(self._factory())
+        stages = None if self._factory is None else self._factory()
         self.metrics.in_flight.inc()
         started = time.monotonic()
         try:
