@@ -43,6 +43,7 @@ from ._s3meta import (
     map_s3_error,
     needs_part1,
     quoted_etag,
+    raise_if_no_bucket,
 )
 from ._source import S3Location
 
@@ -335,7 +336,9 @@ class S3Control:
         try:
             head = await self._call(location, client.head_object, **params)
         except ObjectNotFound:
-            await self._raise_missing_bucket(location)
+            await raise_if_no_bucket(
+                location, partial(self._call, location, client.head_bucket, Bucket=location.bucket)
+            )
             raise
         part1 = None
         if needs_part1(head):
@@ -347,13 +350,6 @@ class S3Control:
         return object_info_from_head(
             head, part1, str(location), bucket=location.bucket, key=location.key
         )
-
-    async def _raise_missing_bucket(self, location: S3Location) -> None:
-        client = await self.client()
-        with contextlib.suppress(AccessDenied, SourceError):
-            await self._call(location, client.head_bucket, Bucket=location.bucket)
-            return
-        raise ObjectNotFound(f"{location}: no such bucket {location.bucket!r}")
 
     async def presign(self, location: S3Location, version_id: str | None) -> tuple[str, float]:
         """A presigned GET URL for the object and the monotonic time it should be renewed.
