@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TextIO
@@ -32,12 +31,12 @@ EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 def add_budget_arguments(parser: argparse.ArgumentParser, objects: bool = True) -> None:
     """``--max-connections``, ``--disk-budget``, ``--file-stage-slots``, ``--max-objects``
-    (their defaults, computed for this machine, shown by ``--help``). ``objects`` False:
-    the parser has its own ``--max-objects`` (the worker's)."""
-    from ._budgets import DISK_SHARE, default_disk_budget, default_file_stage_slots
+    (their defaults for this machine shown by ``--help``; the disk budget's only as the
+    rule, since it reads the disk when the engine starts). ``objects`` False: the parser
+    has its own ``--max-objects`` (the worker's)."""
+    from ._budgets import DISK_SHARE, default_file_stage_slots
 
     defaults = Config()
-    temp = tempfile.gettempdir()
     parser.add_argument(
         "--max-connections",
         type=positive_int,
@@ -48,11 +47,10 @@ def add_budget_arguments(parser: argparse.ArgumentParser, objects: bool = True) 
         "--disk-budget",
         type=size_arg,
         default=None,
-        help=f"bytes of temp files at once (default {DISK_SHARE:.0%} of the free space of "
-        "the temp folder, at most the kernel's writeback threshold: now "
-        f"{format_size(default_disk_budget(temp))} in {temp})".replace(
-            "%", "%%"
-        ),
+        # Not computed here: free space and /proc/vmstat are read when the engine starts.
+        help=f"bytes of temp files at once (default: {DISK_SHARE:.0%} of the free space in "
+        "the temp folder, at most the kernel's writeback threshold; measured at start)"
+        .replace("%", "%%"),
     )
     parser.add_argument(
         "--file-stage-slots",
