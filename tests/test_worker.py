@@ -283,6 +283,47 @@ def test_killed_worker_message_reappears_and_its_temp_file_is_removed(
     assert counts(sqs_server.client(), queue) == (0, 0)
 
 
+def test_killed_workers_temp_file_in_dest_is_removed_by_the_next_worker(
+    sqs_server: Any, proxy: FaultProxy, s3_client: Any, bucket: str, tmp_path: Path,
+    workers: Any
+) -> None:
+    queue, _ = sqs_server.create_queue(f"kdest-{uuid.uuid4().hex[:8]}", visibility_timeout=4)
+    idle_queue, _ = sqs_server.create_queue(f"idle-{uuid.uuid4().hex[:8]}")
+    key = f"kdest/{uuid.uuid4().hex}.bin"
+    body = os.urandom(1 << 20)
+    s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+    put_event(sqs_server.client(), queue, s3_client, bucket, key)
+    dest = tmp_path / "kept"
+    dest.mkdir()
+    proxy.reset(always(Fault("hold")))
+    first = workers("--queue", queue, "--endpoint-url", proxy.url, "--dest", str(dest),
+                    "--temp-dir", str(tmp_path))
+    wait_until(lambda: proxy.held() >= 1, what="the GET held at the proxy")
+    wait_until(lambda: len(temp_files(dest)) == 1, what="the temp file in dest")
+    [partial] = temp_files(dest)
+    # A worker that starts while the first one lives leaves its temp file alone.
+    bystander = workers("--queue", idle_queue, "--once", "--wait-seconds", "1",
+                        "--dest", str(dest), "--temp-dir", str(tmp_path))
+    assert bystander.wait() == 0, bystander.stderr
+    assert temp_files(dest) == [partial]
+    first.proc.send_signal(signal.SIGKILL)
+    first.wait()
+    proxy.reset(None)
+    assert temp_files(dest) == [partial]  # nothing of the dead worker removes it
+    out = tmp_path / "results.jsonl"
+    second = workers("--queue", queue, "--wait-seconds", "2", "--results", str(out),
+                     "--dest", str(dest), "--temp-dir", str(tmp_path))
+    wait_until(lambda: len(results(out)) == 1, what="the result of the next worker")
+    second.proc.send_signal(signal.SIGTERM)
+    assert second.wait() == 0, second.stderr
+    assert "removed 1 temp file(s) that dead runs left in" in second.stderr
+    [result] = results(out)
+    assert (result["key"], result["outcome"]) == (key, "passed")
+    assert temp_files(dest) == []
+    assert [p.name for p in dest.iterdir()] == [key.rsplit("/", 1)[1]]
+    assert (dest / key.rsplit("/", 1)[1]).read_bytes() == body
+
+
 def test_heartbeat_keeps_a_slow_object_with_one_worker(
     sqs_server: Any, proxy: FaultProxy, s3_client: Any, bucket: str, tmp_path: Path,
     workers: Any

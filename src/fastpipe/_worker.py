@@ -24,7 +24,9 @@ at-least-once delivery across any number of workers; a worker is one of its cons
 
 Temp files live in a folder of this worker's own under ``temp_dir``, beside a lock file
 held (``flock``) while the worker lives; a worker that starts removes the folders of the
-dead workers of the same ``temp_dir``.
+dead workers of the same ``temp_dir``. With ``dest`` the temp files are made in ``dest``
+(the rename into place stays on one file system), each held while it is written; a
+worker that starts removes those no live process holds (a killed worker's).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from ._exceptions import (
     UsageError,
 )
 from ._groups import unwrap_groups
+from ._placement import sweep_once
 from ._queue import MAX_WAIT_SECONDS, Message, Queue
 from ._report import Report
 from ._sinks import Sink, TagSink, report_line
@@ -329,11 +332,14 @@ class Worker:
         return self.stats
 
     def _start_up(self) -> list[str]:
-        """The blocking setup (a worker thread): read the results file once, then claim
-        the temp folder; return the dead workers' folders removed."""
+        """The blocking setup (a worker thread): read the results file once, remove the
+        temp files dead runs left in ``dest``, then claim the temp folder; return the
+        dead workers' folders removed."""
         if self._results_to_load is not None:
             self._load_seen(self._results_to_load)
             self._results_to_load = None
+        if self.dest is not None:
+            sweep_once(self.dest)  # a killed worker's partial download there is nobody's
         return self._temp.claim()
 
     async def _receive_loop(self, tg: Any, engine: Engine, visibility: int) -> None:
