@@ -324,6 +324,25 @@ def test_version_and_help_texts() -> None:
         assert len(after.split()) > 1, f"{option} has no help text"
 
 
+def test_parser_build_does_not_measure_the_disk_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--help says how the default disk budget is chosen; it is measured when used."""
+    import shutil
+
+    from fastpipe import _budgets
+    from fastpipe.cli import build_parser
+
+    def measured(*args: object) -> None:
+        raise AssertionError("the disk budget was measured while building the parser")
+
+    monkeypatch.setattr(shutil, "disk_usage", measured)
+    monkeypatch.setattr(_budgets, "writeback_threshold", measured)
+    parser = build_parser()
+    run = next(a for a in parser._actions if a.dest == "command").choices["run"]  # type: ignore[attr-defined]
+    helptext = " ".join(run.format_help().split())
+    assert "(default: 90% of the free space in the temp folder, at most the kernel's " \
+        "writeback threshold; measured at start)" in helptext
+
+
 def test_report_source_is_absolute_for_a_relative_path(tmp_path: Path) -> None:
     (tmp_path / "rel.bin").write_bytes(b"x")
     proc = run_cli("run", "rel.bin", "--json", cwd=tmp_path)

@@ -54,3 +54,43 @@ def test_client_creation_leaves_the_collector_as_found(put_object: Any) -> None:
     uri = put_object(os.urandom(4096))
     assert _run_in_fresh_process(uri, "", "print(gc.isenabled())")[-1] == "True"
     assert _run_in_fresh_process(uri, "gc.disable()", "print(gc.isenabled())")[-1] == "False"
+
+
+def test_fallback_data_client_reads_botocores_models_off_the_event_loop(
+    put_object: Any,
+) -> None:
+    """The aiobotocore client of data_plane='botocore' is made on the loop, but aiobotocore
+    and aiohttp were imported, and the JSON models the client reads loaded, in a worker
+    thread first: the loop's thread does neither (before, some 0.3 s of it ran there)."""
+    uri = put_object(os.urandom(64 << 10))
+    code = (
+        "import sys, threading, botocore.loaders, fastpipe\n"
+        "from fastpipe.stages import Checksum\n"
+        "read_on_main = []\n"
+        "load_file = botocore.loaders.JSONFileLoader.load_file\n"
+        "def spy(self, path):\n"
+        "    data = load_file(self, path)\n"
+        "    if data is not None and threading.current_thread() is threading.main_thread():\n"
+        "        read_on_main.append(path)  # a model read, not a look for an optional one\n"
+        "    return data\n"
+        "botocore.loaders.JSONFileLoader.load_file = spy\n"
+        "import builtins\n"
+        "real_import = builtins.__import__\n"
+        "def first_import(name, *args, **kwargs):\n"
+        "    fresh = name.split('.')[0] in ('aiohttp', 'aiobotocore') and name not in sys.modules\n"
+        "    if fresh and threading.current_thread() is threading.main_thread():\n"
+        "        read_on_main.append(name)\n"
+        "    return real_import(name, *args, **kwargs)\n"
+        "builtins.__import__ = first_import\n"
+        "config = fastpipe.Config(data_plane='botocore')\n"
+        f"report = fastpipe.run({uri!r}, [Checksum()], config=config)\n"
+        "assert report.passed, report.error\n"
+        "assert report.download.plane == 'botocore', report.download.plane\n"
+        "print(read_on_main)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO_SRC)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]"

@@ -25,6 +25,7 @@ from fastpipe import Config
 from fastpipe._light import LightControl
 from fastpipe._lightsetup import LightSetup, light_setup, plain_bucket
 from fastpipe._s3 import S3Control
+from fastpipe._s3meta import TransientError
 from fastpipe._sigv4 import encode_key_path, presign_get, sign_headers, uri_encode
 from fastpipe._source import S3Location
 
@@ -413,6 +414,35 @@ async def test_live_missing_object_errors_equal(
     ours, theirs, _ = await _head_both(s3_server.endpoint_url, where)
     assert ours == theirs
     assert ours[0] is fastpipe.ObjectNotFound and str(where) in ours[1]
+
+
+@pytest.mark.anyio
+async def test_missing_key_then_the_buckets_answer_decides_alike(proxy: Any, bucket: str) -> None:
+    """The object's HEAD says not found; the bucket's HEAD (through the fault proxy) then
+    decides "no such bucket" or "no such key" the same way on both planes."""
+    from faultproxy import Fault
+
+    answers = {
+        "missing": Fault("error", status=404, code="NoSuchBucket"),
+        "denied": Fault("error", status=403, code="AccessDenied"),
+        "failing": Fault("error", status=500, code="InternalError"),
+        "there": None,
+    }
+    where = S3Location(bucket, f"no-such-key-{uuid.uuid4().hex}")
+    got = {}
+    for name, fault in answers.items():
+
+        def plan(n: int, request: Any, fault: Any = fault) -> Any:
+            path = request.target.split("?")[0].strip("/")
+            return fault if "/" not in path else None  # the bucket's HEAD only
+
+        proxy.reset(None, head_plan=plan)
+        ours, theirs, _ = await _head_both(proxy.url, where, backoff_base=0.001)
+        assert ours == theirs, name
+        got[name] = ours
+    assert got["missing"] == (fastpipe.ObjectNotFound, f"{where}: no such bucket {bucket!r}")
+    assert got["there"] == (fastpipe.ObjectNotFound, f"{where}: no such key")
+    assert got["failing"][0] is TransientError
 
 
 @pytest.mark.anyio

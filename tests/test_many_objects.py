@@ -182,6 +182,14 @@ def test_from_file_goes_on_past_bad_lines_and_missing_objects(
     assert proc.returncode == 3 and len(proc.stdout.splitlines()) == 5
 
 
+def test_from_a_missing_file_is_a_one_line_usage_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-list.txt"
+    proc = run_cli("run", "--from", str(missing))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"fastpipe: error: --from {missing}: cannot read: No such file" in proc.stderr
+
+
 # -- budgets measured from outside ---------------------------------------------------------
 
 

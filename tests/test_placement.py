@@ -289,3 +289,50 @@ async def test_one_engine_places_each_call_its_own_way(
         many = await engine.process_many([uri], lambda: [], tmp_path, force=True)
         assert many[0].passed
     assert sorted(os.listdir(tmp_path)) == sorted(["out.bin", "scratch", uri.rsplit("/", 1)[1]])
+
+
+# -- temp files a killed run left ---------------------------------------------------------
+
+
+_HOLDER = """
+import sys, time
+from fastpipe._placement import new_temp_file
+temp = new_temp_file(sys.argv[1], 4096)
+print(temp.path, flush=True)
+time.sleep(600)
+"""
+
+
+def _holder(folder: Path) -> tuple[subprocess.Popen[str], str]:
+    """A real process that made a fresh temp file in ``folder`` and holds it."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(folder)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+def test_sweep_removes_a_killed_runs_temp_file_never_a_live_ones(tmp_path: Path) -> None:
+    from fastpipe._placement import TEMP_SUFFIX, sweep_once
+
+    dead, dead_path = _holder(tmp_path)
+    alive, alive_path = _holder(tmp_path)
+    try:
+        dead.kill()  # SIGKILL: nothing of its own cleanup runs
+        dead.wait()
+        resume = ResumeState(str(tmp_path / "kept.bin"))
+        Path(resume.temp_path).write_bytes(b"resumable")  # kept on purpose for --resume
+        older = tmp_path / (".fastpipe-abcd1234" + TEMP_SUFFIX)  # no lock tells its state
+        older.write_bytes(b"x")
+        assert sweep_once(str(tmp_path)) == [dead_path]
+        assert sorted(os.listdir(tmp_path)) == sorted(
+            os.path.basename(p) for p in (alive_path, resume.temp_path, str(older))
+        )
+        assert sweep_once(str(tmp_path)) == []  # once per folder and process
+    finally:
+        for proc in (dead, alive):
+            proc.kill()
+            proc.wait()
+            assert proc.stdout is not None
+            proc.stdout.close()

@@ -283,6 +283,47 @@ def test_killed_worker_message_reappears_and_its_temp_file_is_removed(
     assert counts(sqs_server.client(), queue) == (0, 0)
 
 
+def test_killed_workers_temp_file_in_dest_is_removed_by_the_next_worker(
+    sqs_server: Any, proxy: FaultProxy, s3_client: Any, bucket: str, tmp_path: Path,
+    workers: Any
+) -> None:
+    queue, _ = sqs_server.create_queue(f"kdest-{uuid.uuid4().hex[:8]}", visibility_timeout=4)
+    idle_queue, _ = sqs_server.create_queue(f"idle-{uuid.uuid4().hex[:8]}")
+    key = f"kdest/{uuid.uuid4().hex}.bin"
+    body = os.urandom(1 << 20)
+    s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+    put_event(sqs_server.client(), queue, s3_client, bucket, key)
+    dest = tmp_path / "kept"
+    dest.mkdir()
+    proxy.reset(always(Fault("hold")))
+    first = workers("--queue", queue, "--endpoint-url", proxy.url, "--dest", str(dest),
+                    "--temp-dir", str(tmp_path))
+    wait_until(lambda: proxy.held() >= 1, what="the GET held at the proxy")
+    wait_until(lambda: len(temp_files(dest)) == 1, what="the temp file in dest")
+    [partial] = temp_files(dest)
+    # A worker that starts while the first one lives leaves its temp file alone.
+    bystander = workers("--queue", idle_queue, "--once", "--wait-seconds", "1",
+                        "--dest", str(dest), "--temp-dir", str(tmp_path))
+    assert bystander.wait() == 0, bystander.stderr
+    assert temp_files(dest) == [partial]
+    first.proc.send_signal(signal.SIGKILL)
+    first.wait()
+    proxy.reset(None)
+    assert temp_files(dest) == [partial]  # nothing of the dead worker removes it
+    out = tmp_path / "results.jsonl"
+    second = workers("--queue", queue, "--wait-seconds", "2", "--results", str(out),
+                     "--dest", str(dest), "--temp-dir", str(tmp_path))
+    wait_until(lambda: len(results(out)) == 1, what="the result of the next worker")
+    second.proc.send_signal(signal.SIGTERM)
+    assert second.wait() == 0, second.stderr
+    assert "removed 1 temp file(s) that dead runs left in" in second.stderr
+    [result] = results(out)
+    assert (result["key"], result["outcome"]) == (key, "passed")
+    assert temp_files(dest) == []
+    assert [p.name for p in dest.iterdir()] == [key.rsplit("/", 1)[1]]
+    assert (dest / key.rsplit("/", 1)[1]).read_bytes() == body
+
+
 def test_heartbeat_keeps_a_slow_object_with_one_worker(
     sqs_server: Any, proxy: FaultProxy, s3_client: Any, bucket: str, tmp_path: Path,
     workers: Any
@@ -496,6 +537,36 @@ def test_stale_event_gone_object_results_queue_and_enqueue_from_file(
     assert sent_results == {key, gone}
 
 
+def test_enqueue_from_a_missing_file_or_with_bad_lines_names_the_file_and_the_cause(
+    sqs_server: Any, queues: tuple[str, str], bucket: str, tmp_path: Path
+) -> None:
+    queue, _ = queues
+    env = dict(os.environ, PYTHONPATH=REPO_SRC)
+
+    def enqueue(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "fastpipe.cli", "enqueue", "--from", str(path),
+             "--queue", queue],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )
+
+    missing = tmp_path / "no-such-list.txt"
+    sent = enqueue(missing)
+    assert sent.returncode == 2 and "Traceback" not in sent.stderr
+    assert f"fastpipe: error: --from {missing}: cannot read: No such file" in sent.stderr
+    # Bad lines are reported (file, line, cause) and skipped, as by run --from; the rest
+    # is sent and the exit code says a line was bad.
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"s3://{bucket}/a.bin\n/local/path\ns3://x/bad\n\ns3://{bucket}/b.bin\n")
+    sent = enqueue(listing)
+    assert sent.returncode == 2, sent.stderr
+    assert "Traceback" not in sent.stderr
+    assert f"fastpipe: error: {listing} line 2: not an s3:// URI: '/local/path'" in sent.stderr
+    assert f"fastpipe: error: {listing} line 3: malformed S3 URI" in sent.stderr
+    assert "2 message(s) sent, 2 bad line(s) skipped" in sent.stderr
+    assert counts(sqs_server.client(), queue) == (2, 0)
+
+
 @pytest.mark.parametrize(
     ("fault", "summary"),
     [
@@ -580,6 +651,61 @@ async def test_library_worker_in_the_callers_event_loop(
     assert stats.deleted == 1 and stats.outcomes == {"passed": 1}
     [result] = results(tmp_path / "r.jsonl")
     assert result["stages"][0]["result"]["hexdigest"] == hashlib.sha256(b"library").hexdigest()
+
+
+@pytest.mark.anyio
+async def test_library_worker_reads_its_results_file_when_it_runs(
+    sqs_server: Any, queues: tuple[str, str], s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    import fastpipe
+
+    queue, _ = queues
+    sqs = sqs_server.client()
+    key = f"lib/{uuid.uuid4().hex}.bin"
+    s3_client.put_object(Bucket=bucket, Key=key, Body=b"done once")
+    event = put_event(sqs, queue, s3_client, bucket, key)
+    out = tmp_path / "r.jsonl"
+
+    async def run_once() -> Any:
+        sink = fastpipe.JsonLinesSink(out)
+        worker = fastpipe.Worker(queue, sinks=[sink], wait_seconds=1, once=True,
+                                 temp_dir=tmp_path, results_file=out)
+        try:
+            return await worker.run()
+        finally:
+            await sink.aclose()
+
+    first = await run_once()
+    assert first.outcomes == {"passed": 1}
+    # A restarted worker remembers what the file holds: the redelivery is acknowledged.
+    sqs.send_message(QueueUrl=queue, MessageBody=json.dumps(event))
+    second = await run_once()
+    assert (second.skipped, second.deleted, second.outcomes) == (1, 1, {})
+    assert len(results(out)) == 1
+    # A results file that cannot be read is a usage error when the worker starts.
+    temp = tmp_path / "t"
+    temp.mkdir()
+    worker = fastpipe.Worker(queue, wait_seconds=1, once=True, temp_dir=temp,
+                             results_file=tmp_path)
+    with pytest.raises(fastpipe.UsageError, match="results file"):
+        await worker.run()
+    assert os.listdir(temp) == []  # no temp folder was claimed
+
+
+def test_library_worker_stages_are_checked_as_process_many_checks_them(
+    sqs_server: Any, queues: tuple[str, str], tmp_path: Path
+) -> None:
+    import fastpipe
+    from fastpipe.stages import Checksum
+
+    queue, _ = queues
+    with pytest.raises(fastpipe.UsageError, match="Worker got a stage instance .* factory"):
+        fastpipe.Worker(queue, [Checksum()], temp_dir=tmp_path)
+    with pytest.raises(fastpipe.UsageError, match="not a stage spec or stage class: 3"):
+        fastpipe.Worker(queue, [3], temp_dir=tmp_path)  # type: ignore[list-item]
+    with pytest.raises(fastpipe.UsageError, match="no-such-stage"):
+        fastpipe.Worker(queue, ["no-such-stage"], temp_dir=tmp_path)
+    fastpipe.Worker(queue, [Checksum, "verify"], temp_dir=tmp_path)  # classes and specs
 
 
 def test_missing_queue_and_bad_arguments_are_one_line_errors(

@@ -33,6 +33,7 @@ from ._s3meta import (
     TransientError,
     map_s3_error,
     needs_part1,
+    raise_if_no_bucket,
     request_id_from_headers,
 )
 from ._sigv4 import encode_key_path, presign_get, sign_headers, uri_encode
@@ -128,7 +129,10 @@ class LightControl:
         try:
             head = await self._head(location, path, params)
         except ObjectNotFound:
-            await self._raise_missing_bucket(location)
+            bucket_path = f"/{uri_encode(location.bucket)}"
+            await raise_if_no_bucket(
+                location, lambda: self._head(location, bucket_path, [], checksum=False)
+            )
             raise
         part1 = None
         if needs_part1(head):
@@ -139,13 +143,6 @@ class LightControl:
         return object_info_from_head(
             head, part1, str(location), bucket=location.bucket, key=location.key
         )
-
-    async def _raise_missing_bucket(self, location: S3Location) -> None:
-        # As the botocore plane: a bucket that answers HEAD leaves "no such key".
-        with contextlib.suppress(SourceError):
-            await self._head(location, f"/{uri_encode(location.bucket)}", [], checksum=False)
-            return
-        raise ObjectNotFound(f"{location}: no such bucket {location.bucket!r}")
 
     async def _head(
         self,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, TextIO
 import anyio
 
 from ._exceptions import UsageError
-from ._source import parse_source
+from ._source import S3Location, parse_source
 
 if TYPE_CHECKING:
     from ._s3 import S3Control
@@ -70,23 +70,26 @@ async def filtered(
 
 
 async def read_sources(
-    path: str, bad_line: Callable[[int, str, UsageError], Awaitable[None]]
+    path: str, bad_line: Callable[[str, UsageError], Awaitable[None]], *, s3_only: bool = False
 ) -> AsyncIterator[str]:
     """One source per line of ``path`` (``-``: stdin); blank lines and ``#`` comments are
-    skipped. A malformed line goes to ``bad_line`` (its number, its text, why) and the
-    reading goes on."""
+    skipped. A malformed line (with ``s3_only``, also one that is not an ``s3://`` URI) goes
+    to ``bad_line`` (its text, and a :class:`UsageError` naming the file, the line number
+    and why) and the reading goes on. A file that cannot be read is a ``UsageError``
+    naming it and the cause. Opening and reading happen in worker threads."""
     stream: TextIO
     if path == "-":
         stream = sys.stdin
     else:
-        try:
-            stream = open(path, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
-        except OSError as exc:
-            raise UsageError(f"--from {path}: cannot read: {exc.strerror or exc}") from exc
+        stream = await anyio.to_thread.run_sync(_open, path)
+    where = "stdin" if path == "-" else path
     number = 0
     try:
         while True:
-            lines = await anyio.to_thread.run_sync(_read_batch, stream)
+            try:
+                lines = await anyio.to_thread.run_sync(_read_batch, stream)
+            except OSError as exc:
+                raise _unreadable(path, exc) from exc
             if not lines:
                 return
             for line in lines:
@@ -95,14 +98,32 @@ async def read_sources(
                 if not text or text.startswith("#"):
                     continue
                 try:
-                    parse_source(text)
+                    _check_source(text, s3_only)
                 except UsageError as exc:
-                    await bad_line(number, text, exc)
+                    await bad_line(text, UsageError(f"{where} line {number}: {exc}"))
                     continue
                 yield text
     finally:
         if stream is not sys.stdin:
             stream.close()
+
+
+def _open(path: str) -> TextIO:
+    try:
+        return open(path, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: str, exc: OSError) -> UsageError:
+    return UsageError(f"--from {path}: cannot read: {exc.strerror or exc}")
+
+
+def _check_source(text: str, s3_only: bool) -> None:
+    """A ``UsageError`` saying why ``text`` is not a source (with ``s3_only``: an S3 one)."""
+    location = parse_source(text)
+    if s3_only and not isinstance(location, S3Location):
+        raise UsageError(f"not an s3:// URI: {text!r}")
 
 
 def _read_batch(stream: TextIO) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TextIO
@@ -32,12 +31,12 @@ EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 def add_budget_arguments(parser: argparse.ArgumentParser, objects: bool = True) -> None:
     """``--max-connections``, ``--disk-budget``, ``--file-stage-slots``, ``--max-objects``
-    (their defaults, computed for this machine, shown by ``--help``). ``objects`` False:
-    the parser has its own ``--max-objects`` (the worker's)."""
-    from ._budgets import DISK_SHARE, default_disk_budget, default_file_stage_slots
+    (their defaults for this machine shown by ``--help``; the disk budget's only as the
+    rule, since it reads the disk when the engine starts). ``objects`` False: the parser
+    has its own ``--max-objects`` (the worker's)."""
+    from ._budgets import DISK_SHARE, default_file_stage_slots
 
     defaults = Config()
-    temp = tempfile.gettempdir()
     parser.add_argument(
         "--max-connections",
         type=positive_int,
@@ -48,11 +47,10 @@ def add_budget_arguments(parser: argparse.ArgumentParser, objects: bool = True) 
         "--disk-budget",
         type=size_arg,
         default=None,
-        help=f"bytes of temp files at once (default {DISK_SHARE:.0%} of the free space of "
-        "the temp folder, at most the kernel's writeback threshold: now "
-        f"{format_size(default_disk_budget(temp))} in {temp})".replace(
-            "%", "%%"
-        ),
+        # Not computed here: free space and /proc/vmstat are read when the engine starts.
+        help=f"bytes of temp files at once (default: {DISK_SHARE:.0%} of the free space in "
+        "the temp folder, at most the kernel's writeback threshold; measured at start)"
+        .replace("%", "%%"),
     )
     parser.add_argument(
         "--file-stage-slots",
@@ -251,10 +249,8 @@ async def _sources(
 ) -> AsyncIterator[str]:
     from . import _listing
 
-    async def bad_line(number: int, text: str, exc: UsageError) -> None:
-        where = "stdin" if args.from_file == "-" else args.from_file
-        report = Report(source=text, error=f"{where} line {number}: {exc}", error_type="UsageError")
-        await emit(report)
+    async def bad_line(text: str, exc: UsageError) -> None:
+        await emit(Report(source=text, error=str(exc), error_type="UsageError"))
 
     if args.recursive:
         bucket, prefix = _listing.parse_prefix(args.sources[0])
@@ -364,8 +360,11 @@ def cmd_run_many(args: argparse.Namespace, stages: list[Stage] | None, config: C
     outcome: dict[str, Any] = {}
 
     async def work() -> None:
+        from ._groups import unwrap_groups
+
         try:
-            await _run(args, stages, config, tally, bar)
+            with unwrap_groups():  # an error of the sources (--from) comes out of map's group
+                await _run(args, stages, config, tally, bar)
         except FastpipeError as exc:
             outcome["error"] = exc
 

@@ -11,11 +11,17 @@ Nothing is ever left under the destination name unless it is complete and every 
 passed: bytes go to a hidden temp file in the destination's folder, which is renamed at
 the end or removed on any failure. Temp names never hold the key (a shell command or a
 listing must not see a name an uploader chose): a fresh temp file is
-``.fastpipe-<random>.fastpipe-tmp``; ``resume`` uses ``.fastpipe-<hash of the
+``.fastpipe-f<random>.fastpipe-tmp``; ``resume`` uses ``.fastpipe-<hash of the
 destination name>`` with the suffixes ``.fastpipe-tmp``, ``.fastpipe-journal`` and
 ``.fastpipe-lock``. Files that may already exist under those fixed names are opened with
 ``O_NOFOLLOW`` and must be regular files of this user with no other hard link, so that
 nothing planted there makes a run write elsewhere; new ones are created with ``O_EXCL``.
+
+A fresh temp file is held (``flock``) by its run until it is renamed or removed, so the
+one a killed run left is told apart from a live run's: the first fresh temp file a
+process makes in a folder removes those nobody holds there (:func:`sweep_once`; a worker
+also sweeps its ``dest`` when it starts). Resume files are not swept: they are kept on
+purpose for the next ``resume`` run, under its own lock.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ import os
 import re
 import stat
 import tempfile
+import threading
 import unicodedata
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -49,6 +57,11 @@ logger = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".fastpipe-"
 TEMP_SUFFIX = ".fastpipe-tmp"
+#: A fresh (not resumable) temp file: ``f`` and tempfile's 8 random characters. The
+#: other names under TEMP_PREFIX (resume's hash; older versions' fresh files, which no
+#: lock tells live from dead) never match it.
+FRESH_PREFIX = TEMP_PREFIX + "f"
+_FRESH_NAME = re.compile(r"\.fastpipe-f[a-z0-9_]{8}\.fastpipe-tmp\Z")
 JOURNAL_SUFFIX = ".fastpipe-journal"
 LOCK_SUFFIX = ".fastpipe-lock"
 _MAX_NAME_BYTES = 255
@@ -319,6 +332,7 @@ class ObjectPlacement:
                 if self.dest_path
                 else os.fspath(self.placement.temp_dir or tempfile.gettempdir())
             )
+            sweep_once(folder)
             self.temp = new_temp_file(folder, info.size)
             return part_size, set()
         plan = self._resume.plan(source, info.etag, info.version_id, info.size, part_size)
@@ -358,17 +372,123 @@ class ObjectPlacement:
             if self.journal is not None and not self.keep_for_resume:
                 self.journal.remove()
         finally:
+            if isinstance(self.temp, FreshTempFile):
+                self.temp.release()  # renamed or removed by now: a sweep may look at it
             if self._resume is not None:
                 self._resume.unlock()
 
 
-def new_temp_file(folder: str, size: int) -> TempFile:
-    """A fresh temp file with a random name in ``folder`` (``O_EXCL``: never a symlink)."""
+class FreshTempFile(TempFile):
+    """A fresh temp file and its hold: a second descriptor with an exclusive ``flock``,
+    kept until :meth:`release` (the write descriptor is closed before the file stages
+    run; the hold outlives it, up to the rename or the removal)."""
+
+    def __init__(self, fd: int, path: str, size: int, hold: int) -> None:
+        self.hold = hold  # before TempFile's __init__, whose failure calls remove()
+        super().__init__(fd, path, size)
+
+    def remove(self) -> None:
+        """Close and delete the file, then let go of it (idempotent)."""
+        super().remove()
+        self.release()
+
+    def release(self) -> None:
+        """Let go of the hold (idempotent)."""
+        if self.hold >= 0:
+            os.close(self.hold)
+            self.hold = -1
+
+
+def new_temp_file(folder: str, size: int) -> FreshTempFile:
+    """A fresh temp file with a random name in ``folder`` (``O_EXCL``: never a symlink),
+    held until it is released (see :func:`sweep_once`)."""
+    while True:
+        try:
+            fd, path = tempfile.mkstemp(prefix=FRESH_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
+        except OSError as exc:
+            raise local_io_error(f"cannot create a temp file in {folder}", exc) from exc
+        hold = _hold(fd, path)
+        if hold >= 0:
+            return FreshTempFile(fd, path, size, hold)
+        os.close(fd)  # a sweep took it for a dead run's before it was held: another name
+
+
+def _hold(fd: int, path: str) -> int:
+    """A descriptor of ``path`` holding an exclusive ``flock``, or -1 when the file under
+    ``path`` is no longer ``fd``'s (a sweep removed it before the lock was taken)."""
     try:
-        fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
+        hold = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return -1
     except OSError as exc:
-        raise local_io_error(f"cannot create a temp file in {folder}", exc) from exc
-    return TempFile(fd, path, size)
+        _unlink(path)
+        os.close(fd)
+        raise local_io_error(f"cannot open {path}", exc) from exc
+    try:
+        fcntl.flock(hold, fcntl.LOCK_EX)  # waits only while a sweep looks at this file
+    except OSError:
+        pass  # no flock on this file system: a sweep cannot take the lock either
+    if _still_at(hold, path) and os.path.samestat(os.fstat(hold), os.fstat(fd)):
+        return hold
+    os.close(hold)
+    return -1
+
+
+def _still_at(fd: int, path: str) -> bool:
+    """Whether ``path`` still names the file open on ``fd``."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.lstat(path))
+    except FileNotFoundError:
+        return False
+
+
+#: Folders this process swept already (bounded: a long run over many key folders).
+_swept: OrderedDict[str, None] = OrderedDict()
+_swept_lock = threading.Lock()
+_SWEPT_MAX = 4096
+
+
+def sweep_once(folder: str) -> list[str]:
+    """Remove the fresh temp files in ``folder`` that no process holds (a run killed by
+    SIGKILL or a crash left them), the first time this process asks for ``folder``;
+    return their paths. A live run holds its file, so it is never removed; resume files
+    have other names and are left to the next ``resume`` run."""
+    key = os.path.abspath(folder)
+    with _swept_lock:
+        if key in _swept:
+            _swept.move_to_end(key)
+            return []
+        _swept[key] = None
+        if len(_swept) > _SWEPT_MAX:
+            _swept.popitem(last=False)
+    try:
+        names = os.listdir(key)
+    except OSError:
+        return []  # creating the temp file there says why, if it matters
+    candidates = [os.path.join(key, name) for name in names if _FRESH_NAME.match(name)]
+    removed = [path for path in candidates if _remove_if_dead(path)]
+    if removed:
+        logger.warning("removed %d temp file(s) that dead runs left in %s", len(removed), key)
+    return removed
+
+
+def _remove_if_dead(path: str) -> bool:
+    """Delete ``path`` if nobody holds it, with its lock taken (a run creating it at this
+    moment then finds it gone and makes another)."""
+    try:
+        fd = open_private(path, os.O_RDONLY)
+    except (FastpipeError, OSError):
+        return False  # gone, or not a plain file of this user: not ours to judge
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not _still_at(fd, path):
+            return False  # renamed to its destination meanwhile
+        os.unlink(path)
+        return True
+    except OSError:
+        return False  # held: its run is alive (or this file system has no flock)
+    finally:
+        os.close(fd)
 
 
 def commit(temp: TempFile, dest: str, force: bool) -> None:

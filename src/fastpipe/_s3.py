@@ -20,7 +20,7 @@ import re
 import ssl
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -43,6 +43,7 @@ from ._s3meta import (
     map_s3_error,
     needs_part1,
     quoted_etag,
+    raise_if_no_bucket,
 )
 from ._source import S3Location
 
@@ -71,6 +72,36 @@ def _quiet_unverified_warning(endpoint_url: str | None) -> None:
         message=f"Unverified HTTPS request is being made to host '{pattern}'",
         category=InsecureRequestWarning,
     )
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic collector, then leave it as it was found.
+
+    Importing botocore and building a client allocate some 10^5 long-lived objects, and
+    the collector's passes over them cost about 60 ms of CPU here.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _warm_loader(loader: Any) -> None:
+    """Load into ``loader``'s cache the JSON models an S3 client's creation reads (those
+    this botocore version has: the cache only saves a read)."""
+    from botocore.exceptions import DataNotFoundError
+
+    for name in ("endpoints", "partitions", "sdk-default-configuration"):
+        with contextlib.suppress(DataNotFoundError):
+            loader.load_data(name)
+    for type_name in ("service-2", "endpoint-rule-set-1"):
+        with contextlib.suppress(DataNotFoundError):
+            # As botocore's client asks (the cache is keyed on the arguments' spelling).
+            loader.load_service_model("s3", type_name, api_version=None)
 
 
 def _object_params(location: S3Location, version_id: str | None, **extra: Any) -> dict[str, Any]:
@@ -214,12 +245,7 @@ class S3Control:
 
     async def _new_client(self, retries: dict[str, Any]) -> Any:
         def create() -> Any:
-            # Importing botocore and building a client allocate some 10^5 long-lived
-            # objects, and the collector's passes over them cost about 60 ms of CPU here:
-            # it is paused meanwhile, and left as it was found.
-            was_enabled = gc.isenabled()
-            gc.disable()
-            try:
+            with _gc_paused():
                 import botocore.session
                 from botocore.config import Config as BotoConfig
 
@@ -230,27 +256,35 @@ class S3Control:
                 if not self.config.verify_tls:
                     _quiet_unverified_warning(options["endpoint_url"])
                 return self._session.create_client("s3", **options)
-            finally:
-                if was_enabled:
-                    gc.enable()
 
         # Importing botocore and building the client is CPU work of a few tenths of a
         # second: not on the event loop, where other objects' transfers may be running.
         return await anyio.to_thread.run_sync(create)
 
     async def _new_data_client(self, retries: dict[str, Any]) -> Any:
-        from aiobotocore.config import AioConfig
-        from aiobotocore.session import get_session
-
-        if self._aio_session is None:
-            self._aio_session = get_session()
-        options = self._client_options(self._aio_session, retries)
-        options["config"] = AioConfig(**options["config"])
+        # The client itself is made on the loop (its HTTP session belongs to it, and
+        # aiobotocore resolves credentials there); what blocks is done first in a thread.
+        options = await anyio.to_thread.run_sync(self._data_client_setup, retries)
         if self._exit_stack is None:
             self._exit_stack = contextlib.AsyncExitStack()
         return await self._exit_stack.enter_async_context(
             self._aio_session.create_client("s3", **options)
         )
+
+    def _data_client_setup(self, retries: dict[str, Any]) -> dict[str, Any]:
+        """The blocking part of the data client (a worker thread): import aiobotocore,
+        make the session, read the AWS config and load the JSON models ``create_client``
+        reads into the session loader's cache (about 0.3 s that ran on the loop)."""
+        with _gc_paused():
+            from aiobotocore.config import AioConfig
+            from aiobotocore.session import get_session
+
+            if self._aio_session is None:
+                self._aio_session = get_session()
+            options = self._client_options(self._aio_session, retries)
+            options["config"] = AioConfig(**options["config"])
+            _warm_loader(self._aio_session.get_component("data_loader"))
+            return options
 
     async def close(self) -> None:
         """Close the clients and their connection pools."""
@@ -335,7 +369,9 @@ class S3Control:
         try:
             head = await self._call(location, client.head_object, **params)
         except ObjectNotFound:
-            await self._raise_missing_bucket(location)
+            await raise_if_no_bucket(
+                location, partial(self._call, location, client.head_bucket, Bucket=location.bucket)
+            )
             raise
         part1 = None
         if needs_part1(head):
@@ -347,13 +383,6 @@ class S3Control:
         return object_info_from_head(
             head, part1, str(location), bucket=location.bucket, key=location.key
         )
-
-    async def _raise_missing_bucket(self, location: S3Location) -> None:
-        client = await self.client()
-        with contextlib.suppress(AccessDenied, SourceError):
-            await self._call(location, client.head_bucket, Bucket=location.bucket)
-            return
-        raise ObjectNotFound(f"{location}: no such bucket {location.bucket!r}")
 
     async def presign(self, location: S3Location, version_id: str | None) -> tuple[str, float]:
         """A presigned GET URL for the object and the monotonic time it should be renewed.
@@ -423,11 +452,11 @@ class S3Control:
         chunk_size: int,
     ) -> None:
         """Fallback data plane: GET ``[start, end)`` through aiobotocore, feeding ``sink``."""
+        client = await self.data_client()  # first: it imports aiohttp in a worker thread
         from aiohttp import ClientError as AioHttpClientError
         from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
 
         location, etag, version_id = obj.location, obj.info.etag, obj.info.version_id
-        client = await self.data_client()
         params = _object_params(location, version_id, Range=f"bytes={start}-{end - 1}")
         if etag:
             params["IfMatch"] = quoted_etag(etag)

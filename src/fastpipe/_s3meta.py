@@ -9,7 +9,7 @@ bodies), and request ids. Transport modules and stages import these names from h
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -176,6 +176,23 @@ def _mapped(
     if code in TRANSIENT_CODES or status >= 500 or status == 429:
         return TransientError(f"{where}: {code or status} {message}".strip())
     return SourceError(f"{where}: S3 error {code or status}: {message}".strip())
+
+
+async def raise_if_no_bucket(
+    location: S3Location, head_bucket: Callable[[], Awaitable[Any]]
+) -> None:
+    """After a HEAD of ``location`` found no object: is it the bucket that is missing?
+
+    ``head_bucket`` is one plane's HEAD of the bucket (with its retries and error mapping).
+    A bucket that answers leaves "no such key" (this returns); a :class:`SourceError`
+    (missing, denied, another region, unreachable) is "no such bucket"; any other error
+    (a :class:`TransientError` once the retries are spent) propagates. Both control planes
+    ask this, so they give the same answer for the same server answers.
+    """
+    try:
+        await head_bucket()
+    except SourceError:
+        raise ObjectNotFound(f"{location}: no such bucket {location.bucket!r}") from None
 
 
 def object_changed(location: S3Location, detail: str) -> ObjectChanged:

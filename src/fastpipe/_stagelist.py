@@ -54,8 +54,11 @@ def verified(stages: Sequence[Stage], report: Report) -> str | None:
     return "; ".join(found) or None
 
 
-def stage_factory(stages: StagesPerObject | None) -> Callable[[], list[Stage]] | None:
-    """A function that builds a fresh stage list for one object (see ``process_many``)."""
+def stage_factory(
+    stages: StagesPerObject | None, caller: str = "process_many"
+) -> Callable[[], list[Stage]] | None:
+    """A function that builds a fresh stage list for one object (see ``process_many``);
+    ``caller`` names the API in the usage errors (``process_many``, ``Worker``)."""
     if stages is None:
         return None
     if callable(stages) and not isinstance(stages, type):
@@ -65,13 +68,13 @@ def stage_factory(stages: StagesPerObject | None) -> Callable[[], list[Stage]] |
     for item in items:
         if isinstance(item, Stage):
             raise UsageError(
-                f"process_many got a stage instance ({item.name}); stages keep per-object "
+                f"{caller} got a stage instance ({item.name}); stages keep per-object "
                 "state, so it needs a factory (stages=lambda: [Checksum(), ...]), spec "
                 "strings ('checksum:algo=sha256') or stage classes"
             )
         if not isinstance(item, str) and not (isinstance(item, type) and issubclass(item, Stage)):
             raise UsageError(
-                f"not a stage spec or stage class: {item!r} (process_many takes a factory, "
+                f"not a stage spec or stage class: {item!r} ({caller} takes a factory, "
                 "spec strings or stage classes)"
             )
 

@@ -24,7 +24,9 @@ at-least-once delivery across any number of workers; a worker is one of its cons
 
 Temp files live in a folder of this worker's own under ``temp_dir``, beside a lock file
 held (``flock``) while the worker lives; a worker that starts removes the folders of the
-dead workers of the same ``temp_dir``.
+dead workers of the same ``temp_dir``. With ``dest`` the temp files are made in ``dest``
+(the rename into place stays on one file system), each held while it is written; a
+worker that starts removes those no live process holds (a killed worker's).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import socket
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -54,11 +56,12 @@ from ._exceptions import (
     UsageError,
 )
 from ._groups import unwrap_groups
+from ._placement import sweep_once
 from ._queue import MAX_WAIT_SECONDS, Message, Queue
 from ._report import Report
 from ._sinks import Sink, TagSink, report_line
 from ._source import S3Location
-from .stages import Stage, parse_spec
+from ._stagelist import StagesPerObject, stage_factory
 
 if TYPE_CHECKING:
     from ._metrics import WorkerMetrics
@@ -130,22 +133,6 @@ class WorkerStats:
     outcomes: dict[str, int] = field(default_factory=dict)
 
 
-StagesFactory = Callable[[], Sequence[Stage]]
-
-
-def stages_factory(stages: StagesFactory | Sequence[str] | None) -> StagesFactory | None:
-    """A factory of fresh stage lists (stages keep per-object state): ``stages`` itself
-    when callable, else one that parses the spec strings (checked once, here)."""
-    if stages is None or callable(stages):
-        return stages
-    specs = list(stages)
-    for spec in specs:
-        if not isinstance(spec, str):
-            raise UsageError(f"Worker stages: a factory or spec strings, not {spec!r}")
-        parse_spec(spec)  # a bad spec is a usage error at start, not one per object
-    return lambda: [parse_spec(spec) for spec in specs]
-
-
 class _TempFolder:
     """This worker's temp folder under ``base``, and the cleanup of dead workers' folders."""
 
@@ -211,8 +198,9 @@ class _TempFolder:
 class Worker:
     """Consumes S3 events from an SQS queue and processes each object (``await run()``).
 
-    ``stages`` is a factory of fresh stage lists or a list of spec strings (default: the
-    engine's default stages). ``dest`` is a folder that keeps each object that passed
+    ``stages`` is a factory of fresh stage lists, or spec strings and stage classes
+    built afresh for each object, as for ``process_many`` (default: the engine's default
+    stages). ``dest`` is a folder that keeps each object that passed
     (replacing an older copy); without it the bytes go to this worker's temp folder under
     ``temp_dir`` and are removed. ``sinks`` receive each terminal result (the caller closes
     them). ``engine`` may be shared with the caller (else one is created from ``config``).
@@ -225,7 +213,7 @@ class Worker:
     def __init__(
         self,
         queue_url: str,
-        stages: StagesFactory | Sequence[str] | None = None,
+        stages: StagesPerObject | None = None,
         *,
         engine: Engine | None = None,
         config: Any = None,
@@ -256,7 +244,7 @@ class Worker:
         if not os.path.isdir(base):
             raise UsageError(f"temp_dir {base!r} is not a folder")
         self.queue = Queue(queue_url, endpoint_url=sqs_endpoint_url, region=region)
-        self._factory = stages_factory(stages)
+        self._factory = stage_factory(stages, "Worker")
         self._engine = engine
         self._config = config
         self.dest = os.fspath(dest) if dest is not None else None
@@ -279,8 +267,8 @@ class Worker:
         self.stats = WorkerStats()
         self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._seen_capacity = seen_capacity
-        if results_file is not None:
-            self._load_seen(os.fspath(results_file))
+        # Read at the start of run, in a worker thread: a long file is blocking I/O.
+        self._results_to_load = os.fspath(results_file) if results_file is not None else None
         self._stopping = False
         self._aborting = False
         self._loop_scope: anyio.CancelScope | None = None
@@ -317,7 +305,7 @@ class Worker:
         and nothing is in flight); return what was done."""
         self._idle = anyio.Event()
         self._idle.set()
-        removed = await anyio.to_thread.run_sync(self._temp.claim)
+        removed = await anyio.to_thread.run_sync(self._start_up)
         if removed:
             logger.warning("removed %d temp folder(s) of dead workers", len(removed))
         own_engine = self._engine is None
@@ -342,6 +330,17 @@ class Worker:
                 # rmtree of a folder of partial downloads: not on the event loop.
                 await anyio.to_thread.run_sync(self._temp.release)
         return self.stats
+
+    def _start_up(self) -> list[str]:
+        """The blocking setup (a worker thread): read the results file once, remove the
+        temp files dead runs left in ``dest``, then claim the temp folder; return the
+        dead workers' folders removed."""
+        if self._results_to_load is not None:
+            self._load_seen(self._results_to_load)
+            self._results_to_load = None
+        if self.dest is not None:
+            sweep_once(self.dest)  # a killed worker's partial download there is nobody's
+        return self._temp.claim()
 
     async def _receive_loop(self, tg: Any, engine: Engine, visibility: int) -> None:
         slots = anyio.Semaphore(self.max_objects)
@@ -500,7 +499,7 @@ class Worker:
             self.stats.skipped += 1
             self.metrics.messages.labels("skipped").inc()
             return DELETE
-        stages = None if self._factory is None else list(self._factory())
+        stages = None if self._factory is None else self._factory()
         self.metrics.in_flight.inc()
         started = time.monotonic()
         try:

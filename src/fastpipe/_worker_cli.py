@@ -12,7 +12,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._config import Config
@@ -91,7 +91,11 @@ def add_parsers(sub: Any) -> None:
     )
     enqueue.add_argument("prefix", nargs="?", help="s3://bucket/prefix/ to list")
     enqueue.add_argument("--queue", required=True, help="SQS queue URL")
-    enqueue.add_argument("--from", dest="from_file", help="one s3:// URI a line ('-': stdin)")
+    enqueue.add_argument(
+        "--from",
+        dest="from_file",
+        help="one s3:// URI a line ('-': stdin); a bad line is reported and skipped (exit 2)",
+    )
     _add_endpoints(enqueue)
     enqueue.add_argument("-v", "--verbose", action="count", default=0)
     enqueue.set_defaults(service="enqueue")
@@ -233,49 +237,52 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
 
     if (args.prefix is None) == (args.from_file is None):
         raise UsageError("enqueue takes either s3://bucket/prefix/ or --from FILE")
-    outcome: dict[str, int] = {}
+    outcome = {"sent": 0, "bad": 0}
 
     async def main() -> None:
-        outcome["sent"] = await _enqueue(args)
+        await _enqueue(args, outcome)
 
     run_async(main)
-    print(f"fastpipe enqueue: {outcome['sent']} message(s) sent", file=sys.stderr)
-    return EXIT_OK
+    bad = f", {outcome['bad']} bad line(s) skipped" if outcome["bad"] else ""
+    print(f"fastpipe enqueue: {outcome['sent']} message(s) sent{bad}", file=sys.stderr)
+    return EXIT_USAGE if outcome["bad"] else EXIT_OK
 
 
-async def _enqueue(args: argparse.Namespace) -> int:
+async def _enqueue(args: argparse.Namespace, outcome: dict[str, int]) -> None:
+    """Send the events in batches; count them (``sent``) and the skipped lines (``bad``)."""
     from ._events import s3_event
     from ._queue import MAX_RECEIVE, Queue
 
-    sent = 0
+    async def bad_line(text: str, exc: UsageError) -> None:
+        # As ``run --from``: the line is reported and skipped, the rest is sent.
+        print(f"fastpipe: error: {printable(exc)}", file=sys.stderr)
+        outcome["bad"] += 1
+
     async with Queue(args.queue, endpoint_url=args.sqs_endpoint_url, region=args.region) as queue:
         batch: list[str] = []
-        async for event in _events_to_send(args):
+        async for event in _events_to_send(args, bad_line):
             batch.append(json.dumps(s3_event(**event)))
             if len(batch) == MAX_RECEIVE:
                 await queue.send_batch(batch)
-                sent += len(batch)
+                outcome["sent"] += len(batch)
                 batch = []
         if batch:
             await queue.send_batch(batch)
-            sent += len(batch)
-    return sent
+            outcome["sent"] += len(batch)
 
 
-async def _events_to_send(args: argparse.Namespace) -> AsyncIterator[dict[str, Any]]:
+async def _events_to_send(
+    args: argparse.Namespace, bad_line: Callable[[str, UsageError], Awaitable[None]]
+) -> AsyncIterator[dict[str, Any]]:
     """The objects to announce: listed under the prefix, or read from --from."""
     if args.from_file is not None:
-        stream = sys.stdin if args.from_file == "-" else open(args.from_file, encoding="utf-8")  # noqa: SIM115
-        with stream:
-            for number, line in enumerate(stream, 1):
-                text = line.strip()
-                if not text or text.startswith("#"):
-                    continue
-                location = parse_source(text) if text.lower().startswith("s3:") else None
-                if not isinstance(location, S3Location):
-                    raise UsageError(f"{args.from_file}:{number}: not an s3:// URI: {text!r}")
-                yield {"bucket": location.bucket, "key": location.key,
-                       "version_id": location.version_id}
+        from ._listing import read_sources
+
+        async for text in read_sources(args.from_file, bad_line, s3_only=True):
+            location = parse_source(text)
+            assert isinstance(location, S3Location)  # read_sources passes S3 URIs only
+            yield {"bucket": location.bucket, "key": location.key,
+                   "version_id": location.version_id}
         return
     async for event in _list_prefix(args):
         yield event
