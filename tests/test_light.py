@@ -442,6 +442,9 @@ async def test_missing_key_then_the_buckets_answer_decides_alike(proxy: Any, buc
         got[name] = ours
     assert got["missing"] == (fastpipe.ObjectNotFound, f"{where}: no such bucket {bucket!r}")
     assert got["there"] == (fastpipe.ObjectNotFound, f"{where}: no such key")
+    # A bucket that refuses HeadBucket exists (S3 says 404 for one that does not): the
+    # key is what is missing.
+    assert got["denied"] == (fastpipe.ObjectNotFound, f"{where}: no such key")
     assert got["failing"][0] is TransientError
 
 

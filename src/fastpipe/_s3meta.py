@@ -184,15 +184,20 @@ async def raise_if_no_bucket(
     """After a HEAD of ``location`` found no object: is it the bucket that is missing?
 
     ``head_bucket`` is one plane's HEAD of the bucket (with its retries and error mapping).
-    A bucket that answers leaves "no such key" (this returns); a :class:`SourceError`
-    (missing, denied, another region, unreachable) is "no such bucket"; any other error
-    (a :class:`TransientError` once the retries are spent) propagates. Both control planes
-    ask this, so they give the same answer for the same server answers.
+    Only a bucket that is not found is "no such bucket". A bucket that answers, or that
+    refuses (403: S3 answers 404 for a bucket that does not exist whoever asks, so a
+    refusal means it exists and HeadBucket is not allowed), leaves "no such key" (this
+    returns); so do the other source errors (another region, unreachable), which the
+    object's own HEAD would have met first. A :class:`TransientError` once the retries
+    are spent propagates. Both control planes ask this, so they give the same answer for
+    the same server answers.
     """
     try:
         await head_bucket()
-    except SourceError:
+    except ObjectNotFound:
         raise ObjectNotFound(f"{location}: no such bucket {location.bucket!r}") from None
+    except SourceError:
+        return
 
 
 def object_changed(location: S3Location, detail: str) -> ObjectChanged:
