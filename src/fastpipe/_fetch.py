@@ -24,6 +24,7 @@ from ._exceptions import AccessDenied, LocalIOError, RetriesExhausted
 from ._groups import unwrap_groups
 from ._http import HTTPFault, RawConnection, Response
 from ._job import Job
+from ._progress import Milestones
 from ._report import DownloadReport, Plane
 from ._s3 import S3Control, check_range_response
 from ._s3meta import (
@@ -83,6 +84,8 @@ class Fetcher:
         self.watermark = job.watermark
         self.plane = job.plane  # raw or botocore
         self.stats = FetchStats()
+        #: When a progress event is due (the one pass sets them when someone listens).
+        self.milestones = Milestones.never()
         self._next_part = 0
         self._url: str | None = None
         self._renew_at = 0.0
@@ -212,7 +215,7 @@ class Fetcher:
     def _sink(self, index: int) -> Callable[[memoryview], None]:
         """Writes part ``index``'s next bytes where its written prefix ends."""
         part_start = self.watermark.part_range(index)[0]
-        tmp, watermark, stats = self.tmp, self.watermark, self.stats
+        tmp, watermark, stats, milestones = self.tmp, self.watermark, self.stats, self.milestones
 
         def write(data: memoryview) -> None:
             try:
@@ -223,6 +226,8 @@ class Fetcher:
                 ) from exc
             stats.bytes += len(data)
             watermark.advance(index, len(data))
+            if stats.bytes >= milestones.next:  # the hot path's only progress cost
+                milestones.crossed(stats.bytes)
 
         return write
 

@@ -29,14 +29,14 @@ from ._fetch import Fetcher
 from ._groups import unwrap_groups
 from ._job import Job
 from ._model import EngineModel, Load, Position
+from ._progress import Milestones
 from ._report import Phase, Plane, Progress, Status
 from ._stream import StreamRunner
 from .stages._base import FileStage, LocalFile
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between progress events, and between writes of the resume journal.
-_PROGRESS_EVERY = 0.2
+#: Seconds between writes of the resume journal.
 _JOURNAL_EVERY = 0.5
 
 
@@ -145,6 +145,20 @@ class OnePass:
         self.runner = StreamRunner(job, config.stream_buffer)
         self.early = _EarlyRun.plan(job) if config.early_file_stages else None
         self._started = time.perf_counter()
+        self.milestones = self._plan_milestones()
+
+    def _plan_milestones(self) -> Milestones | None:
+        """Progress events as the bytes cross each twentieth of the object: counted by
+        the fetchers (a download) or by the stream reader (a local file)."""
+        job = self.job
+        if job.progress is None:
+            return None
+        if self.fetcher is not None:
+            reused = job.report.download.reused_bytes
+            milestones = self.fetcher.milestones = Milestones(job.info.size, base=reused)
+        else:
+            milestones = self.runner.milestones = Milestones(job.info.size, threaded=True)
+        return milestones
 
     # -- the stream phase -------------------------------------------------------------
 
@@ -158,8 +172,8 @@ class OnePass:
         self._started = time.perf_counter()
         with unwrap_groups():
             async with anyio.create_task_group() as outer:
-                if self.job.progress is not None:
-                    outer.start_soon(self._report_progress)
+                if self.milestones is not None:
+                    outer.start_soon(self.milestones.report, self._emit_progress)
                 if self.job.placed is not None and self.fetcher is not None:
                     outer.start_soon(self._keep_journal)
                 async with anyio.create_task_group() as tg:
@@ -291,10 +305,8 @@ class OnePass:
         position = Position(size, size, 0.0, 1.0, early_done=size, file_stages_done=done)
         return job.prediction.remaining(position)
 
-    async def _report_progress(self) -> None:
-        while True:
-            self.job.emit(self._progress_event())
-            await anyio.sleep(_PROGRESS_EVERY)
+    def _emit_progress(self) -> None:
+        self.job.emit(self._progress_event())
 
     async def _keep_journal(self) -> None:
         placed, watermark = self.job.placed, self.job.watermark

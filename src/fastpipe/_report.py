@@ -151,6 +151,13 @@ class Progress:
     ``phase`` is ``download`` (an S3 object's bytes arriving), ``stream`` (a local file
     read by the stream stages) or ``file`` (a file stage, named by ``stage``, at its start
     and its end).
+
+    During the download (or the stream phase) an event comes when it starts, every 0.2 s,
+    and as soon as the bytes cross each 5% of the object (sent at the crossing, so the
+    event holds the bytes in then: at most one receive buffer past the mark; one buffer
+    crossing several marks makes one event), then one at its end; in order, with
+    ``bytes_done`` never going back. An object gets at most 19 events beyond the timer's;
+    one whose bytes come in a single buffer (a tiny one) at most one.
     """
 
     bytes_done: int

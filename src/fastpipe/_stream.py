@@ -16,6 +16,7 @@ from functools import partial
 from ._exceptions import LocalIOError, StageTimeout
 from ._file import aligned_buffer
 from ._job import Job
+from ._progress import Milestones
 from ._report import Status
 from .stages._base import StreamStage
 
@@ -38,6 +39,8 @@ class StreamRunner:
         self.watermark = job.watermark
         self.buffer_size = buffer_size
         self.position = 0
+        #: When a progress event is due (a local file's pass sets them, when listened to).
+        self.milestones = Milestones.never()
         self.failed_index: int | None = None
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -99,6 +102,7 @@ class StreamRunner:
         buffer = aligned_buffer(max(self.buffer_size, 4096))
         view = memoryview(buffer)
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        milestones = self.milestones
         try:
             while self.position < size:
                 n = self._read_next(fd, view)
@@ -112,6 +116,8 @@ class StreamRunner:
                 except BufferError:
                     pass  # a stage still holds a view of it; it goes with that view
                 self.position += n
+                if self.position >= milestones.next:
+                    milestones.crossed(self.position)
         finally:
             os.close(fd)
             view.release()

@@ -5,8 +5,9 @@ size, ``--repeat`` times in a shuffled order, after ``--predict-warmup`` unrecor
 objects (3 by default). For every object it records the end-to-end seconds, the
 prediction made before the first byte (``report.predicted_seconds``) and the end the ETA
 announced at 10% and at 50% of the bytes (seconds so far + ``eta_seconds``, from the
-first progress event at or past that fraction: events come every 0.2 s, so on objects
-that download faster both may come from the same event). Per size: p50, p90, max
+first progress event at or past that fraction: besides the 0.2 s timer an event comes as
+the bytes cross each 5% of the object, so it holds that fraction plus at most one receive
+buffer; ``eta_10_done`` records the fraction actually in). Per size: p50, p90, max
 and p90/p50 of the end-to-end time; per estimate: the median and p90 of
 ``|predicted - actual| / actual``; ``predictability.json`` keeps every object and
 ``predicted_vs_actual.png`` plots the predictions against the actual times.
