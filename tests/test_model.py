@@ -171,6 +171,38 @@ def test_remaining_follows_the_object_own_rates() -> None:
     assert e.remaining(at_end) == pytest.approx(W / (128 * MiB))
 
 
+def test_eta_applies_the_steady_rate_to_the_bytes_left() -> None:
+    """Downloads that take a start-up (0.05 s) then run at 1000 MiB/s: the model learns
+    both, and at 10% of the bytes the ETA is the bytes left at the steady rate (an average
+    rate, start-up included, would stretch them), from the seconds since the start-up."""
+    start, steady = 0.05, 1000 * MiB
+    m = TimeModel()
+    for size in [64 * MiB, 256 * MiB, 1024 * MiB] * 4:
+        dl = start + size / steady
+        stages = ((A, size / (100_000 * MiB)),)
+        m.learn(Observation(size, 0.2 + dl, stages, download_bytes=size, download_seconds=dl))
+    line = m.download_line("download")
+    assert line is not None
+    assert line[0] == pytest.approx(start, rel=1e-6) and line[1] == pytest.approx(steady)
+    assert m.download_line("other") is None
+    size = 64 * MiB
+    p = m.predict(size, [A])
+    assert (p.download_start, p.steady_rate) == pytest.approx(line)
+    assert p.describe()["download_steady_rate"] == pytest.approx(steady)
+    tenth = size // 10
+    at = Position(tenth, tenth, 0.0001, download_seconds=start + tenth / steady)
+    assert p.remaining(at) == pytest.approx((size - tenth) / steady, rel=0.01)
+    # Before the first byte: the start-up still ahead, then every byte.
+    assert p.remaining(Position()) == pytest.approx(start + size / steady, rel=0.01)
+    # Sizes too alike to tell a start-up from a rate: no line, the average rate.
+    alike = TimeModel()
+    for _ in range(5):
+        obs = Observation(size, 1.0, ((A, 0.001),), download_bytes=size, download_seconds=0.5)
+        alike.learn(obs)
+    assert alike.download_line("download") is None
+    assert alike.predict(size, [A]).steady_rate is None
+
+
 def _observation(size: int, dl: float, a: float, chunk: float, fixed: float) -> Observation:
     """An object whose phases ran at these rates (MiB/s), with this fixed cost."""
     seconds_dl = size / (dl * MiB)
@@ -287,13 +319,15 @@ def test_observation_from_reports() -> None:
 def test_state_file_round_trip_and_permissions(tmp_path: Path) -> None:
     path = tmp_path / "cache" / "fastpipe" / "model.json"
     m = TimeModel({"scan": 3e9}, str(path))
-    m.learn(_observation(S, 400, 1000, 500, 0.3))
+    for size in (S, S // 4, S // 16):
+        m.learn(_observation(size, 400, 1000, 500, 0.3))
     m.save()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert os.listdir(path.parent) == ["model.json"]  # no temp file left
     again = TimeModel.load(str(path))
     assert again.to_dict() == m.to_dict()
-    assert again.rate("download").objects == 1 and again.objects == 1
+    assert again.rate("download").objects == 3 and again.objects == 3
+    assert again.download_line("download") == m.download_line("download") is not None
     assert again.rate("scan").source == "calibrated"
     assert again.predict(S, [A, CHUNK]).seconds == m.predict(S, [A, CHUNK]).seconds
 

@@ -215,3 +215,45 @@ def test_a_held_part_is_split_and_its_cut_get_loses_nothing(
         assert [r.range for r in held] == [(0, PART - 1)]
     else:
         assert report.download.splits == 0 and halves == []
+
+
+def test_no_split_while_another_object_downloads(proxy: FaultProxy, put_object: Any) -> None:
+    """Two objects in one engine, each with part 0 held: their idle connections leave
+    the held parts whole (the other object takes up the capacity; a cut would waste the
+    bytes on their way)."""
+    import anyio
+
+    from fastpipe import Engine
+
+    datas = [os.urandom(4 * PART), os.urandom(4 * PART)]
+    uris = [put_object(d) for d in datas]
+    proxy.reset(lambda n, r: Fault("hold") if r.range and r.range[0] == 0 else None)
+    reports: list[Any] = []
+
+    async def both() -> None:
+        config = Config(endpoint_url=proxy.url, part_size=PART, max_concurrency=4)
+        async with Engine(config) as engine, anyio.create_task_group() as tg:
+            for uri in uris:
+                tg.start_soon(lambda u: _append(reports, engine.process(u, [Checksum()])), uri)
+
+    thread = threading.Thread(target=anyio.run, args=(both,))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done = sum(1 for r in proxy.gets() if r.range and r.range[0] >= PART and r.answered_at)
+            if done >= 6 and proxy.held() == 2:
+                break
+            time.sleep(0.02)
+        assert proxy.held() == 2
+        time.sleep(0.3)  # room for a split that should not come
+        assert not [r for r in proxy.gets() if r.range and r.range[0] % PART]
+    finally:
+        proxy.release()
+        thread.join(60)
+    assert [r.passed for r in reports] == [True, True]
+    assert [r.download.splits for r in reports] == [0, 0]
+
+
+async def _append(out: list[Any], awaitable: Any) -> None:
+    out.append(await awaitable)

@@ -270,6 +270,10 @@ class Prediction:
     shared: Shared | None = None
     lone_seconds: float = 0.0
     in_flight_expected: float = 1.0
+    #: The download as a start-up and a steady rate (see :meth:`TimeModel.download_line`;
+    #: None: not learned): what the ETA applies to the bytes left once bytes arrive.
+    download_start: float = 0.0
+    steady_rate: float | None = None
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready: the report's ``model`` field."""
@@ -286,6 +290,8 @@ class Prediction:
             "tail_seconds": self.tail,
             "bound": self.bound,
             "download": None if self.download_rate is None else self.download_rate.to_dict(),
+            "download_start_seconds": self.download_start,
+            "download_steady_rate": self.steady_rate,
             "stages": [
                 dict(rate.to_dict(), name=cost.name, kind=cost.kind, early=cost.early)
                 for cost, rate in zip(self.stages, self.rates, strict=True)
@@ -337,6 +343,22 @@ class Prediction:
         )
         return seconds + shared.after
 
+    def _download_left(self, d: float, at: Position, prior: float) -> float:
+        """Seconds of download left at the effective rate ``d``, blended with the object's
+        own rate so far. With a learned line: the bytes left at the steady rate (its
+        start-up is behind once bytes arrive; an average rate that holds it would
+        stretch the bytes left), the object's own rate over the seconds since its
+        start-up."""
+        left = max(0, self.size - at.downloaded)
+        rate = self.download_rate
+        if self.steady_rate is None or rate is None or rate.rate <= 0:
+            return left / _blend(d, at.downloaded, at.download_seconds, prior)
+        steady = self.steady_rate * d / rate.rate  # under the load's share, as ``d``
+        if at.downloaded <= 0:
+            return max(0.0, self.download_start - at.download_seconds) + left / steady
+        since = at.download_seconds - self.download_start
+        return left / _blend(steady, at.downloaded, since, prior)
+
     def _left(self, at: Position, own: bool) -> float:
         """The arithmetic of :meth:`remaining` (``own``: blended with the object's
         rates so far; else at the model's rates only)."""
@@ -344,10 +366,7 @@ class Prediction:
         d, rates = self._effective()
         trusted = own and self.download_rate is not None and self.download_rate.objects > 0
         prior_dl = PRIOR_BYTES if trusted else (0.0 if own else math.inf)
-        dl_left = 0.0
-        if d is not None:
-            d = _blend(d, at.downloaded, at.download_seconds, prior_dl)
-            dl_left = max(0, size - at.downloaded) / d
+        dl_left = 0.0 if d is None else self._download_left(d, at, prior_dl)
         stream_rate = _combined(
             [r for c, r in zip(self.stages, rates, strict=True) if c.kind == "stream"]
         )
@@ -520,6 +539,8 @@ class TimeModel:
         self.path = path
         self.calibrated: dict[str, float] = dict(calibrated or {})
         self._rates: dict[str, deque[float]] = {}
+        #: (bytes, seconds) of recent downloads per key, scaled to a lone object's.
+        self._lines: dict[str, deque[tuple[float, float]]] = {}
         #: (pass seconds at the object's own rates, its time less the tail and the wait)
         self._fixed: deque[tuple[float, float]] = deque(maxlen=WINDOW)
         #: What sharing the engine does (objects in flight beside others).
@@ -547,6 +568,19 @@ class TimeModel:
             if candidate in BUILTIN_RATES:
                 return Rate(key, BUILTIN_RATES[candidate], "builtin")
         return Rate(key, BUILTIN_RATES["stream"], "builtin")
+
+    def download_line(self, key: str) -> tuple[float, float] | None:
+        """``(start seconds, steady bytes/s)`` of the downloads under ``key``: a Theil-Sen
+        line of seconds against bytes over the recent ones (its intercept the start-up:
+        the first requests, the parts ramping up; its slope the time per byte once they
+        run). None until the sizes are spread enough to tell them apart."""
+        with self._lock:
+            points = list(self._lines.get(key, ()))
+        slope = theil_sen(points)
+        if slope is None or slope <= 0:
+            return None
+        start = max(0.0, recent_median([y - slope * x for x, y in points]))
+        return start, 1.0 / slope
 
     def fixed(self) -> tuple[float, str, int]:
         """The fixed cost per object: ``(seconds, source, objects)``."""
@@ -608,6 +642,7 @@ class TimeModel:
         t_dl, stream_end, early_end, tail, bound = combine(size, d, stages, effective)
         fixed, factor, _, _ = self.fit()
         lone_seconds = fixed + factor * max(stream_end, early_end) + tail
+        line = self.download_line(download_key) if download_key else None
         return Prediction(
             size=size,
             seconds=load.admission_wait + lone_seconds,
@@ -626,6 +661,8 @@ class TimeModel:
             load=load,
             objects=self.objects,
             lone_seconds=lone_seconds,
+            download_start=line[0] if line else 0.0,
+            steady_rate=line[1] if line else None,
         )
 
     def _predict_shared(
@@ -679,6 +716,9 @@ class TimeModel:
             ):
                 rate = obs.download_bytes / obs.download_seconds / obs.load.connection_share
                 self._add(obs.download_key, rate)
+                lone = obs.download_seconds * obs.load.connection_share
+                line = self._lines.setdefault(obs.download_key, deque(maxlen=WINDOW))
+                line.append((float(obs.download_bytes), lone))
             if big:
                 for cost, seconds in obs.stages:
                     if seconds > 0:
@@ -734,6 +774,7 @@ class TimeModel:
                 "objects": self.objects,
                 "fixed": [list(p) for p in self._fixed],
                 "rates": {k: list(v) for k, v in self._rates.items()},
+                "download_lines": {k: [list(p) for p in v] for k, v in self._lines.items()},
                 "calibrated": dict(self.calibrated),
                 "sharing": self.sharing.to_list(),
             }
@@ -749,6 +790,11 @@ class TimeModel:
             window.extend(_positive(values))
             if window:
                 model._rates[str(key)] = window
+        for key, points in dict(data.get("download_lines", {}) or {}).items():
+            line: deque[tuple[float, float]] = deque(maxlen=WINDOW)
+            line.extend(p for p in _pairs(points) if p[0] > 0 and p[1] > 0)
+            if line:
+                model._lines[str(key)] = line
         for point in list(data.get("fixed", [])):
             x, y = (float(v) for v in point)
             if math.isfinite(x) and math.isfinite(y) and x >= 0 and y >= 0:
@@ -807,6 +853,17 @@ def recent_median(values: Sequence[float], half_life: float = HALF_LIFE) -> floa
         if seen > half:
             return value
     return weighted[-1][0]
+
+
+def _pairs(values: Any) -> list[tuple[float, float]]:
+    """The finite ``(x, y)`` pairs of a JSON list (others dropped)."""
+    out = []
+    for pair in list(values or []):
+        with contextlib.suppress(TypeError, ValueError):
+            x, y = (float(v) for v in pair)
+            if math.isfinite(x) and math.isfinite(y):
+                out.append((x, y))
+    return out
 
 
 def _positive(values: Any) -> list[float]:
