@@ -10,6 +10,7 @@ import random
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,6 +25,9 @@ from fastpipe._model import (
     BUILTIN_FIXED,
     BUILTIN_RATES,
     EARLY_LAST_WINDOW,
+    ETA_BUCKETS,
+    ETA_RATIO_BOUNDS,
+    MIN_ETA_READINGS,
     MIN_RATE_BYTES,
     Load,
     Observation,
@@ -31,6 +35,9 @@ from fastpipe._model import (
     StageCost,
     TimeModel,
     default_model_path,
+    eta_group,
+    recent_median,
+    settle_eta_readings,
     stage_costs,
 )
 from fastpipe._objectinfo import ObjectInfo
@@ -201,6 +208,42 @@ def test_eta_applies_the_steady_rate_to_the_bytes_left() -> None:
         alike.learn(obs)
     assert alike.download_line("download") is None
     assert alike.predict(size, [A]).steady_rate is None
+
+
+def test_eta_learns_what_it_errs_by_per_tenth_of_the_bytes() -> None:
+    """Readings that say the ETA at 10-19% of the bytes was 25% too long (for objects of
+    about 256 MiB, alone): after three, that tenth's ETA is corrected; other tenths, other
+    sizes and objects sharing the engine keep theirs; the raw ETA stays available."""
+    m = model(download=1024, a=4096)
+    size = 256 * MiB
+    p = m.predict(size, [A])
+    assert p.eta_group == eta_group(size, shared=False) == eta_group(300 * MiB, shared=False)
+    assert p.eta_factors == (1.0,) * ETA_BUCKETS
+    readings = ((1, 0.4, 0.3), (5, 0.2, 0.2), (9, 0.1, 100.0))  # the last: clamped
+    for n in range(MIN_ETA_READINGS):
+        if n == MIN_ETA_READINGS - 1:
+            assert m.eta_factors(p.eta_group) == (1.0,) * ETA_BUCKETS  # not yet
+        obs = Observation(size, 1.0, ((A, 0.1),), download_bytes=size, download_seconds=0.3)
+        m.learn(replace(obs, eta_readings=readings, eta_group=p.eta_group))
+    factors = m.eta_factors(p.eta_group)
+    assert factors[1] == pytest.approx(0.75) and factors[5] == pytest.approx(1.0)
+    assert factors[9] == ETA_RATIO_BOUNDS[1] and factors[0] == 1.0
+    p = m.predict(size, [A])
+    at = Position(size * 15 // 100, size * 15 // 100, 0.001, download_seconds=0.03)
+    assert p.remaining(at) == pytest.approx(0.75 * p.remaining(at, corrected=False))
+    after = Position(size, size, 0.05, 0.3)
+    assert p.remaining(after) == p.remaining(after, corrected=False)
+    assert m.predict(64 * MiB, [A]).eta_factors == (1.0,) * ETA_BUCKETS
+    assert m.eta_factors(eta_group(size, shared=True)) == (1.0,) * ETA_BUCKETS
+    assert TimeModel.from_dict(m.to_dict()).eta_factors(p.eta_group) == factors
+    assert p.describe()["eta"]["factors"][1] == pytest.approx(0.75)
+
+
+def test_settled_readings_count_from_the_object_end() -> None:
+    report = SimpleNamespace(model={"eta": {"group": "alone:28", "readings": [[1, 10.0, 0.5]]}})
+    settle_eta_readings(report, 10.4)
+    assert report.model["eta"]["readings"] == [[1, 0.5, pytest.approx(0.4)]]
+    settle_eta_readings(SimpleNamespace(model=None), 1.0)  # no prediction: nothing to do
 
 
 def _observation(size: int, dl: float, a: float, chunk: float, fixed: float) -> Observation:
@@ -482,6 +525,41 @@ def test_reports_carry_the_prediction_and_the_model(put_object: Any, tmp_path: P
     # Saved at close, 0600, with both objects.
     assert stat.S_IMODE(state.stat().st_mode) == 0o600
     assert TimeModel.load(str(state)).objects == 2
+
+
+def test_eta_readings_are_kept_settled_and_learned(put_object: Any, tmp_path: Path) -> None:
+    """With a progress callback, each report keeps the first raw ETA of each tenth of
+    the bytes and what in fact remained; the model learns them, per group and tenth."""
+    uri = put_object(os.urandom(8 * MiB))
+    state = tmp_path / "model.json"
+    config = Config(part_size=1 * MiB, model_path=str(state))
+
+    async def main() -> list[Report]:
+        async with Engine(config) as engine:
+            return [
+                await engine.process(uri, [Checksum()], progress=lambda event: None)
+                for _ in range(MIN_ETA_READINGS + 1)
+            ]
+
+    reports = run_async(main)
+    for report in reports:
+        assert report.passed and report.model is not None
+        eta = report.model["eta"]
+        assert eta["group"] == eta_group(8 * MiB, shared=False)
+        buckets = [b for b, _, _ in eta["readings"]]
+        assert buckets and len(set(buckets)) == len(buckets)
+        assert all(0 <= b < ETA_BUCKETS for b in buckets) and buckets[0] == 0
+        for _, raw, actual in eta["readings"]:
+            assert raw > 0 and 0 <= actual <= report.seconds
+        json.dumps(report.to_dict())
+    learned = TimeModel.load(str(state))
+    group = reports[0].model["eta"]["group"]
+    low, high = ETA_RATIO_BOUNDS
+    ratios = [
+        min(max(r.model["eta"]["readings"][0][2] / r.model["eta"]["readings"][0][1], low), high)
+        for r in reports
+    ]
+    assert learned.eta_factors(group)[0] == pytest.approx(recent_median(ratios))
 
 
 def test_no_state_file_with_an_empty_model_path(tmp_path: Path, monkeypatch: Any) -> None:

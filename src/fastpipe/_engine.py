@@ -24,7 +24,7 @@ from ._exceptions import FastpipeError, StageFailed, UsageError
 from ._fetch import Fetcher, choose_plane
 from ._groups import run_async
 from ._job import Job, ProgressCallback, ProgressSink, check_info, open_download
-from ._model import EngineModel
+from ._model import EngineModel, settle_eta_readings
 from ._objectinfo import local_object_info
 from ._onepass import OnePass
 from ._placement import ObjectPlacement, Placement
@@ -126,6 +126,7 @@ class Engine:
             raise exc from exc.__cause__
         finally:
             report.seconds = time.perf_counter() - started
+            settle_eta_readings(report, started + report.seconds)
             report.verified = _stagelist.verified(stage_list, report)
             log_done(report)
         await self._model.learn(report)

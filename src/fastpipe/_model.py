@@ -67,6 +67,13 @@ HALF_LIFE = 8
 #: Objects smaller than this teach no rate (their time is mostly latency), only the
 #: fixed cost.
 MIN_RATE_BYTES = 4 * MiB
+#: Parts of the bytes downloaded (tenths) over which the ETA learns its own error.
+ETA_BUCKETS = 10
+#: Readings of a tenth (objects of about the size, alone or sharing alike) before its
+#: correction applies.
+MIN_ETA_READINGS = 3
+#: Bounds of one reading's ratio (what remained in fact / what the ETA said).
+ETA_RATIO_BOUNDS = (0.25, 4.0)
 #: Bytes the early file stage takes after the stream stages passed (``chunk``'s window).
 EARLY_LAST_WINDOW = 16 * MiB
 #: How many bytes of evidence a learned rate counts for against what an object in flight
@@ -231,6 +238,28 @@ class Position:
     after_download: float = 0.0
 
 
+def eta_bucket(done: int, size: int) -> int | None:
+    """The tenth of the bytes ``done`` is in while the download runs (None after it)."""
+    if size <= 0 or done >= size:
+        return None
+    return min(ETA_BUCKETS - 1, max(0, done * ETA_BUCKETS // size))
+
+
+def eta_group(size: int, shared: bool) -> str:
+    """Objects whose ETA errs alike: within a factor of 2 in size, alone or sharing."""
+    return f"{'shared' if shared else 'alone'}:{round(math.log2(max(size, 1)))}"
+
+
+def settle_eta_readings(report: Any, end: float) -> None:
+    """Turn the ETA readings the pass noted in ``report.model["eta"]`` (the tenth, the
+    clock when read, the raw ETA) into what the model learns: the tenth, the raw ETA and
+    the seconds that in fact remained to ``end`` (the object's end, same clock)."""
+    eta = (getattr(report, "model", None) or {}).get("eta")
+    if not eta or not eta.get("readings"):
+        return
+    eta["readings"] = [[int(b), float(raw), max(0.0, end - t)] for b, t, raw in eta["readings"]]
+
+
 def _blend(model_rate: float, done: int, seconds: float, prior: float) -> float:
     """The rate to use for what is left: the object's own rate so far (``done`` bytes in
     ``seconds``) against the model's, weighted by bytes of evidence (time per byte is
@@ -274,6 +303,10 @@ class Prediction:
     #: None: not learned): what the ETA applies to the bytes left once bytes arrive.
     download_start: float = 0.0
     steady_rate: float | None = None
+    #: The ETA's learned correction per tenth of the bytes downloaded (what remained in
+    #: fact / what it said, for objects of its group), and that group.
+    eta_factors: tuple[float, ...] = ()
+    eta_group: str = ""
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready: the report's ``model`` field."""
@@ -292,6 +325,7 @@ class Prediction:
             "download": None if self.download_rate is None else self.download_rate.to_dict(),
             "download_start_seconds": self.download_start,
             "download_steady_rate": self.steady_rate,
+            "eta": {"group": self.eta_group, "factors": list(self.eta_factors), "readings": []},
             "stages": [
                 dict(rate.to_dict(), name=cost.name, kind=cost.kind, early=cost.early)
                 for cost, rate in zip(self.stages, self.rates, strict=True)
@@ -312,13 +346,23 @@ class Prediction:
         """Download rate and per-stage rates under this prediction's load."""
         return _effective(self.download_rate, self.stages, self.rates, self.load)
 
-    def remaining(self, at: Position) -> float:
+    def remaining(self, at: Position, corrected: bool = True) -> float:
         """Seconds left to the end of the object from ``at``: the download left, the
         stream work left, the early file stage and the tail stages, blended with the rates
-        the object shows so far (sharing the engine: with its own pace so far)."""
+        the object shows so far (sharing the engine: with its own pace so far); while the
+        download runs, times the ETA's learned correction (``corrected``)."""
         if self.shared is not None and at.neighbours is not None:
-            return self._shared_remaining(self.shared, at)
-        return self._left(at, own=True)
+            raw = self._shared_remaining(self.shared, at)
+        else:
+            raw = self._left(at, own=True)
+        return raw * self.eta_factor(at.downloaded) if corrected else raw
+
+    def eta_factor(self, downloaded: int) -> float:
+        """The ETA's correction with ``downloaded`` bytes in (1 after the download)."""
+        bucket = eta_bucket(downloaded, self.size)
+        if bucket is None or bucket >= len(self.eta_factors):
+            return 1.0
+        return self.eta_factors[bucket]
 
     def _shared_remaining(self, shared: Shared, at: Position) -> float:
         """The download left, shared with the neighbours of the moment (it re-plans as
@@ -474,6 +518,9 @@ class Observation:
     share_seconds: float | None = None
     download_span: float | None = None
     stay_seconds: float | None = None
+    #: The ETA's readings (tenth, raw ETA, seconds that remained) and their group.
+    eta_readings: tuple[tuple[int, float, float], ...] = ()
+    eta_group: str | None = None
 
     @classmethod
     def from_report(
@@ -541,6 +588,8 @@ class TimeModel:
         self._rates: dict[str, deque[float]] = {}
         #: (bytes, seconds) of recent downloads per key, scaled to a lone object's.
         self._lines: dict[str, deque[tuple[float, float]]] = {}
+        #: The ETA's ratios (what remained / what it said) per ``group:tenth``.
+        self._eta: dict[str, deque[float]] = {}
         #: (pass seconds at the object's own rates, its time less the tail and the wait)
         self._fixed: deque[tuple[float, float]] = deque(maxlen=WINDOW)
         #: What sharing the engine does (objects in flight beside others).
@@ -581,6 +630,28 @@ class TimeModel:
             return None
         start = max(0.0, recent_median([y - slope * x for x, y in points]))
         return start, 1.0 / slope
+
+    def eta_factors(self, group: str) -> tuple[float, ...]:
+        """The ETA's correction per tenth of the bytes for objects of ``group``: the
+        recency-weighted median of its readings' ratios, 1 before :data:`MIN_ETA_READINGS`.
+        The arithmetic leaves out what it cannot see (a download's ramp-up, the stages'
+        pull on the cores at each point of it); what it erred by, it learns here."""
+        with self._lock:
+            windows = [self._eta.get(f"{group}:{b}") for b in range(ETA_BUCKETS)]
+        return tuple(
+            recent_median(w) if w and len(w) >= MIN_ETA_READINGS else 1.0 for w in windows
+        )
+
+    def _learn_eta(self, obs: Observation) -> None:
+        low, high = ETA_RATIO_BOUNDS
+        if not obs.eta_group or obs.reused_bytes:
+            return
+        with self._lock:
+            for bucket, raw, actual in obs.eta_readings:
+                if raw > 0 and math.isfinite(raw) and math.isfinite(actual):
+                    key = f"{obs.eta_group}:{int(bucket)}"
+                    window = self._eta.setdefault(key, deque(maxlen=WINDOW))
+                    window.append(min(max(actual / raw, low), high))
 
     def fixed(self) -> tuple[float, str, int]:
         """The fixed cost per object: ``(seconds, source, objects)``."""
@@ -643,6 +714,7 @@ class TimeModel:
         fixed, factor, _, _ = self.fit()
         lone_seconds = fixed + factor * max(stream_end, early_end) + tail
         line = self.download_line(download_key) if download_key else None
+        group = eta_group(size, shared=False)
         return Prediction(
             size=size,
             seconds=load.admission_wait + lone_seconds,
@@ -663,6 +735,8 @@ class TimeModel:
             lone_seconds=lone_seconds,
             download_start=line[0] if line else 0.0,
             steady_rate=line[1] if line else None,
+            eta_factors=self.eta_factors(group) if download_key else (),
+            eta_group=group if download_key else "",
         )
 
     def _predict_shared(
@@ -678,8 +752,11 @@ class TimeModel:
         and the seconds after it."""
         lone = self.predict(size, stages, download_key=download_key)
         download, expected = shared.finish(size + shared.overhead, load.weight, load.neighbours)
+        group = eta_group(size, shared=True)
         return replace(
             lone,
+            eta_factors=self.eta_factors(group),
+            eta_group=group,
             seconds=load.admission_wait + shared.before + download + shared.after,
             admission_wait=load.admission_wait,
             load=replace(load, connection_share=1.0, heavy_share=1.0),
@@ -703,6 +780,7 @@ class TimeModel:
         once the pass and the tail (at its own rates when it is large enough, else at the
         model's) are taken off. A resumed object teaches no fixed cost.
         """
+        self._learn_eta(obs)
         if obs.in_flight_avg is not None and obs.in_flight_avg >= ALONE_BELOW:
             self._learn_shared(obs)
             return
@@ -775,6 +853,7 @@ class TimeModel:
                 "fixed": [list(p) for p in self._fixed],
                 "rates": {k: list(v) for k, v in self._rates.items()},
                 "download_lines": {k: [list(p) for p in v] for k, v in self._lines.items()},
+                "eta": {k: list(v) for k, v in self._eta.items()},
                 "calibrated": dict(self.calibrated),
                 "sharing": self.sharing.to_list(),
             }
@@ -790,6 +869,11 @@ class TimeModel:
             window.extend(_positive(values))
             if window:
                 model._rates[str(key)] = window
+        for key, values in dict(data.get("eta", {}) or {}).items():
+            ratios: deque[float] = deque(maxlen=WINDOW)
+            ratios.extend(_positive(values))
+            if ratios:
+                model._eta[str(key)] = ratios
         for key, points in dict(data.get("download_lines", {}) or {}).items():
             line: deque[tuple[float, float]] = deque(maxlen=WINDOW)
             line.extend(p for p in _pairs(points) if p[0] > 0 and p[1] > 0)
@@ -911,8 +995,15 @@ def observation_from_described(report: Any) -> Observation | None:
         return None
     busy = [e.get("busy_seconds") for e in entries]
     figures = load_figures(described)
+    eta = described.get("eta") or {}
+    readings = tuple(
+        (int(b), float(raw), float(actual))
+        for b, raw, actual in eta.get("readings") or ()
+    )
     return replace(
         obs,
+        eta_readings=readings,
+        eta_group=eta.get("group") or None,
         in_flight_avg=figures["in_flight_avg"],
         weight=figures["weight"] or 1.0,
         share_seconds=figures["share_seconds"],

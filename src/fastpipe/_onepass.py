@@ -28,7 +28,7 @@ from ._exceptions import StageFailed, StageTimeout
 from ._fetch import Fetcher
 from ._groups import unwrap_groups
 from ._job import Job
-from ._model import EngineModel, Load, Position
+from ._model import EngineModel, Load, Position, eta_bucket
 from ._progress import Milestones
 from ._report import Phase, Plane, Progress, Status
 from ._stream import StreamRunner
@@ -145,6 +145,7 @@ class OnePass:
         self.runner = StreamRunner(job, config.stream_buffer)
         self.early = _EarlyRun.plan(job) if config.early_file_stages else None
         self._started = time.perf_counter()
+        self._eta_noted: set[int] = set()  # the tenths of the bytes whose ETA was noted
         self.milestones = self._plan_milestones()
 
     def _plan_milestones(self) -> Milestones | None:
@@ -289,7 +290,21 @@ class OnePass:
                 share_so_far=tracker.share_so_far(ticket),
                 after_download=tracker.since_download(ticket),
             )
-        return prediction.remaining(position)
+        raw = prediction.remaining(position, corrected=False)
+        if self.fetcher is not None:
+            self._note_eta(done, raw)
+        return raw * prediction.eta_factor(position.downloaded)
+
+    def _note_eta(self, done: int, raw: float) -> None:
+        """Keep the first raw ETA read in each tenth of the bytes (with the clock) in the
+        report's ``model["eta"]``: the engine settles them against the object's end, and
+        the model learns from them what its ETA errs by."""
+        bucket = eta_bucket(done, self.job.info.size)
+        eta = (self.job.report.model or {}).get("eta")
+        if bucket is None or eta is None or bucket in self._eta_noted:
+            return
+        self._eta_noted.add(bucket)
+        eta["readings"].append([bucket, time.perf_counter(), raw])
 
     def _file_stage_eta(self, index: int, finished: bool) -> float | None:
         """The ETA at the start (or end) of file stage ``index``: the tail stages left."""
