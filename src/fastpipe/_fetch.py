@@ -3,10 +3,9 @@
 Each fetcher owns one keep-alive connection and takes parts in order, so that the
 contiguous watermark advances steadily. A broken body resumes from the last byte written,
 not from the start of its part. A fetcher that finds no part left splits the segment with
-the most bytes left and takes its second half (raw plane, when no other object is
-downloading): the object's connections stay busy to its end instead of idling behind one
-slow connection, whose GET is cut at the split (its connection is dropped, the bytes past
-the split are not written).
+the most bytes left and takes its second half (raw plane): the object's connections stay
+busy to its end instead of idling behind one slow connection, whose GET is cut at the
+split (its connection is dropped, the bytes past the split are not written).
 """
 
 from __future__ import annotations
@@ -91,7 +90,6 @@ class Fetcher:
         #: One slot of the engine's ``max_connections`` per part being fetched.
         self._slot = connection_slot or contextlib.nullcontext
         self.config = config
-        self.job = job
         self.pinned = job.pinned
         self.location = job.pinned.location
         self.info = job.info
@@ -133,12 +131,6 @@ class Fetcher:
     def _split_slowest(self) -> int | None:
         if self.plane is not Plane.RAW or not self._active:
             return None  # the botocore plane's bodies are not cut (a part stays whole)
-        tracker, ticket = self.job.tracker, self.job.ticket
-        if tracker is not None and ticket is not None and tracker.neighbours(ticket):
-            # Another object downloads: it takes up what this connection leaves, and a cut
-            # GET wastes the bytes on their way (measured: 4-5% less throughput with four
-            # objects in flight, and the connections no busier).
-            return None
         slowest = max(self._active, key=self.watermark.left)
         half = self.watermark.split(slowest, SPLIT_LEAST)
         if half is not None:
