@@ -2,10 +2,7 @@
 
 Each fetcher owns one keep-alive connection and takes parts in order, so that the
 contiguous watermark advances steadily. A broken body resumes from the last byte written,
-not from the start of its part. A fetcher that finds no part left splits the segment with
-the most bytes left and takes its second half (raw plane): the object's connections stay
-busy to its end instead of idling behind one slow connection, whose GET is cut at the
-split (its connection is dropped, the bytes past the split are not written).
+not from the start of its part.
 """
 
 from __future__ import annotations
@@ -42,14 +39,6 @@ from ._source import S3Location
 
 logger = logging.getLogger(__name__)
 
-#: The fewest bytes each half of a split segment gets: below it a cut connection (and the
-#: bytes already on their way past the split) costs more than the wait it saves.
-SPLIT_LEAST = 2 * 1024 * 1024
-
-
-class _PartCut(Exception):
-    """The sink reached its segment's end, moved down by a split: the GET stops there."""
-
 
 @dataclass
 class FetchStats:
@@ -57,14 +46,12 @@ class FetchStats:
 
     bytes: int = 0
     retries: int = 0
-    splits: int = 0
     started: float = 0.0
     finished: float = 0.0
 
     def fill(self, download: DownloadReport) -> None:
         """Copy the counters into the report's download section."""
         download.bytes, download.retries = self.bytes, self.retries
-        download.splits = self.splits
         if self.finished:
             download.seconds = self.finished - self.started
 
@@ -100,7 +87,6 @@ class Fetcher:
         #: When a progress event is due (the one pass sets them when someone listens).
         self.milestones = Milestones.never()
         self._next_part = 0
-        self._active: set[int] = set()  # segments being fetched
         self._url: str | None = None
         self._renew_at = 0.0
         self._url_lock = anyio.Lock()
@@ -119,38 +105,24 @@ class Fetcher:
         self.stats.finished = time.perf_counter()
 
     def _take_part(self) -> int | None:
-        """The next part of the plan not yet complete; when none is left, the second half
-        of the segment with the most bytes left (see :data:`SPLIT_LEAST`)."""
         while self._next_part < self.watermark.parts:
             index = self._next_part
             self._next_part += 1
-            if self.watermark.left(index) > 0:
+            start, end = self.watermark.part_range(index)
+            if self.watermark.done[index] < end - start:
                 return index
-        return self._split_slowest()
-
-    def _split_slowest(self) -> int | None:
-        if self.plane is not Plane.RAW or not self._active:
-            return None  # the botocore plane's bodies are not cut (a part stays whole)
-        slowest = max(self._active, key=self.watermark.left)
-        half = self.watermark.split(slowest, SPLIT_LEAST)
-        if half is not None:
-            self.stats.splits += 1
-        return half
+        return None
 
     async def _worker(self) -> None:
         # One worker is one connection for its whole life (raw plane: one keep-alive
         # socket): a limit on connections across objects is taken and given back here.
         conn: RawConnection | None = None
         try:
-            while (seg := self._take_part()) is not None:
+            while (index := self._take_part()) is not None:
                 if self.plane is Plane.RAW and conn is None:
                     conn = await self._connection()
-                self._active.add(seg)
-                try:
-                    async with self._slot():  # one segment's GET (and retries) at a time
-                        await self._fetch_part(seg, conn)
-                finally:
-                    self._active.discard(seg)
+                async with self._slot():  # one part's GET (and its retries) at a time
+                    await self._fetch_part(index, conn)
         finally:
             if conn is not None:
                 conn.close()
@@ -180,11 +152,10 @@ class Fetcher:
             return self._url
 
     async def _fetch_part(self, index: int, conn: RawConnection | None) -> None:
-        """Fetch segment ``index`` (a part, or half of one) to its end, retrying."""
+        start, end = self.watermark.part_range(index)
         attempts = 0
         expired_retries = 0
         while True:
-            start, end = self.watermark.segment_range(index)  # a split moves the end
             position = start + self.watermark.done[index]
             if position >= end:
                 return
@@ -200,8 +171,6 @@ class Fetcher:
                         self._sink(index),
                         self.config.receive_buffer,
                     )
-            except _PartCut:
-                return  # split: the rest is another fetcher's (the connection was dropped)
             except ExpiredURL:
                 # A signature that expired is not the server's fault: sign again.
                 expired_retries += 1
@@ -216,7 +185,7 @@ class Fetcher:
                 await self._signed_url(renew=True)
                 continue
             except (TransientError, HTTPFault) as exc:
-                if self.watermark.left(index) <= 0:
+                if start + self.watermark.done[index] >= end:
                     return  # every byte arrived before the fault
                 if attempts >= self.config.max_attempts:
                     raise RetriesExhausted(
@@ -244,20 +213,13 @@ class Fetcher:
         return random.uniform(0, cap)
 
     def _sink(self, index: int) -> Callable[[memoryview], None]:
-        """Writes segment ``index``'s next bytes where its written prefix ends, up to its
-        end: past it (a split moved it down), raises :class:`_PartCut`."""
-        seg_start = self.watermark.segment_range(index)[0]
+        """Writes part ``index``'s next bytes where its written prefix ends."""
+        part_start = self.watermark.part_range(index)[0]
         tmp, watermark, stats, milestones = self.tmp, self.watermark, self.stats, self.milestones
 
         def write(data: memoryview) -> None:
-            position = seg_start + watermark.done[index]
-            room = watermark.segment_range(index)[1] - position
-            if len(data) > room:
-                if room > 0:
-                    write(data[:room])
-                raise _PartCut
             try:
-                tmp.pwrite(data, position)
+                tmp.pwrite(data, part_start + watermark.done[index])
             except OSError as exc:
                 raise LocalIOError(
                     f"{self.location}: writing {tmp.path} failed: {exc.strerror or exc}"

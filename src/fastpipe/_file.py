@@ -13,9 +13,6 @@ import threading
 
 from ._exceptions import LocalIOError
 
-#: Where a split segment may start: a multiple of this (aligned writes).
-_ALIGN = 64 * 1024
-
 
 class TempFile:
     """A hidden 0600 temp file, sized to the object, written with pwrite.
@@ -66,105 +63,60 @@ class TempFile:
 class Watermark:
     """Tracks per-part progress and the contiguous prefix ``[0, value)`` written so far.
 
-    The object is planned as uniform parts (``part_range``: what a resume journal records).
-    Bytes are written by *segments*: segment ``i`` is part ``i`` at first; :meth:`split`
-    hands the second half of a segment's bytes left to a new segment, so that a connection
-    with nothing left to take relieves a slower one. ``done[seg]`` counts the bytes written
-    contiguously from the segment's start; ``value`` follows the segments in byte order.
-
-    Written by the event loop (``advance``, ``split``), read by the stream-stage thread
-    (``wait``).
+    Written by the event loop (``advance``), read by the stream-stage thread (``wait``).
     """
 
     def __init__(self, size: int, part_size: int) -> None:
         self.size = size
         self.part_size = part_size
         self.parts = -(-size // part_size) if size else 0
-        self.done = [0] * self.parts  # contiguous bytes written from each segment's start
-        self._start = [i * part_size for i in range(self.parts)]
-        self._end = [min((i + 1) * part_size, size) for i in range(self.parts)]
-        self._part = list(range(self.parts))  # the part each segment lies in
-        # The next segment in byte order (-1: none).
-        self._next = [*range(1, self.parts), -1] if self.parts else []
-        self._first_open = 0 if self.parts else -1
+        self.done = [0] * self.parts  # contiguous bytes written from each part's start
+        self._first_open = 0
         self.value = 0
         self.closed = False
         self._cond = threading.Condition()
         self._waiting: list[int] = []  # targets of the readers blocked in wait()
         self._wake_at = 0  # the smallest of them (0: nobody waits)
 
-    @property
-    def segments(self) -> int:
-        """How many segments there are (parts, then the halves split off)."""
-        return len(self.done)
-
-    def segment_range(self, seg: int) -> tuple[int, int]:
-        """``(start, end)`` byte offsets of segment ``seg`` now (end exclusive; a split
-        moves its end down)."""
-        return self._start[seg], self._end[seg]
-
-    def left(self, seg: int) -> int:
-        """Bytes segment ``seg`` has still to write."""
-        return self._end[seg] - self._start[seg] - self.done[seg]
-
-    def split(self, seg: int, least: int) -> int | None:
-        """Give the second half of segment ``seg``'s bytes left to a new segment (its id),
-        when each half has ``least`` bytes or more; else None. The half stays in the same
-        part; its start is rounded up to 64 KiB (aligned writes)."""
-        left = self.left(seg)
-        if left < 2 * max(1, least):
-            return None
-        mid = self._start[seg] + self.done[seg] + left // 2
-        mid = min(-(-mid // _ALIGN) * _ALIGN, self._end[seg] - least)
-        with self._cond:
-            new = len(self.done)
-            self.done.append(0)
-            self._start.append(mid)
-            self._end.append(self._end[seg])
-            self._part.append(self._part[seg])
-            self._next.append(self._next[seg])
-            self._end[seg] = mid
-            self._next[seg] = new
-        return new
-
     def completed_parts(self) -> frozenset[int]:
-        """Indices of the parts written in full (every segment of theirs)."""
-        open_parts = {self._part[s] for s in range(len(self.done)) if self.left(s) > 0}
-        return frozenset(range(self.parts)) - open_parts
+        """Indices of the parts written in full."""
+        return frozenset(
+            i
+            for i in range(self.parts)
+            if self.done[i] >= self.part_range(i)[1] - self.part_range(i)[0]
+        )
 
     def preset(self, parts: set[int]) -> int:
-        """Mark whole ``parts`` as already present (a resumed file, before any split);
-        return their bytes."""
+        """Mark whole ``parts`` as already present (a resumed file); return their bytes."""
         total = 0
         for index in parts:
             start, end = self.part_range(index)
             self.done[index] = end - start
             total += end - start
         with self._cond:
-            self._first_open = 0 if self.parts else -1
+            self._first_open = 0
             self._move_up()
             self._cond.notify_all()
         return total
 
     def _move_up(self) -> None:
-        """Advance ``value`` over the segments complete from ``_first_open`` on, in byte
-        order (lock held)."""
-        while self._first_open >= 0:
-            seg = self._first_open
-            self.value = self._start[seg] + self.done[seg]
-            if self.value < self._end[seg]:
+        """Advance ``value`` over the parts complete from ``_first_open`` on (lock held)."""
+        while self._first_open < self.parts:
+            start, end = self.part_range(self._first_open)
+            self.value = start + self.done[self._first_open]
+            if self.value < end:
                 break
-            self._first_open = self._next[seg]
+            self._first_open += 1
 
     def part_range(self, index: int) -> tuple[int, int]:
-        """``(start, end)`` byte offsets of part ``index`` of the plan (end exclusive)."""
+        """``(start, end)`` byte offsets of part ``index`` (end exclusive)."""
         start = index * self.part_size
         return start, min(start + self.part_size, self.size)
 
-    def advance(self, seg: int, nbytes: int) -> None:
-        """Record ``nbytes`` more written contiguously in segment ``seg``."""
-        self.done[seg] += nbytes
-        if seg != self._first_open:
+    def advance(self, index: int, nbytes: int) -> None:
+        """Record ``nbytes`` more written contiguously in part ``index``."""
+        self.done[index] += nbytes
+        if index != self._first_open:
             return
         with self._cond:
             self._move_up()
@@ -177,7 +129,7 @@ class Watermark:
         """Mark the whole object as present (a local source, or a resumed complete file)."""
         with self._cond:
             self.value = self.size
-            self._first_open = -1
+            self._first_open = self.parts
             self._cond.notify_all()
 
     def close(self) -> None:

@@ -78,8 +78,7 @@ class DownloadReport:
     ``plane`` is the data plane that ran (a :class:`Plane`: ``raw``, ``botocore`` or
     ``local``). ``bytes`` counts bytes fetched from S3; ``reused_bytes`` those taken from a resumed
     temp file. ``control_plane`` says what sent HEAD and signed the GETs: ``light`` (the
-    standard library, no botocore) or ``botocore``; ``None`` for a local file. ``splits``
-    counts the times a connection with no part left took half of a slower one's bytes.
+    standard library, no botocore) or ``botocore``; ``None`` for a local file.
     """
 
     seconds: float = 0.0
@@ -91,7 +90,6 @@ class DownloadReport:
     plane: Plane = Plane.RAW
     reused_bytes: int = 0
     control_plane: str | None = None
-    splits: int = 0
 
 
 @dataclass
