@@ -5,6 +5,7 @@ sharing, and the report's fields (a real server)."""
 from __future__ import annotations
 
 import os
+from collections import deque
 from dataclasses import replace
 from typing import Any
 
@@ -221,6 +222,14 @@ def test_prediction_beside_neighbours() -> None:
     described = p.describe()["load"]
     assert described["in_flight"] == 4 and described["neighbours"] == 3
     assert described["shared"]["capacity"] == pytest.approx(400 * MiB)
+    # Its ETA is not corrected (errors beside others are spread, not biased), even when
+    # objects alone of its size taught a correction.
+    m._eta.update({f"{alone.eta_group}:{b}": deque([0.5] * 3) for b in range(10)})
+    assert m.predict(400 * MiB, [A]).eta_factors == (0.5,) * 10
+    shared = m.predict(400 * MiB, [A], load=load)
+    assert (shared.eta_factors, shared.eta_group) == ((), "")
+    at = Position(100 * MiB, 100 * MiB, 0.01, 1.0, neighbours=((300 * MiB, 16.0),) * 3)
+    assert shared.remaining(at) == shared.remaining(at, corrected=False)
 
 
 def test_eta_replans_as_neighbours_come_and_go() -> None:

@@ -246,7 +246,8 @@ def eta_bucket(done: int, size: int) -> int | None:
 
 
 def eta_group(size: int, shared: bool) -> str:
-    """Objects whose ETA errs alike: within a factor of 2 in size, alone or sharing."""
+    """Objects whose ETA errs alike: within a factor of 2 in size, alone or sharing (the
+    engine corrects only those alone, see :meth:`TimeModel._predict_shared`)."""
     return f"{'shared' if shared else 'alone'}:{round(math.log2(max(size, 1)))}"
 
 
@@ -752,11 +753,12 @@ class TimeModel:
         and the seconds after it."""
         lone = self.predict(size, stages, download_key=download_key)
         download, expected = shared.finish(size + shared.overhead, load.weight, load.neighbours)
-        group = eta_group(size, shared=True)
+        # No ETA correction beside others: there its errors are spread (the neighbours'
+        # comings and goings), not biased, and a factor learned from them adds noise.
         return replace(
             lone,
-            eta_factors=self.eta_factors(group),
-            eta_group=group,
+            eta_factors=(),
+            eta_group="",
             seconds=load.admission_wait + shared.before + download + shared.after,
             admission_wait=load.admission_wait,
             load=replace(load, connection_share=1.0, heavy_share=1.0),
