@@ -318,6 +318,44 @@ def test_map_memory_does_not_grow_with_sources() -> None:
     assert large - small < 20 * 1024, (small, large)
 
 
+# -- map: the caller's own errors ---------------------------------------------------------
+
+
+def _bad_sources(good: str) -> Any:
+    """One good URI, then the caller's own error (with a cause of its own)."""
+    yield good
+    try:
+        raise KeyError("row 2")
+    except KeyError as exc:
+        raise ValueError("bad source row") from exc
+
+
+async def _bad_async_sources(good: str) -> Any:
+    for source in _bad_sources(good):
+        yield source
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_map_raises_the_sources_own_error(kind: str, put_object: Any) -> None:
+    good = put_object(b"good bytes")
+    sources = _bad_sources(good) if kind == "sync" else _bad_async_sources(good)
+    reports: list[Report] = []
+    async with Engine() as engine:
+        with pytest.raises(ValueError, match="^bad source row$") as caught:
+            async for report in engine.map(sources, lambda: [Checksum()]):
+                reports.append(report)
+    assert type(caught.value) is ValueError  # not an ExceptionGroup around it
+    assert isinstance(caught.value.__cause__, KeyError)  # its own cause kept
+    assert all(r.error is None for r in reports)
+
+
+def test_process_many_raises_the_sources_own_error(put_object: Any) -> None:
+    with pytest.raises(ValueError, match="^bad source row$") as caught:
+        fastpipe.run_many(_bad_sources(put_object(b"good bytes")), lambda: [Checksum()])
+    assert isinstance(caught.value.__cause__, KeyError)
+
+
 # -- sinks ---------------------------------------------------------------------------------
 
 

@@ -155,7 +155,9 @@ class Engine:
         fails with an error does not stop the others: its report carries the error. Each
         report is written to every sink before it is yielded (a sink's failure lands in
         ``report.sink_errors``); the caller closes its sinks. ``progress_for(source)``, if
-        given, makes each object's own progress callback (instead of ``progress``). To stop
+        given, makes each object's own progress callback (instead of ``progress``). An
+        error of ``sources`` itself stops the run and is raised as is (not in an exception
+        group), its cause kept. To stop
         early, break out of a loop inside ``async with contextlib.aclosing(engine.map(...))
         as reports:``.
         """
