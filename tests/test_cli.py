@@ -339,8 +339,9 @@ def test_parser_build_does_not_measure_the_disk_budget(monkeypatch: pytest.Monke
     parser = build_parser()
     run = next(a for a in parser._actions if a.dest == "command").choices["run"]  # type: ignore[attr-defined]
     helptext = " ".join(run.format_help().split())
-    assert "(default: 90% of the free space in the temp folder, at most the kernel's " \
-        "writeback threshold; measured at start)" in helptext
+    assert "(default: 90% of the free space where the temp files go (--dest's folder, else " \
+        "--temp-dir, else the system temp folder), at most the kernel's writeback threshold; " \
+        "measured at start)" in helptext
 
 
 def test_report_source_is_absolute_for_a_relative_path(tmp_path: Path) -> None:

@@ -280,6 +280,59 @@ async def test_max_connections_holds_across_concurrent_calls(
     assert 1 < peak <= 8
 
 
+@pytest.fixture
+def measured(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str | None, int]]:
+    """Each (folder, value) the default disk budget is computed for (the real function)."""
+    from fastpipe import _budgets
+
+    calls: list[tuple[str | None, int]] = []
+    real = _budgets.default_disk_budget
+
+    def spy(folder: Any = None) -> int:
+        value = real(folder)
+        calls.append((None if folder is None else os.fspath(folder), value))
+        return value
+
+    monkeypatch.setattr(_budgets, "default_disk_budget", spy)
+    return calls
+
+
+@pytest.mark.anyio
+async def test_default_disk_budget_is_measured_where_the_temp_files_go(
+    measured: list[tuple[str | None, int]], put_object: Any, tmp_path: Path
+) -> None:
+    good = put_object(b"good bytes")
+    dest, temp, other = tmp_path / "dest", tmp_path / "temp", tmp_path / "other"
+    for folder in (dest, temp, other):
+        folder.mkdir()
+    # map (and so `fastpipe run --dest`): the dest folder, where its temp files are made.
+    async with Engine() as engine:
+        async for report in engine.map([good], lambda: [Checksum()], dest=dest):
+            assert report.passed, report
+        # Made once: a later call with another folder shares the first one's budget.
+        await engine.process(good, [Checksum()], temp_dir=other)
+        assert measured == [(str(dest), engine.budgets.disk_budget)]
+    measured.clear()
+    # A file dest: measured beside it (its nearest existing folder).
+    async with Engine() as engine:
+        await engine.process(good, [Checksum()], dest / "one.bin")
+        assert measured == [(str(dest / "one.bin"), engine.budgets.disk_budget)]
+    measured.clear()
+    # No dest: the temp_dir given, else the system temp folder.
+    async with Engine() as engine:
+        await engine.process(good, [Checksum()], temp_dir=temp)
+        assert measured == [(str(temp), engine.budgets.disk_budget)]
+    measured.clear()
+    async with Engine() as engine:
+        await engine.process(good, [Checksum()])
+        assert measured == [(None, engine.budgets.disk_budget)]
+    measured.clear()
+    # A budget given is never measured.
+    async with Engine(Config(disk_budget=5 * MiB)) as engine:
+        await engine.process(good, [Checksum()], temp_dir=temp)
+        assert (measured, engine.budgets.disk_budget) == ([], 5 * MiB)
+
+
 # -- map: bounded memory -------------------------------------------------------------------
 
 _RSS_SCRIPT = """
@@ -316,6 +369,44 @@ def test_map_memory_does_not_grow_with_sources() -> None:
 
     small, large = peak(1_000), peak(100_000)
     assert large - small < 20 * 1024, (small, large)
+
+
+# -- map: the caller's own errors ---------------------------------------------------------
+
+
+def _bad_sources(good: str) -> Any:
+    """One good URI, then the caller's own error (with a cause of its own)."""
+    yield good
+    try:
+        raise KeyError("row 2")
+    except KeyError as exc:
+        raise ValueError("bad source row") from exc
+
+
+async def _bad_async_sources(good: str) -> Any:
+    for source in _bad_sources(good):
+        yield source
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_map_raises_the_sources_own_error(kind: str, put_object: Any) -> None:
+    good = put_object(b"good bytes")
+    sources = _bad_sources(good) if kind == "sync" else _bad_async_sources(good)
+    reports: list[Report] = []
+    async with Engine() as engine:
+        with pytest.raises(ValueError, match="^bad source row$") as caught:
+            async for report in engine.map(sources, lambda: [Checksum()]):
+                reports.append(report)
+    assert type(caught.value) is ValueError  # not an ExceptionGroup around it
+    assert isinstance(caught.value.__cause__, KeyError)  # its own cause kept
+    assert all(r.error is None for r in reports)
+
+
+def test_process_many_raises_the_sources_own_error(put_object: Any) -> None:
+    with pytest.raises(ValueError, match="^bad source row$") as caught:
+        fastpipe.run_many(_bad_sources(put_object(b"good bytes")), lambda: [Checksum()])
+    assert isinstance(caught.value.__cause__, KeyError)
 
 
 # -- sinks ---------------------------------------------------------------------------------

@@ -654,6 +654,42 @@ async def test_library_worker_in_the_callers_event_loop(
 
 
 @pytest.mark.anyio
+async def test_worker_default_disk_budget_is_measured_where_its_temp_files_go(
+    sqs_server: Any, queues: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`worker --dest` makes its temp files in dest, `--temp-dir` in a folder of its own
+    under it: the default disk budget reads that file system's free space, not /tmp's."""
+    import fastpipe
+    from fastpipe import _budgets
+
+    measured: list[tuple[str, int]] = []
+    real = _budgets.default_disk_budget
+
+    def spy(folder: Any = None) -> int:
+        measured.append((os.fspath(folder), real(folder)))
+        return measured[-1][1]
+
+    monkeypatch.setattr(_budgets, "default_disk_budget", spy)
+    queue, _ = queues
+    dest, temp = tmp_path / "dest", tmp_path / "temp"
+    dest.mkdir()
+    temp.mkdir()
+    for kwargs in ({"dest": dest, "temp_dir": temp}, {"temp_dir": temp}):
+        engine = fastpipe.Engine()
+        try:
+            worker = fastpipe.Worker(queue, engine=engine, wait_seconds=1, once=True, **kwargs)
+            await worker.run()  # an empty queue: it ends after one long poll
+            [(folder, value)] = measured
+            # dest itself; else the worker's own folder under temp_dir.
+            where = Path(folder) if "dest" in kwargs else Path(folder).parent
+            assert where == (dest if "dest" in kwargs else temp), folder
+            assert engine.budgets.disk_budget == value
+        finally:
+            await engine.aclose()
+        measured.clear()
+
+
+@pytest.mark.anyio
 async def test_library_worker_reads_its_results_file_when_it_runs(
     sqs_server: Any, queues: tuple[str, str], s3_client: Any, bucket: str, tmp_path: Path
 ) -> None:

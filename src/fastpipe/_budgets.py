@@ -175,11 +175,13 @@ class DiskHold:
 class Budgets:
     """The limits one engine shares between all the objects it processes at once."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, folder: str | os.PathLike[str] | None = None) -> None:
+        """``folder``: where the temp files go, for the default disk budget (None: the
+        system temp folder)."""
         self.max_objects = config.max_objects
         self.max_connections = config.max_connections
         self.file_stage_slots = config.file_stage_slots or default_file_stage_slots()
-        self.disk_budget = config.disk_budget or default_disk_budget()
+        self.disk_budget = config.disk_budget or default_disk_budget(folder)
         self._objects = anyio.Semaphore(self.max_objects)
         self._connections = anyio.Semaphore(self.max_connections)
         self._file_stages = anyio.Semaphore(self.file_stage_slots)

@@ -138,8 +138,10 @@ class Config:
     early_file_stages: bool = True
     #: Budgets shared by every object the engine processes at once (``_budgets.py``):
     #: ranged GETs in flight, objects in progress, bytes of temp files (None: 90% of the
-    #: temp folder's free space, where a larger object is admitted alone), heavy stages
-    #: at once (None: the CPU count).
+    #: free space where the temp files of the engine's first object go, i.e. its
+    #: ``dest``'s folder, else its ``temp_dir``, else the system temp folder; at most the
+    #: kernel's writeback threshold; a larger object is admitted alone), heavy stages at
+    #: once (None: the CPU count).
     max_connections: int = 64
     max_objects: int = 8
     disk_budget: int | None = None

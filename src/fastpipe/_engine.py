@@ -79,9 +79,19 @@ class Engine:
     @property
     def budgets(self) -> Budgets:
         """The budgets every object of this engine shares (made on first use, in the
-        event loop that runs the engine)."""
+        event loop that runs the engine; see :meth:`budgets_at`)."""
+        return self.budgets_at(None)
+
+    def budgets_at(self, temp_folder: str | os.PathLike[str] | None) -> Budgets:
+        """The engine's budgets; made on first use, with the default disk budget measured
+        where ``temp_folder`` is (None: the system temp folder).
+
+        The first object's placement makes them (its ``dest``, else its ``temp_dir``), so
+        the default measures the file system the temp files go to; later calls with
+        another folder share the same budget.
+        """
         if self._budgets is None:
-            self._budgets = Budgets(self.config)
+            self._budgets = Budgets(self.config, temp_folder)
         return self._budgets
 
     async def process(
@@ -111,7 +121,8 @@ class Engine:
         started = time.perf_counter()
         sink = None if progress is None else ProgressSink(progress, started)
         try:
-            async with self.budgets.object_slot(report.source) as waited:
+            budgets = self.budgets_at(placement.temp_folder)  # the first call makes them
+            async with budgets.object_slot(report.source) as waited:
                 report.queued_seconds = waited
                 if isinstance(location, LocalLocation):
                     placement.check_local_source()
@@ -155,7 +166,9 @@ class Engine:
         fails with an error does not stop the others: its report carries the error. Each
         report is written to every sink before it is yielded (a sink's failure lands in
         ``report.sink_errors``); the caller closes its sinks. ``progress_for(source)``, if
-        given, makes each object's own progress callback (instead of ``progress``). To stop
+        given, makes each object's own progress callback (instead of ``progress``). An
+        error of ``sources`` itself stops the run and is raised as is (not in an exception
+        group), its cause kept. To stop
         early, break out of a loop inside ``async with contextlib.aclosing(engine.map(...))
         as reports:``.
         """

@@ -19,6 +19,7 @@ from typing import Protocol
 import anyio
 
 from ._exceptions import FastpipeError
+from ._groups import unwrap_groups
 from ._job import ProgressCallback
 from ._placement import Placement
 from ._report import Report
@@ -125,7 +126,11 @@ async def map_indexed(
     sinks: Sequence[Sink] = (),
 ) -> AsyncIterator[tuple[int, Report]]:
     """Run ``process`` on each source, ``slots`` at a time; yield (index, report) in
-    completion order, each report written to the sinks first."""
+    completion order, each report written to the sinks first.
+
+    An error that stops the run (the caller's ``sources`` raising, say) comes out as
+    itself, not inside the task group's exception group, as the rest of the API raises.
+    """
     limit = anyio.Semaphore(slots)
     send, receive = anyio.create_memory_object_stream[tuple[int, Report]](0)
 
@@ -146,7 +151,7 @@ async def map_indexed(
                 tg.start_soon(one, index, source)
                 index += 1
 
-    with receive:
+    with receive, unwrap_groups():
         async with anyio.create_task_group() as tg:
             tg.start_soon(feed)
             try:

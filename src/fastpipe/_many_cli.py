@@ -48,8 +48,9 @@ def add_budget_arguments(parser: argparse.ArgumentParser, objects: bool = True) 
         type=size_arg,
         default=None,
         # Not computed here: free space and /proc/vmstat are read when the engine starts.
-        help=f"bytes of temp files at once (default: {DISK_SHARE:.0%} of the free space in "
-        "the temp folder, at most the kernel's writeback threshold; measured at start)"
+        help=f"bytes of temp files at once (default: {DISK_SHARE:.0%} of the free space "
+        "where the temp files go (--dest's folder, else --temp-dir, else the system temp "
+        "folder), at most the kernel's writeback threshold; measured at start)"
         .replace("%", "%%"),
     )
     parser.add_argument(

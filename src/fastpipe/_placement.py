@@ -275,6 +275,13 @@ class Placement:
                 raise UsageError(f"temp_dir {temp_dir!r} is not a folder")
             object.__setattr__(self, "temp_dir", temp_dir)
 
+    @property
+    def temp_folder(self) -> str | os.PathLike[str] | None:
+        """Where this placement's temp files go: beside ``dest`` (``dest`` itself, whose
+        nearest existing folder :func:`~fastpipe._budgets.default_disk_budget` measures),
+        else ``temp_dir``; None for the system temp folder."""
+        return self.dest if self.dest is not None else self.temp_dir
+
     def check_local_source(self) -> None:
         """A local file is processed in place: there is nothing to place."""
         if self.dest is not None:

@@ -311,7 +311,8 @@ class Worker:
         own_engine = self._engine is None
         engine = self._engine or Engine(self._config)
         self._tags = engine.tag_sink() if self.tag else None
-        self.metrics.track(engine.budgets)  # made here, in the loop that runs the engine
+        # Made here, in the loop that runs the engine, and measured where the temp files go.
+        self.metrics.track(engine.budgets_at(self.dest or self._temp.path))
         try:
             visibility = self._visibility or await self.queue.visibility_timeout()
             with anyio.CancelScope() as main_scope:
