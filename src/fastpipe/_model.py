@@ -36,10 +36,10 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from ._sharing import (
     ALONE_BELOW,
@@ -51,6 +51,8 @@ from ._sharing import (
 )
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -866,21 +868,11 @@ class TimeModel:
         if not isinstance(data, Mapping) or data.get("version") != STATE_VERSION:
             raise ValueError("not a fastpipe time model (unknown version)")
         model = cls(_floats(data.get("calibrated", {})), path)
-        for key, values in dict(data.get("rates", {})).items():
-            window: deque[float] = deque(maxlen=WINDOW)
-            window.extend(_positive(values))
-            if window:
-                model._rates[str(key)] = window
-        for key, values in dict(data.get("eta", {}) or {}).items():
-            ratios: deque[float] = deque(maxlen=WINDOW)
-            ratios.extend(_positive(values))
-            if ratios:
-                model._eta[str(key)] = ratios
-        for key, points in dict(data.get("download_lines", {}) or {}).items():
-            line: deque[tuple[float, float]] = deque(maxlen=WINDOW)
-            line.extend(p for p in _pairs(points) if p[0] > 0 and p[1] > 0)
-            if line:
-                model._lines[str(key)] = line
+        model._rates = _windows(data.get("rates"), _positive)
+        model._eta = _windows(data.get("eta"), _positive)
+        model._lines = _windows(
+            data.get("download_lines"), lambda v: [p for p in _pairs(v) if min(p) > 0]
+        )
         for point in list(data.get("fixed", [])):
             x, y = (float(v) for v in point)
             if math.isfinite(x) and math.isfinite(y) and x >= 0 and y >= 0:
@@ -939,6 +931,15 @@ def recent_median(values: Sequence[float], half_life: float = HALF_LIFE) -> floa
         if seen > half:
             return value
     return weighted[-1][0]
+
+
+def _windows(data: Any, clean: Callable[[Any], list[_T]]) -> dict[str, deque[_T]]:
+    """The non-empty windows of a state file's ``key -> values`` mapping, each value list
+    cleaned by ``clean`` (what is unusable dropped), the most recent :data:`WINDOW` kept."""
+    windows = {
+        str(key): deque(clean(values), maxlen=WINDOW) for key, values in dict(data or {}).items()
+    }
+    return {key: window for key, window in windows.items() if window}
 
 
 def _pairs(values: Any) -> list[tuple[float, float]]:
