@@ -145,7 +145,6 @@ class OnePass:
         self.runner = StreamRunner(job, config.stream_buffer)
         self.early = _EarlyRun.plan(job) if config.early_file_stages else None
         self._started = time.perf_counter()
-        self._eta_noted: set[int] = set()  # the tenths of the bytes whose ETA was noted
         self.milestones = self._plan_milestones()
 
     def _plan_milestones(self) -> Milestones | None:
@@ -301,10 +300,11 @@ class OnePass:
         the model learns from them what its ETA errs by."""
         bucket = eta_bucket(done, self.job.info.size)
         eta = (self.job.report.model or {}).get("eta")
-        if bucket is None or eta is None or bucket in self._eta_noted:
+        if bucket is None or eta is None:
             return
-        self._eta_noted.add(bucket)
-        eta["readings"].append([bucket, time.perf_counter(), raw])
+        readings = eta["readings"]
+        if not readings or readings[-1][0] < bucket:  # the bytes only grow: one per tenth
+            readings.append([bucket, time.perf_counter(), raw])
 
     def _file_stage_eta(self, index: int, finished: bool) -> float | None:
         """The ETA at the start (or end) of file stage ``index``: the tail stages left."""
