@@ -54,6 +54,18 @@ def _bound(download: list[Progress]) -> int:
     return 2 + (STEPS - 1) + int(download[-1].seconds / PROGRESS_EVERY) + 1
 
 
+def _at_each_milestone(events: list[Progress], size: int, buffer: int) -> list[Progress]:
+    """The first event at or past each milestone, checked to hold less than one buffer
+    past it (the event is sent at the crossing)."""
+    firsts = []
+    for k in range(1, STEPS):
+        point = -(-k * size // STEPS)
+        first = next(e for e in events if e.bytes_done >= point)
+        assert first.bytes_done < point + buffer, (k, first.bytes_done)
+        firsts.append(first)
+    return firsts
+
+
 def test_download_events_at_each_milestone(put_object: Any) -> None:
     """A small object (eight parts, 64 KiB receive buffers) gets an event at or just past
     each 5% of its bytes: sent from the sink at the crossing, less than a buffer past it."""
@@ -67,10 +79,7 @@ def test_download_events_at_each_milestone(put_object: Any) -> None:
     download = _download_events(events)
     assert download[-1].bytes_done == size
     assert len(download) <= _bound(download)
-    for k in range(1, STEPS):
-        point = -(-k * size // STEPS)
-        first = next(e for e in download if e.bytes_done >= point)
-        assert first.bytes_done < point + buffer, (k, first.bytes_done)
+    for first in _at_each_milestone(download, size, buffer):
         assert first.eta_seconds is not None
 
 
@@ -101,10 +110,7 @@ def test_local_file_events_at_each_milestone(tmp_path: Path) -> None:
     assert [e.bytes_done for e in stream] == sorted(e.bytes_done for e in stream)
     assert stream[-1].bytes_done == size
     assert len(stream) <= _bound(stream)
-    for k in range(1, STEPS):
-        point = -(-k * size // STEPS)
-        first = next(e for e in stream if e.bytes_done >= point)
-        assert first.bytes_done < point + buffer, (k, first.bytes_done)
+    _at_each_milestone(stream, size, buffer)
 
 
 def test_a_callback_that_raises_at_a_milestone_fails_the_call(put_object: Any) -> None:
