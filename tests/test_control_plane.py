@@ -7,12 +7,9 @@ since what it guards (which modules load, the collector's state) is per process.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
-REPO_SRC = str(Path(__file__).resolve().parents[1] / "src")
+from freshpy import run_fresh
 
 
 def _run_in_fresh_process(uri: str, before: str, after: str) -> list[str]:
@@ -27,12 +24,8 @@ def _run_in_fresh_process(uri: str, before: str, after: str) -> list[str]:
         "assert report.passed, report.error\n"
         f"{after}\n"
     )
-    env = dict(os.environ, PYTHONPATH=REPO_SRC)
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.splitlines()
+    stdout = run_fresh(code)
+    return stdout.splitlines()
 
 
 def test_s3_run_loads_no_aiohttp(put_object: Any) -> None:
@@ -88,9 +81,5 @@ def test_fallback_data_client_reads_botocores_models_off_the_event_loop(
         "assert report.download.plane == 'botocore', report.download.plane\n"
         "print(read_on_main)\n"
     )
-    env = dict(os.environ, PYTHONPATH=REPO_SRC)
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-1] == "[]"
+    stdout = run_fresh(code)
+    assert stdout.splitlines()[-1] == "[]"

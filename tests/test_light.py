@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
+from freshpy import run_fresh
 
 import fastpipe
 from fastpipe import Config
@@ -29,7 +28,6 @@ from fastpipe._s3meta import TransientError
 from fastpipe._sigv4 import encode_key_path, presign_get, sign_headers, uri_encode
 from fastpipe._source import S3Location
 
-REPO_SRC = str(Path(__file__).resolve().parents[1] / "src")
 FROZEN = datetime.datetime(2026, 3, 4, 5, 6, 7, tzinfo=datetime.timezone.utc)
 
 KEYS = [
@@ -522,12 +520,8 @@ def test_eligible_run_imports_no_botocore(s3_server: Any, put_object: Any, tmp_p
         "loaded = [m for m in sys.modules if m.startswith(('botocore', 'urllib3', 'awscrt'))]\n"
         "print(r.download.control_plane, sorted(loaded))\n"
     )
-    env = dict(os.environ, PYTHONPATH=REPO_SRC)
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split("\n")[-2] == "light []"
+    stdout = run_fresh(code)
+    assert stdout.split("\n")[-2] == "light []"
 
 
 def test_cli_run_imports_no_botocore(s3_server: Any, put_object: Any) -> None:
@@ -539,13 +533,9 @@ def test_cli_run_imports_no_botocore(s3_server: Any, put_object: Any) -> None:
         "assert code == 0, code\n"
         "print(sorted(m for m in sys.modules if m.startswith(('botocore', 'awscrt'))))\n"
     )
-    env = dict(os.environ, PYTHONPATH=REPO_SRC)
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert '"control_plane": "light"' in proc.stdout
-    assert proc.stdout.splitlines()[-1] == "[]"
+    stdout = run_fresh(code)
+    assert '"control_plane": "light"' in stdout
+    assert stdout.splitlines()[-1] == "[]"
 
 
 def test_bucket_in_another_region_is_named(proxy: Any, put_object: Any) -> None:
