@@ -124,6 +124,16 @@ def put_event(sqs: Any, queue: str, s3_client: Any, bucket: str, key: str) -> di
     return event
 
 
+def put_object_event(
+    sqs: Any, queue: str, s3_client: Any, bucket: str, prefix: str, body: bytes
+) -> tuple[str, dict[str, Any]]:
+    """Upload ``body`` under a fresh key below ``prefix`` and send its S3 event; return
+    the key and the event."""
+    key = f"{prefix}/{uuid.uuid4().hex}.bin"
+    s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+    return key, put_event(sqs, queue, s3_client, bucket, key)
+
+
 def temp_files(folder: Path) -> list[str]:
     """Temp files anywhere under ``folder`` (their names, and workers' folders, are hidden)."""
     return [
@@ -255,9 +265,9 @@ def test_killed_worker_message_reappears_and_its_temp_file_is_removed(
     tmp_path: Path, workers: Any
 ) -> None:
     queue, _ = sqs_server.create_queue(f"kill-{uuid.uuid4().hex[:8]}", visibility_timeout=4)
-    key = f"kill/{uuid.uuid4().hex}.bin"
-    s3_client.put_object(Bucket=bucket, Key=key, Body=os.urandom(1 << 20))
-    put_event(sqs_server.client(), queue, s3_client, bucket, key)
+    key, _ = put_object_event(
+        sqs_server.client(), queue, s3_client, bucket, "kill", os.urandom(1 << 20)
+    )
     temp = tmp_path / "temp"
     temp.mkdir()
     proxy.reset(always(Fault("hold")))
@@ -289,10 +299,8 @@ def test_killed_workers_temp_file_in_dest_is_removed_by_the_next_worker(
 ) -> None:
     queue, _ = sqs_server.create_queue(f"kdest-{uuid.uuid4().hex[:8]}", visibility_timeout=4)
     idle_queue, _ = sqs_server.create_queue(f"idle-{uuid.uuid4().hex[:8]}")
-    key = f"kdest/{uuid.uuid4().hex}.bin"
     body = os.urandom(1 << 20)
-    s3_client.put_object(Bucket=bucket, Key=key, Body=body)
-    put_event(sqs_server.client(), queue, s3_client, bucket, key)
+    key, _ = put_object_event(sqs_server.client(), queue, s3_client, bucket, "kdest", body)
     dest = tmp_path / "kept"
     dest.mkdir()
     proxy.reset(always(Fault("hold")))
@@ -329,9 +337,9 @@ def test_heartbeat_keeps_a_slow_object_with_one_worker(
     workers: Any
 ) -> None:
     queue, _ = sqs_server.create_queue(f"beat-{uuid.uuid4().hex[:8]}", visibility_timeout=3)
-    key = f"beat/{uuid.uuid4().hex}.bin"
-    s3_client.put_object(Bucket=bucket, Key=key, Body=os.urandom(256 << 10))
-    put_event(sqs_server.client(), queue, s3_client, bucket, key)
+    key, _ = put_object_event(
+        sqs_server.client(), queue, s3_client, bucket, "beat", os.urandom(256 << 10)
+    )
     proxy.reset(always(Fault("hold")))
     out = tmp_path / "results.jsonl"
     # Two slots: a message that became visible again would be received by this worker too.
@@ -456,9 +464,7 @@ def test_drain_timeout_releases_the_message_and_removes_the_temp_file(
 ) -> None:
     queue, _ = queues
     sqs = sqs_server.client()
-    key = f"drain/{uuid.uuid4().hex}.bin"
-    s3_client.put_object(Bucket=bucket, Key=key, Body=os.urandom(1 << 20))
-    put_event(sqs, queue, s3_client, bucket, key)
+    key, _ = put_object_event(sqs, queue, s3_client, bucket, "drain", os.urandom(1 << 20))
     proxy.reset(always(Fault("hold")))
     out = tmp_path / "results.jsonl"
     proc = workers("--queue", queue, "--endpoint-url", proxy.url, "--drain-timeout", "0.5",
@@ -481,9 +487,7 @@ def test_second_signal_stops_at_once(
 ) -> None:
     queue, _ = queues
     sqs = sqs_server.client()
-    key = f"abort/{uuid.uuid4().hex}.bin"
-    s3_client.put_object(Bucket=bucket, Key=key, Body=os.urandom(1000))
-    put_event(sqs, queue, s3_client, bucket, key)
+    key, _ = put_object_event(sqs, queue, s3_client, bucket, "abort", os.urandom(1000))
     proxy.reset(always(Fault("hold")))
     proc = workers("--queue", queue, "--endpoint-url", proxy.url, "--drain-timeout", "600",
                    "--temp-dir", str(tmp_path))
@@ -589,9 +593,7 @@ def test_transient_and_denied_outcomes_keep_the_message(
 ) -> None:
     queue, _ = queues
     sqs = sqs_server.client()
-    key = f"keep/{uuid.uuid4().hex}.bin"
-    s3_client.put_object(Bucket=bucket, Key=key, Body=os.urandom(1000))
-    put_event(sqs, queue, s3_client, bucket, key)
+    key, _ = put_object_event(sqs, queue, s3_client, bucket, "keep", os.urandom(1000))
     proxy.reset(always(fault))
     out = tmp_path / "results.jsonl"
     proc = workers("--queue", queue, "--endpoint-url", proxy.url, "--once", "--wait-seconds",
@@ -631,9 +633,7 @@ async def test_library_worker_in_the_callers_event_loop(
 
     queue, _ = queues
     sqs = sqs_server.client()
-    key = f"lib/{uuid.uuid4().hex}.bin"
-    s3_client.put_object(Bucket=bucket, Key=key, Body=b"library")
-    put_event(sqs, queue, s3_client, bucket, key)
+    key, _ = put_object_event(sqs, queue, s3_client, bucket, "lib", b"library")
     sink = fastpipe.JsonLinesSink(tmp_path / "r.jsonl")
     worker = fastpipe.Worker(queue, ["checksum:algo=sha256"], sinks=[sink], wait_seconds=1,
                              temp_dir=tmp_path)
@@ -697,9 +697,7 @@ async def test_library_worker_reads_its_results_file_when_it_runs(
 
     queue, _ = queues
     sqs = sqs_server.client()
-    key = f"lib/{uuid.uuid4().hex}.bin"
-    s3_client.put_object(Bucket=bucket, Key=key, Body=b"done once")
-    event = put_event(sqs, queue, s3_client, bucket, key)
+    key, event = put_object_event(sqs, queue, s3_client, bucket, "lib", b"done once")
     out = tmp_path / "r.jsonl"
 
     async def run_once() -> Any:
