@@ -168,9 +168,8 @@ class Engine:
         ``report.sink_errors``); the caller closes its sinks. ``progress_for(source)``, if
         given, makes each object's own progress callback (instead of ``progress``). An
         error of ``sources`` itself stops the run and is raised as is (not in an exception
-        group), its cause kept. To stop
-        early, break out of a loop inside ``async with contextlib.aclosing(engine.map(...))
-        as reports:``.
+        group), its cause kept. To stop early, break out of a loop inside
+        ``async with contextlib.aclosing(engine.map(...)) as reports:``.
         """
         placement = Placement(dest, force=force, resume=resume, temp_dir=temp_dir)
         one = _many.PerObject.of(self.process, stages, placement, progress, progress_for)
