@@ -181,6 +181,9 @@ class Load:
     in_flight: int = 1
     weight: float = 1.0
     neighbours: tuple[tuple[float, float], ...] = ()
+    #: Downloads in turn (``Config.download_order`` "admission"): the ``neighbours`` are
+    #: the objects ahead of it, whose bytes go first.
+    in_turn: bool = False
 
     def __post_init__(self) -> None:
         if not (0 < self.connection_share <= 1 and 0 < self.heavy_share <= 1):
@@ -339,6 +342,7 @@ class Prediction:
                 "in_flight": self.load.in_flight,
                 "weight": self.load.weight,
                 "neighbours": len(self.load.neighbours),
+                "in_turn": self.load.in_turn,
                 "in_flight_expected": self.in_flight_expected,
                 "lone_seconds": self.lone_seconds,
                 "shared": None if self.shared is None else self.shared.to_dict(),
@@ -386,7 +390,7 @@ class Prediction:
             per_byte = weight * at.share_so_far / done + (1 - weight) / capacity
             capacity = 1.0 / per_byte
         seconds, _ = replace(shared, capacity=capacity).finish(
-            left, self.load.weight, at.neighbours or ()
+            left, self.load.weight, at.neighbours or (), in_turn=self.load.in_turn
         )
         return seconds + shared.after
 
@@ -754,7 +758,9 @@ class TimeModel:
         with the neighbours (and typical objects up to the usual count: a closed loop),
         and the seconds after it."""
         lone = self.predict(size, stages, download_key=download_key)
-        download, expected = shared.finish(size + shared.overhead, load.weight, load.neighbours)
+        download, expected = shared.finish(
+            size + shared.overhead, load.weight, load.neighbours, in_turn=load.in_turn
+        )
         # No ETA correction beside others: there its errors are spread (the neighbours'
         # comings and goings), not biased, and a factor learned from them adds noise.
         return replace(

@@ -212,7 +212,12 @@ class OnePass:
                 early.stream_passed.set()  # the early stage may take its last window
 
     async def _download(self, fetcher: Fetcher) -> None:
+        job = self.job
         try:
+            if job.turn is not None:  # the objects ahead of it first (their tails overlap)
+                job.report.download.turn_wait_seconds = await job.turn.wait()
+            if job.tracker is not None and job.ticket is not None:
+                job.tracker.begin(job.ticket)  # its share of the engine starts
             await fetcher.run(self.config.max_concurrency)
             if self.job.tracker is not None and self.job.ticket is not None:
                 self.job.tracker.downloaded(self.job.ticket)  # its share of the engine ends
@@ -251,7 +256,12 @@ class OnePass:
         tracker, ticket = job.tracker, job.ticket
         if tracker is None or ticket is None:
             return load
-        return replace(load, weight=ticket.weight, neighbours=tracker.neighbours(ticket))
+        return replace(
+            load,
+            weight=ticket.connections,
+            neighbours=tracker.neighbours(ticket),
+            in_turn=ticket.turn is not None,
+        )
 
     def _progress_event(self) -> Progress:
         size = self.job.info.size

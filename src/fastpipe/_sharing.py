@@ -64,6 +64,10 @@ class Ticket:
     done: Callable[[], int] | None = None
     share: float = 0.0
     download_span: float | None = None
+    #: Its place in the download order (None: downloads are not in turn); in turn, its
+    #: ``weight`` is 0 until its download starts, ``connections`` what it will hold then.
+    turn: int | None = None
+    connections: float = 1.0
 
     @property
     def download_share(self) -> float | None:
@@ -86,9 +90,9 @@ class InFlight:
     _area: float = 0.0
     _at: float = 0.0
     _tickets: list[Ticket] = field(default_factory=list)
-    #: ``(size, weight)`` of the objects admitted whose download is about to start (temp
-    #: file, part plan): neighbours within a moment.
-    _coming: list[tuple[int, float]] = field(default_factory=list)
+    #: ``(size, weight, turn)`` of the objects admitted whose download is about to start
+    #: (temp file, part plan): neighbours within a moment.
+    _coming: list[tuple[int, float, int | None]] = field(default_factory=list)
 
     def _advance(self) -> float:
         now = self.clock()
@@ -103,14 +107,27 @@ class InFlight:
         return now
 
     def enter(
-        self, size: int = 0, weight: float = 1.0, done: Callable[[], int] | None = None
+        self,
+        size: int = 0,
+        weight: float = 1.0,
+        done: Callable[[], int] | None = None,
+        turn: int | None = None,
     ) -> Ticket:
-        """An object enters (counted from now on)."""
+        """An object enters (counted from now on); with a ``turn``, it takes no share
+        until :meth:`begin`."""
         now = self._advance()
         self.count += 1
-        ticket = Ticket(now, self._area, size, max(0.0, weight), done)
+        connections = max(0.0, weight)
+        ticket = Ticket(now, self._area, size, 0.0 if turn is not None else connections, done)
+        ticket.turn, ticket.connections = turn, connections
         self._tickets.append(ticket)
         return ticket
+
+    def begin(self, ticket: Ticket) -> None:
+        """Its download starts (its turn came): from now on it takes its share."""
+        self._advance()
+        if ticket.download_span is None:
+            ticket.weight = ticket.connections
 
     def downloaded(self, ticket: Ticket) -> None:
         """Its download ended: its share so far is what it had of the engine's capacity;
@@ -147,16 +164,26 @@ class InFlight:
         return ticket.share
 
     def neighbours(self, ticket: Ticket | None = None) -> tuple[tuple[int, float], ...]:
-        """``(bytes left, weight)`` of every other object downloading or about to."""
+        """``(bytes left, weight)`` of every other object downloading or about to; for
+        an object in turn, of the objects ahead of it whose download is not over."""
+        if ticket is not None and ticket.turn is not None:
+            mine = ticket.turn
+            ahead = tuple(
+                (t.left(), t.connections)
+                for t in self._tickets
+                if t.turn is not None and t.turn < mine and t.download_span is None
+            )
+            return ahead + tuple((s, w) for s, w, n in self._coming if n is not None and n < mine)
         return tuple(
             (t.left(), t.weight) for t in self._tickets if t is not ticket and t.weight > 0
-        ) + tuple(self._coming)
+        ) + tuple((s, w) for s, w, _ in self._coming)
 
     @contextmanager
-    def coming(self, size: int, weight: float) -> Iterator[None]:
+    def coming(self, size: int, weight: float, turn: int | None = None) -> Iterator[None]:
         """An admitted object of ``size`` that will download with ``weight`` once the
-        block (its temp file, its part plan) is through: a neighbour for the others."""
-        entry = (size, max(0.0, weight))
+        block (its temp file, its part plan) is through: a neighbour for the others
+        (in turn: for the younger ones only)."""
+        entry = (size, max(0.0, weight), turn)
         self._coming.append(entry)
         try:
             yield
@@ -170,11 +197,12 @@ class InFlight:
         size: int = 0,
         weight: float = 1.0,
         done: Callable[[], int] | None = None,
+        turn: int | None = None,
     ) -> Iterator[Ticket]:
         """In flight for the block; at its end, what the sharing model learns goes into
         the report's ``model["load"]``: ``in_flight_avg``, ``share_seconds`` and
         ``download_span`` (its download), ``stay_seconds``."""
-        ticket = self.enter(size, weight, done)
+        ticket = self.enter(size, weight, done, turn)
         try:
             yield ticket
         finally:
@@ -219,13 +247,22 @@ class Shared:
         }
 
     def finish(
-        self, size: float, weight: float, neighbours: Sequence[tuple[float, float]]
+        self,
+        size: float,
+        weight: float,
+        neighbours: Sequence[tuple[float, float]],
+        in_turn: bool = False,
     ) -> tuple[float, float]:
         """``(seconds, average count)`` of the download of ``size`` bytes from now (the
         caller adds the overhead when the download has not started), beside
         ``neighbours`` downloading and, up to the learned number of others, typical
         objects starting (a closed loop keeps the count up) once a new object could
-        have reached its download (``before``)."""
+        have reached its download (``before``). ``in_turn``: the ``neighbours`` are the
+        objects ahead of it, whose bytes go through first, at the engine's capacity;
+        the ones after it take only what it leaves idle."""
+        if in_turn:
+            ahead = sum(max(0.0, b) for b, _ in neighbours)
+            return (ahead + max(0.0, size)) / self.capacity, 1.0 + len(neighbours)
         typical = (self.typical_size + self.overhead, self.typical_weight)
         return shared_finish(
             size, weight, neighbours, self.capacity, typical, self.others, self.before

@@ -112,6 +112,7 @@ async def _one(engine: Engine, uri: str, size: int) -> dict[str, Any]:
         "share_seconds": load.get("share_seconds"),
         "lone_seconds": load.get("lone_seconds"),
         "connection_share": load.get("connection_share"),
+        "turn_wait": report.download.turn_wait_seconds,
     }
     for point in ETA_POINTS:
         record[f"eta_{int(point * 100)}"] = seen.get(point)
@@ -233,12 +234,18 @@ def cmd_predictability(args: argparse.Namespace) -> int:
         # dirty pages expire 30 s later, while the engine runs): flush it first.
         os.sync()
         # The model learns into a state file of its own: the bench never moves the user's.
-        config = Config(endpoint_url=endpoint, model_path=os.path.join(args.out, "model.json"))
+        config = Config(
+            endpoint_url=endpoint,
+            model_path=os.path.join(args.out, "model.json"),
+            download_order=getattr(args, "download_order", "admission"),
+        )
         in_flight = getattr(args, "in_flight", 1)
         runs = run_objects(uris, args.repeat, args.predict_warmup, config, in_flight=in_flight)
     summary = summarize(runs)
     with open(os.path.join(args.out, "predictability.json"), "w", encoding="utf-8") as f:
-        json.dump({"in_flight": in_flight, "runs": runs, "summary": summary}, f, indent=1)
+        order = config.download_order
+        record = {"in_flight": in_flight, "download_order": order, "runs": runs, "summary": summary}
+        json.dump(record, f, indent=1)
     print(format_summary(summary, in_flight))
     png = os.path.join(args.out, "predicted_vs_actual.png")
     if plot(runs, png):
