@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -14,8 +15,8 @@ import pytest
 from fastpipe import Config, Engine, Report, UsageError, _budgets, _fetch
 from fastpipe._groups import run_async
 from fastpipe._many_cli import add_budget_arguments, budget_settings
-from fastpipe._model import Load, Position, StageCost, TimeModel
-from fastpipe._sharing import InFlight, Shared, SharedPoint
+from fastpipe._model import Load, Observation, Position, StageCost, TimeModel, shared_point
+from fastpipe._sharing import InFlight, Shared, SharedPoint, SharingModel
 from fastpipe.stages import Checksum
 
 MiB = 1 << 20
@@ -189,6 +190,59 @@ def test_prediction_and_eta_in_turn() -> None:
     assert p.remaining(waiting) == pytest.approx(0.25 + 1.0 + 0.1)
 
 
+def test_objects_in_turn_teach_the_pace_through_the_queue() -> None:
+    """Objects in turn give a line: seconds from the prediction to the download's end
+    against the bytes ahead and their own. Its slope and intercept become the capacity
+    and overhead an object in turn predicts with; shared objects keep the shares'."""
+    m = _turn_model()  # shares: 400 MiB/s, no overhead
+    assert m.sharing.fit() is not None and m.sharing.fit().turn_capacity is None  # type: ignore[union-attr]
+    # In turn: 0.05 s to start, then 500 MiB/s through everything ahead and its own.
+    for size, ahead in ((64, 0), (256, 64), (1024, 320), (64, 1024), (256, 512)):
+        span = 0.05 + (size + ahead) * MiB / (500 * MiB)
+        m.sharing.add(SharedPoint(size * MiB, 16.0, 400 * MiB, 0.2, 0.1, 3.0, 16.0,
+                                  ahead * MiB, span))
+    fit = m.sharing.fit()
+    assert fit is not None
+    assert fit.turn_capacity == pytest.approx(500 * MiB)
+    assert fit.turn_overhead == pytest.approx(0.05 * 500 * MiB)
+    assert fit.in_turn().capacity == pytest.approx(500 * MiB)
+    assert fit.to_dict()["turn_capacity"] == pytest.approx(500 * MiB)
+    ahead = ((300 * MiB, 16.0),)
+    turn = m.predict(200 * MiB, [A], load=Load(in_flight=2, weight=16.0, neighbours=ahead,
+                                                in_turn=True))
+    assert turn.seconds == pytest.approx(0.2 + 0.05 + 1.0 + 0.1)
+    assert turn.describe()["load"]["ahead_bytes"] == 300 * MiB
+    shared = m.predict(200 * MiB, [A], load=Load(in_flight=2, weight=16.0, neighbours=ahead))
+    assert shared.describe()["load"]["ahead_bytes"] is None
+    assert shared.seconds != pytest.approx(turn.seconds)
+    # The state file keeps the points in turn; one written before them still loads.
+    again = SharingModel.from_list(m.sharing.to_list()).fit()
+    assert again == fit
+    old_rows = [row[:7] for row in m.sharing.to_list()]
+    assert SharingModel.from_list(old_rows).fit().turn_capacity is None  # type: ignore[union-attr]
+
+
+def test_what_an_object_in_turn_teaches() -> None:
+    obs = Observation(
+        size=100 * MiB,
+        seconds=3.0,
+        stages=((A, 1.0),),
+        download_bytes=100 * MiB,
+        download_seconds=0.5,
+        load=Load(admission_wait=0.5, in_flight=3),
+        in_flight_avg=3.0,
+        weight=8.0,
+        share_seconds=0.5,
+        download_span=2.0,
+        stay_seconds=2.25,
+        ahead_bytes=300 * MiB,
+    )
+    point = shared_point(obs)
+    assert point is not None and (point.ahead, point.span) == (300 * MiB, 2.0)
+    alone = shared_point(replace(obs, ahead_bytes=None))
+    assert alone is not None and alone.ahead == -1.0
+
+
 # -- real downloads -----------------------------------------------------------------------
 
 
@@ -254,6 +308,8 @@ def test_objects_download_in_turn(put_object: Any, monkeypatch: pytest.MonkeyPat
     assert waits[0] == pytest.approx(0.0, abs=0.05) and waits[2] > 0
     for report in reports:
         assert report.model is not None and report.model["load"]["in_turn"] is True
+        assert report.model["load"]["ahead_bytes"] is not None
+    assert max(r.model["load"]["ahead_bytes"] for r in reports if r.model) > 0
 
 
 def test_shared_order_downloads_at_once(put_object: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -343,6 +343,9 @@ class Prediction:
                 "weight": self.load.weight,
                 "neighbours": len(self.load.neighbours),
                 "in_turn": self.load.in_turn,
+                "ahead_bytes": (
+                    sum(b for b, _ in self.load.neighbours) if self.load.in_turn else None
+                ),
                 "in_flight_expected": self.in_flight_expected,
                 "lone_seconds": self.lone_seconds,
                 "shared": None if self.shared is None else self.shared.to_dict(),
@@ -525,6 +528,8 @@ class Observation:
     share_seconds: float | None = None
     download_span: float | None = None
     stay_seconds: float | None = None
+    #: In turn: the bytes ahead of it when it was predicted (None: not in turn).
+    ahead_bytes: float | None = None
     #: The ETA's readings (tenth, raw ETA, seconds that remained) and their group.
     eta_readings: tuple[tuple[int, float, float], ...] = ()
     eta_group: str | None = None
@@ -577,6 +582,8 @@ def shared_point(obs: Observation) -> SharedPoint | None:
         after=stay - span,
         others=others,
         neighbour_weight=others_weight / others if others > 0.05 else 0.0,
+        ahead=-1.0 if obs.ahead_bytes is None else max(0.0, obs.ahead_bytes),
+        span=span,
     )
 
 
@@ -711,6 +718,8 @@ class TimeModel:
         """
         load = load or Load()
         shared = self.sharing.fit(size) if load.in_flight > 1 and download_key else None
+        if shared is not None and load.in_turn:
+            shared = shared.in_turn()
         if shared is not None:
             return self._predict_shared(size, stages, download_key, load, shared)
         stages = tuple(stages)
@@ -1018,6 +1027,7 @@ def observation_from_described(report: Any) -> Observation | None:
         share_seconds=figures["share_seconds"],
         download_span=figures["download_span"],
         stay_seconds=figures["stay_seconds"],
+        ahead_bytes=figures["ahead_bytes"],
         stages=tuple(
             (cost, seconds if b is None else float(b))
             for (cost, seconds), b in zip(obs.stages, busy, strict=True)
