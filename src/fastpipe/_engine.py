@@ -272,7 +272,8 @@ class Engine:
         turn: Turn | None,
     ) -> None:
         """An admitted object (its disk budget taken, its turn in the download order):
-        its temp file and part plan, then the pass, counted among the objects in flight."""
+        its temp file and part plan, then the pass and the temp file's removal, counted
+        among the objects in flight."""
         plane = choose_plane(self.config, location)
         tracker = self.budgets.in_flight
         number = None if turn is None else turn.number
@@ -292,6 +293,10 @@ class Engine:
         stats = fetcher.stats  # read as bytes arrive: its bytes left, for the others
         with tracker.stay(report, info.size, weight, lambda: stats.bytes, number) as job.ticket:
             await one.download_and_commit()
+            # Within the stay, so that its seconds after the download (what the ETA adds
+            # once the bytes are in) hold the temp file's removal, which frees its pages.
+            # Every other way out closes it in _process_s3 (close is idempotent).
+            await anyio.to_thread.run_sync(placed.close)
 
 
 async def process(
