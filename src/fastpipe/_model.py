@@ -367,6 +367,20 @@ class Prediction:
             raw = self._left(at, own=True)
         return raw * self.eta_factor(at.downloaded) if corrected else raw
 
+    def blend_eta(self, eta: float, elapsed: float) -> float:
+        """``eta`` (the seconds left by the arithmetic and the object's own pace so far)
+        weighed against this prediction less the ``elapsed`` seconds since the object's
+        call: the object's evidence counts for the fraction of the predicted time it has
+        run. Early on, when the first bytes came says more about the jitter of the first
+        requests than about the end (alone, a 64 MiB object reached 10% of its bytes
+        14-39 ms in and ended at about 0.09 s all the same). Nothing left is nothing
+        left: 0 stays 0."""
+        total = self.seconds
+        if not total > 0 or elapsed < 0 or eta <= 0:
+            return eta
+        weight = min(1.0, elapsed / total)
+        return weight * eta + (1.0 - weight) * max(0.0, total - elapsed)
+
     def eta_factor(self, downloaded: int) -> float:
         """The ETA's correction with ``downloaded`` bytes in (1 after the download)."""
         bucket = eta_bucket(downloaded, self.size)

@@ -276,7 +276,8 @@ class OnePass:
     def _eta(self, done: int, elapsed: float) -> float | None:
         """Seconds to the end of the object: the download and stream work left, the early
         file stage and the file stages after (the model's, blended with this object's own
-        rates so far); without a prediction, the download's rate so far."""
+        rates so far), weighed against the prediction less the seconds gone
+        (:meth:`Prediction.blend_eta`); without a prediction, the download's rate so far."""
         job, early = self.job, self.early
         prediction = job.prediction
         if prediction is None:
@@ -302,7 +303,8 @@ class OnePass:
         raw = prediction.remaining(position, corrected=False)
         if self.fetcher is not None:
             self._note_eta(done, raw)
-        return raw * prediction.eta_factor(position.downloaded)
+        eta = raw * prediction.eta_factor(position.downloaded)
+        return eta if job.progress is None else prediction.blend_eta(eta, job.progress.elapsed())
 
     def _note_eta(self, done: int, raw: float) -> None:
         """Keep the first raw ETA read in each tenth of the bytes (with the clock) in the

@@ -8,9 +8,12 @@ announced at 10% and at 50% of the bytes (seconds so far + ``eta_seconds``, from
 first progress event at or past that fraction: besides the 0.2 s timer an event comes as
 the bytes cross each 5% of the object, so it holds that fraction plus at most one receive
 buffer; ``eta_10_done`` records the fraction actually in). Per size: p50, p90, max
-and p90/p50 of the end-to-end time; per estimate: the median and p90 of
-``|predicted - actual| / actual``; ``predictability.json`` keeps every object and
-``predicted_vs_actual.png`` plots the predictions against the actual times.
+and p90/p50 of the end-to-end time, and the same from each object's download start
+(less its admission wait and its wait for its turn: what the objects ahead of it
+cost); per estimate: the median and p90 of ``|predicted - actual| / actual``;
+``predictability.json`` keeps every object and ``predicted_vs_actual.png`` plots the
+predictions against the actual times. ``--download-order`` sets the engine's
+``Config.download_order`` (default ``admission``).
 """
 
 from __future__ import annotations
