@@ -589,3 +589,20 @@ def test_eta_includes_the_file_stages(put_object: Any) -> None:
     assert len(staged) == 2
     assert staged[0].eta_seconds is not None and staged[0].eta_seconds > 0
     assert staged[-1].eta_seconds == 0.0
+
+
+def test_eta_weighs_the_prediction_until_the_object_has_run_its_predicted_time() -> None:
+    """Early in an object the ETA leans on the prediction made before the first byte
+    (less the seconds gone); its own pace counts for the fraction of the predicted time
+    it has run, and alone once past it."""
+    p = TimeModel({"download": 100 * MiB}).predict(100 * MiB, [])
+    total = p.seconds
+    assert total > 0
+    # Nothing run yet: the prediction. Half of it run: halfway between the two ends.
+    assert p.blend_eta(5.0, 0.0) == pytest.approx(total)
+    half = p.blend_eta(5.0, total / 2)
+    assert half == pytest.approx(0.5 * 5.0 + 0.5 * (total / 2))
+    # Past the predicted time: the object's own ETA only.
+    assert p.blend_eta(5.0, total * 1.5) == pytest.approx(5.0)
+    assert p.blend_eta(0.0, 0.0) == 0.0  # nothing left is nothing left
+    assert replace(p, seconds=0.0).blend_eta(5.0, 1.0) == 5.0

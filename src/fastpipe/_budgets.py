@@ -10,7 +10,14 @@ which are built on it) takes from the same :class:`Budgets`:
 - ``max_connections``: ranged GETs in flight across objects (a fetcher holds one slot per
   part it fetches, its retries included; the queue is FIFO, so each object downloading
   gets its turn);
-- ``file_stage_slots``: heavy (file) stages running at once.
+- ``file_stage_slots``: heavy (file) stages running at once;
+- ``download_order``: "admission" (the default) has objects download in turn
+  (:class:`Turns`): an object's download starts once every object admitted before it is
+  in its tail (its last part handed out, a connection idle) or stalled. Each download
+  then runs at about the pace of one alone, and an object's time depends on the objects
+  ahead of it, known when it is admitted, not on the ones that come after (with
+  "shared", every admitted object downloads at once and its pace changes with each
+  neighbour that comes or goes).
 
 The time an object waits for ``max_objects`` and ``disk_budget`` is its report's
 ``queued_seconds``. The download of the next object overlaps the file stages of the one
@@ -25,9 +32,9 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 
 import anyio
 
@@ -172,6 +179,92 @@ class DiskHold:
         return time.perf_counter() - started
 
 
+#: Seconds without a byte after which an object ahead no longer holds the next one's
+#: download back: a stalled GET (a server or link that stopped answering) waits for its
+#: read timeout and retries without stopping everything behind it.
+STALLED_AFTER = 1.0
+
+
+@dataclass
+class Turn:
+    """One object's place in the download order (see :class:`Turns`)."""
+
+    turns: Turns
+    number: int
+    #: Set once its download is in its tail or over: the next object may start.
+    _tail: anyio.Event = field(default_factory=anyio.Event)
+    #: Bytes its download has brought so far (set when the download starts).
+    _progress: Callable[[], int] = field(default=lambda: 0)
+
+    def watch(self, progress: Callable[[], int]) -> None:
+        """Its download started: ``progress`` says the bytes it has brought so far."""
+        self._progress = progress
+
+    async def wait(self) -> float:
+        """Wait until every older object's download is in its tail or over (or brought
+        no byte for :data:`STALLED_AFTER` seconds); returns the seconds waited."""
+        started = time.perf_counter()
+        for turn in self.turns.ahead(self):
+            await turn._passed()
+        return time.perf_counter() - started
+
+    async def _passed(self) -> None:
+        """Until its tail, or until it brings no byte for :data:`STALLED_AFTER` s."""
+        seen = self._progress()
+        while not self._tail.is_set():
+            with anyio.move_on_after(STALLED_AFTER):
+                await self._tail.wait()
+            now = self._progress()
+            if now == seen and not self._tail.is_set():
+                logger.debug("turn %d: no byte for %.1f s, the next one starts", self.number,
+                             STALLED_AFTER)
+                return
+            seen = now
+
+    def tail(self) -> None:
+        """Its parts are all handed out and a connection is idle (or its download is
+        over): the next object may start."""
+        if not self._tail.is_set():
+            self._tail.set()
+            self.turns.passed(self)
+
+
+class Turns:
+    """Downloads in admission order, overlapping only at their tails.
+
+    An object takes its turn when it is admitted. Its download waits (:meth:`Turn.wait`)
+    until every older object's download has handed out its last part and a fetcher of
+    it has found none left (:meth:`Turn.tail`): the connections that go idle then are
+    taken up by the next object. The download of the next object still overlaps the
+    file stages of the one before.
+    """
+
+    def __init__(self) -> None:
+        self._next = 0
+        #: Turns taken whose download is not yet in its tail, oldest first.
+        self._open: dict[int, Turn] = {}
+
+    @contextmanager
+    def take(self) -> Iterator[Turn]:
+        """The next turn, for the block (its tail is reached at the block's end at the
+        latest, whatever ends it: a younger object never waits on one gone)."""
+        turn = Turn(self, self._next)
+        self._next += 1
+        self._open[turn.number] = turn
+        try:
+            yield turn
+        finally:
+            turn.tail()
+
+    def ahead(self, turn: Turn) -> list[Turn]:
+        """The older turns not yet in their tail."""
+        return [t for n, t in self._open.items() if n < turn.number]
+
+    def passed(self, turn: Turn) -> None:
+        """``turn`` is in its tail: it holds nobody back any more."""
+        self._open.pop(turn.number, None)
+
+
 class Budgets:
     """The limits one engine shares between all the objects it processes at once."""
 
@@ -188,6 +281,8 @@ class Budgets:
         self.disk = DiskBudget(self.disk_budget, strict=config.disk_budget is not None)
         #: Objects admitted and not yet ended, over time (what the time model shares).
         self.in_flight = InFlight()
+        #: The download order (None: objects download at once, sharing the connections).
+        self.turns = Turns() if config.download_order == "admission" else None
 
     @property
     def admitted(self) -> int:

@@ -146,6 +146,11 @@ class Config:
     max_objects: int = 8
     disk_budget: int | None = None
     file_stage_slots: int | None = None
+    #: ``"admission"``: objects download in turn, each starting as the one before it
+    #: reaches its tail (its last part handed out) or stalls for a second (an object's
+    #: time depends on the objects ahead of it, not on those after); ``"shared"``: every
+    #: admitted object downloads at once, the connections shared (``_budgets.py``).
+    download_order: str = "admission"
     #: The time model's state file (``fastpipe calibrate`` writes it, the engine learns
     #: into it): None for ``$XDG_CACHE_HOME/fastpipe/model.json``, "" for none (in memory).
     model_path: str | None = None
@@ -158,10 +163,7 @@ class Config:
         if not 1 <= self.max_attempts <= 100:
             raise UsageError(f"max_attempts must be 1..100, got {self.max_attempts}")
         self._check_budgets()
-        if self.data_plane not in ("auto", "raw", "botocore"):
-            raise UsageError(f"data_plane must be auto, raw or botocore, got {self.data_plane!r}")
-        if self.control_plane not in ("auto", "botocore"):
-            raise UsageError(f"control_plane must be auto or botocore, got {self.control_plane!r}")
+        self._check_choices()
         if self.receive_buffer < 4096 or self.stream_buffer < 4096:
             raise UsageError("receive_buffer and stream_buffer must be at least 4 KiB")
         if self.connect_timeout <= 0 or self.read_timeout <= 0:
@@ -173,6 +175,18 @@ class Config:
                 f"region {self.region!r} is not a region name (letters, digits and '-', "
                 "e.g. us-east-1)"
             )
+
+    def _check_choices(self) -> None:
+        choices = {
+            "data_plane": ("auto", "raw", "botocore"),
+            "control_plane": ("auto", "botocore"),
+            "download_order": ("admission", "shared"),
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                listed = ", ".join(allowed[:-1]) + " or " + allowed[-1]
+                raise UsageError(f"{name} must be {listed}, got {value!r}")
 
     def _check_budgets(self) -> None:
         for name in ("max_connections", "max_objects", "disk_budget", "file_stage_slots"):

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import anyio
 
+from ._budgets import Turn
 from ._config import Config
 from ._exceptions import AccessDenied, LocalIOError, RetriesExhausted
 from ._groups import unwrap_groups
@@ -72,10 +73,13 @@ class Fetcher:
         config: Config,
         job: Job,
         connection_slot: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+        turn: Turn | None = None,
     ) -> None:
         self.s3 = s3
         #: One slot of the engine's ``max_connections`` per part being fetched.
         self._slot = connection_slot or contextlib.nullcontext
+        #: Its place in the download order: the next object starts at its tail.
+        self.turn = turn
         self.config = config
         self.pinned = job.pinned
         self.location = job.pinned.location
@@ -98,10 +102,16 @@ class Fetcher:
         if self.plane is Plane.RAW:
             await self._signed_url()  # fail fast (credentials) before starting fetchers
         workers = max(1, min(concurrency, self.watermark.parts))
-        with unwrap_groups():
-            async with anyio.create_task_group() as tg:
-                for _ in range(workers):
-                    tg.start_soon(self._worker)
+        if self.turn is not None:
+            self.turn.watch(lambda: self.stats.bytes)
+        try:
+            with unwrap_groups():
+                async with anyio.create_task_group() as tg:
+                    for _ in range(workers):
+                        tg.start_soon(self._worker)
+        finally:
+            if self.turn is not None:
+                self.turn.tail()
         self.stats.finished = time.perf_counter()
 
     def _take_part(self) -> int | None:
@@ -126,6 +136,8 @@ class Fetcher:
         finally:
             if conn is not None:
                 conn.close()
+        if self.turn is not None:  # the first with no part left: the next object starts
+            self.turn.tail()
 
     async def _connection(self) -> RawConnection:
         url = await self._signed_url()

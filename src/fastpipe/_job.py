@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from ._budgets import Turn
 from ._config import Config
 from ._exceptions import StageFailed, StageTimeout
 from ._file import TempFile, Watermark
@@ -73,6 +74,8 @@ class Job:
     prediction: Prediction | None = field(default=None, init=False)
     #: Its stay among the objects in flight (None: not counted, e.g. a local file).
     ticket: Ticket | None = field(default=None, init=False)
+    #: Its place in the download order (None: downloads are not in turn).
+    turn: Turn | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.stream_indices = [i for i, s in enumerate(self.stages) if isinstance(s, StreamStage)]

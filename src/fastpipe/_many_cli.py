@@ -30,10 +30,10 @@ EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
 def add_budget_arguments(parser: argparse.ArgumentParser, objects: bool = True) -> None:
-    """``--max-connections``, ``--disk-budget``, ``--file-stage-slots``, ``--max-objects``
-    (their defaults for this machine shown by ``--help``; the disk budget's only as the
-    rule, since it reads the disk when the engine starts). ``objects`` False: the parser
-    has its own ``--max-objects`` (the worker's)."""
+    """``--max-connections``, ``--disk-budget``, ``--file-stage-slots``, ``--max-objects``,
+    ``--download-order`` (their defaults for this machine shown by ``--help``; the disk
+    budget's only as the rule, since it reads the disk when the engine starts).
+    ``objects`` False: the parser has its own ``--max-objects`` (the worker's)."""
     from ._budgets import DISK_SHARE, default_file_stage_slots
 
     defaults = Config()
@@ -59,6 +59,14 @@ def add_budget_arguments(parser: argparse.ArgumentParser, objects: bool = True) 
         default=None,
         help=f"file stages running at once (default: the CPU count, {default_file_stage_slots()})",
     )
+    parser.add_argument(
+        "--download-order",
+        choices=("admission", "shared"),
+        default=None,
+        help="admission (default): objects download in turn, each starting as the one "
+        "before it reaches its tail, so an object's time depends on those ahead of it; "
+        "shared: every admitted object downloads at once",
+    )
     if objects:
         parser.add_argument(
             "--max-objects",
@@ -70,7 +78,7 @@ def add_budget_arguments(parser: argparse.ArgumentParser, objects: bool = True) 
 
 def budget_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The ``Config`` fields the budget flags set (those given)."""
-    names = ("max_connections", "disk_budget", "file_stage_slots", "max_objects")
+    names = ("max_connections", "disk_budget", "file_stage_slots", "max_objects", "download_order")
     settings = {name: getattr(args, name, None) for name in names}
     return {name: value for name, value in settings.items() if value is not None}
 

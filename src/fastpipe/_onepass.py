@@ -212,7 +212,12 @@ class OnePass:
                 early.stream_passed.set()  # the early stage may take its last window
 
     async def _download(self, fetcher: Fetcher) -> None:
+        job = self.job
         try:
+            if job.turn is not None:  # the objects ahead of it first (their tails overlap)
+                job.report.download.turn_wait_seconds = await job.turn.wait()
+            if job.tracker is not None and job.ticket is not None:
+                job.tracker.begin(job.ticket)  # its share of the engine starts
             await fetcher.run(self.config.max_concurrency)
             if self.job.tracker is not None and self.job.ticket is not None:
                 self.job.tracker.downloaded(self.job.ticket)  # its share of the engine ends
@@ -251,7 +256,12 @@ class OnePass:
         tracker, ticket = job.tracker, job.ticket
         if tracker is None or ticket is None:
             return load
-        return replace(load, weight=ticket.weight, neighbours=tracker.neighbours(ticket))
+        return replace(
+            load,
+            weight=ticket.connections,
+            neighbours=tracker.neighbours(ticket),
+            in_turn=ticket.turn is not None,
+        )
 
     def _progress_event(self) -> Progress:
         size = self.job.info.size
@@ -266,7 +276,8 @@ class OnePass:
     def _eta(self, done: int, elapsed: float) -> float | None:
         """Seconds to the end of the object: the download and stream work left, the early
         file stage and the file stages after (the model's, blended with this object's own
-        rates so far); without a prediction, the download's rate so far."""
+        rates so far), weighed against the prediction less the seconds gone
+        (:meth:`Prediction.blend_eta`); without a prediction, the download's rate so far."""
         job, early = self.job, self.early
         prediction = job.prediction
         if prediction is None:
@@ -292,7 +303,8 @@ class OnePass:
         raw = prediction.remaining(position, corrected=False)
         if self.fetcher is not None:
             self._note_eta(done, raw)
-        return raw * prediction.eta_factor(position.downloaded)
+        eta = raw * prediction.eta_factor(position.downloaded)
+        return eta if job.progress is None else prediction.blend_eta(eta, job.progress.elapsed())
 
     def _note_eta(self, done: int, raw: float) -> None:
         """Keep the first raw ETA read in each tenth of the bytes (with the clock) in the

@@ -79,6 +79,8 @@ class DownloadReport:
     ``local``). ``bytes`` counts bytes fetched from S3; ``reused_bytes`` those taken from a resumed
     temp file. ``control_plane`` says what sent HEAD and signed the GETs: ``light`` (the
     standard library, no botocore) or ``botocore``; ``None`` for a local file.
+    ``turn_wait_seconds``: how long the download waited for the objects admitted before
+    it to reach their tails (``Config.download_order`` "admission"), not in ``seconds``.
     """
 
     seconds: float = 0.0
@@ -90,6 +92,7 @@ class DownloadReport:
     plane: Plane = Plane.RAW
     reused_bytes: int = 0
     control_plane: str | None = None
+    turn_wait_seconds: float = 0.0
 
 
 @dataclass

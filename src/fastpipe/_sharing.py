@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 #: Objects remembered by the sharing model (the most recent).
@@ -64,6 +64,10 @@ class Ticket:
     done: Callable[[], int] | None = None
     share: float = 0.0
     download_span: float | None = None
+    #: Its place in the download order (None: downloads are not in turn); in turn, its
+    #: ``weight`` is 0 until its download starts, ``connections`` what it will hold then.
+    turn: int | None = None
+    connections: float = 1.0
 
     @property
     def download_share(self) -> float | None:
@@ -86,9 +90,9 @@ class InFlight:
     _area: float = 0.0
     _at: float = 0.0
     _tickets: list[Ticket] = field(default_factory=list)
-    #: ``(size, weight)`` of the objects admitted whose download is about to start (temp
-    #: file, part plan): neighbours within a moment.
-    _coming: list[tuple[int, float]] = field(default_factory=list)
+    #: ``(size, weight, turn)`` of the objects admitted whose download is about to start
+    #: (temp file, part plan): neighbours within a moment.
+    _coming: list[tuple[int, float, int | None]] = field(default_factory=list)
 
     def _advance(self) -> float:
         now = self.clock()
@@ -103,14 +107,27 @@ class InFlight:
         return now
 
     def enter(
-        self, size: int = 0, weight: float = 1.0, done: Callable[[], int] | None = None
+        self,
+        size: int = 0,
+        weight: float = 1.0,
+        done: Callable[[], int] | None = None,
+        turn: int | None = None,
     ) -> Ticket:
-        """An object enters (counted from now on)."""
+        """An object enters (counted from now on); with a ``turn``, it takes no share
+        until :meth:`begin`."""
         now = self._advance()
         self.count += 1
-        ticket = Ticket(now, self._area, size, max(0.0, weight), done)
+        connections = max(0.0, weight)
+        ticket = Ticket(now, self._area, size, 0.0 if turn is not None else connections, done)
+        ticket.turn, ticket.connections = turn, connections
         self._tickets.append(ticket)
         return ticket
+
+    def begin(self, ticket: Ticket) -> None:
+        """Its download starts (its turn came): from now on it takes its share."""
+        self._advance()
+        if ticket.download_span is None:
+            ticket.weight = ticket.connections
 
     def downloaded(self, ticket: Ticket) -> None:
         """Its download ended: its share so far is what it had of the engine's capacity;
@@ -147,16 +164,26 @@ class InFlight:
         return ticket.share
 
     def neighbours(self, ticket: Ticket | None = None) -> tuple[tuple[int, float], ...]:
-        """``(bytes left, weight)`` of every other object downloading or about to."""
+        """``(bytes left, weight)`` of every other object downloading or about to; for
+        an object in turn, of the objects ahead of it whose download is not over."""
+        if ticket is not None and ticket.turn is not None:
+            mine = ticket.turn
+            ahead = tuple(
+                (t.left(), t.connections)
+                for t in self._tickets
+                if t.turn is not None and t.turn < mine and t.download_span is None
+            )
+            return ahead + tuple((s, w) for s, w, n in self._coming if n is not None and n < mine)
         return tuple(
             (t.left(), t.weight) for t in self._tickets if t is not ticket and t.weight > 0
-        ) + tuple(self._coming)
+        ) + tuple((s, w) for s, w, _ in self._coming)
 
     @contextmanager
-    def coming(self, size: int, weight: float) -> Iterator[None]:
+    def coming(self, size: int, weight: float, turn: int | None = None) -> Iterator[None]:
         """An admitted object of ``size`` that will download with ``weight`` once the
-        block (its temp file, its part plan) is through: a neighbour for the others."""
-        entry = (size, max(0.0, weight))
+        block (its temp file, its part plan) is through: a neighbour for the others
+        (in turn: for the younger ones only)."""
+        entry = (size, max(0.0, weight), turn)
         self._coming.append(entry)
         try:
             yield
@@ -170,11 +197,12 @@ class InFlight:
         size: int = 0,
         weight: float = 1.0,
         done: Callable[[], int] | None = None,
+        turn: int | None = None,
     ) -> Iterator[Ticket]:
         """In flight for the block; at its end, what the sharing model learns goes into
         the report's ``model["load"]``: ``in_flight_avg``, ``share_seconds`` and
         ``download_span`` (its download), ``stay_seconds``."""
-        ticket = self.enter(size, weight, done)
+        ticket = self.enter(size, weight, done, turn)
         try:
             yield ticket
         finally:
@@ -205,6 +233,10 @@ class Shared:
     overhead: float = 0.0
     #: Objects beside one, time-averaged (what a closed loop keeps up).
     others: float = 0.0
+    #: Downloads in turn: the pace through the bytes ahead and its own, and the seconds
+    #: it costs as bytes (None: no object in turn learned yet; see :meth:`in_turn`).
+    turn_capacity: float | None = None
+    turn_overhead: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -216,16 +248,36 @@ class Shared:
             "typical_weight": self.typical_weight,
             "others": self.others,
             "objects": self.objects,
+            "turn_capacity": self.turn_capacity,
+            "turn_overhead_bytes": self.turn_overhead,
         }
 
+    def in_turn(self) -> Shared:
+        """For an object in turn: the capacity and overhead learned from objects in turn
+        (their bytes ahead and their own against the seconds to their download's end),
+        which take in what the shares leave out: each turn's start and the next
+        object's start at its tail. Itself when none was learned."""
+        if self.turn_capacity is None:
+            return self
+        return replace(self, capacity=self.turn_capacity, overhead=self.turn_overhead)
+
     def finish(
-        self, size: float, weight: float, neighbours: Sequence[tuple[float, float]]
+        self,
+        size: float,
+        weight: float,
+        neighbours: Sequence[tuple[float, float]],
+        in_turn: bool = False,
     ) -> tuple[float, float]:
         """``(seconds, average count)`` of the download of ``size`` bytes from now (the
         caller adds the overhead when the download has not started), beside
         ``neighbours`` downloading and, up to the learned number of others, typical
         objects starting (a closed loop keeps the count up) once a new object could
-        have reached its download (``before``)."""
+        have reached its download (``before``). ``in_turn``: the ``neighbours`` are the
+        objects ahead of it, whose bytes go through first, at the engine's capacity;
+        the ones after it take only what it leaves idle."""
+        if in_turn:
+            ahead = sum(max(0.0, b) for b, _ in neighbours)
+            return (ahead + max(0.0, size)) / self.capacity, 1.0 + len(neighbours)
         typical = (self.typical_size + self.overhead, self.typical_weight)
         return shared_finish(
             size, weight, neighbours, self.capacity, typical, self.others, self.before
@@ -247,6 +299,10 @@ class SharedPoint:
     after: float
     others: float = 0.0
     neighbour_weight: float = 0.0
+    #: In turn: the bytes ahead of it when predicted (-1: not in turn) and the seconds
+    #: from then to its download's end.
+    ahead: float = -1.0
+    span: float = 0.0
 
 
 class SharingModel:
@@ -287,10 +343,13 @@ class SharingModel:
             per_byte = statistics.median(y / x for x, y in xy)
         else:
             overhead = max(0.0, statistics.median(y - per_byte * x for x, y in xy)) / per_byte
+        turn_capacity, turn_overhead = _turn_line(points)
         return Shared(
+            turn_capacity=turn_capacity,
+            turn_overhead=turn_overhead,
             overhead=overhead,
             capacity=1.0 / per_byte,
-            before=max(0.0, statistics.median(p.before for p in band)),
+            before=_before(points, band, size),
             after=max(0.0, statistics.median(p.after for p in band)),
             typical_size=statistics.mean(p.size for p in points),
             typical_weight=statistics.median(
@@ -302,17 +361,53 @@ class SharingModel:
 
     def to_list(self) -> list[list[float]]:
         return [
-            [p.size, p.weight, p.capacity, p.before, p.after, p.others, p.neighbour_weight]
+            [
+                p.size, p.weight, p.capacity, p.before, p.after, p.others, p.neighbour_weight,
+                p.ahead, p.span,
+            ]
             for p in self.points
         ]
 
     @classmethod
     def from_list(cls, data: Any) -> SharingModel:
+        """From :meth:`to_list` (rows of 7 from before downloads in turn, too)."""
         model = cls()
         for row in list(data or []):
-            size, weight, capacity, before, after, others, nw = (float(v) for v in row)
-            model.add(SharedPoint(int(size), weight, capacity, before, after, others, max(0.0, nw)))
+            size, weight, capacity, before, after, others, nw, *turn = (float(v) for v in row)
+            ahead, span = turn if len(turn) == 2 else (-1.0, 0.0)
+            model.add(
+                SharedPoint(
+                    int(size), weight, capacity, before, after, others, max(0.0, nw), ahead, span
+                )
+            )
         return model
+
+
+def _before(points: list[SharedPoint], band: list[SharedPoint], size: int | None) -> float:
+    """The seconds before the download (HEAD, temp file) and after the stay (the temp
+    file's removal, which frees its pages: longer for a larger object), for ``size``:
+    a Theil-Sen line against the size once sizes spread (so that a size with few
+    objects yet is not given the others' seconds), else the median of ``band``."""
+    slope = None if size is None else theil_sen([(float(p.size), p.before) for p in points])
+    if slope is None or size is None:
+        return max(0.0, statistics.median(p.before for p in band))
+    intercept = statistics.median(p.before - slope * p.size for p in points)
+    return max(0.0, intercept + slope * size)
+
+
+def _turn_line(points: list[SharedPoint]) -> tuple[float | None, float]:
+    """``(capacity, overhead in bytes)`` of objects in turn: a Theil-Sen line of the
+    seconds from their prediction to their download's end against the bytes ahead and
+    their own (slope: time per byte; intercept: a download's start), or the median time
+    per byte when the bytes do not spread; ``(None, 0)`` before :data:`MIN_SHARED`."""
+    xy = [(p.ahead + p.size, p.span) for p in points if p.ahead >= 0 and p.span > 0]
+    if len(xy) < MIN_SHARED:
+        return None, 0.0
+    per_byte = theil_sen(xy)
+    if per_byte is None or per_byte <= 0:
+        return 1.0 / statistics.median(y / x for x, y in xy), 0.0
+    start = max(0.0, statistics.median(y - per_byte * x for x, y in xy))
+    return 1.0 / per_byte, start / per_byte
 
 
 def _alike(points: list[SharedPoint], size: int | None, least: int) -> list[SharedPoint]:
@@ -387,7 +482,8 @@ def load_figures(described: Mapping[str, Any]) -> dict[str, float | None]:
     """The sharing figures of a report's ``model["load"]`` (None where absent)."""
     load = described.get("load", {}) or {}
     out: dict[str, float | None] = {}
-    for key in ("in_flight_avg", "share_seconds", "download_span", "stay_seconds", "weight"):
+    keys = ("in_flight_avg", "share_seconds", "download_span", "stay_seconds", "weight")
+    for key in (*keys, "ahead_bytes"):
         value = load.get(key)
         out[key] = None if value is None else float(value)
     return out

@@ -223,6 +223,12 @@ def _add_tool_parsers(sub: Any) -> None:
         help="--predictability: objects at once through the engine (default 1)",
     )
     bench.add_argument(
+        "--download-order",
+        choices=("admission", "shared"),
+        default="admission",
+        help="--predictability: the engine's download order (default admission)",
+    )
+    bench.add_argument(
         "--predict-warmup", type=int, default=3, help="unrecorded objects first (default 3)"
     )
     bench.add_argument(
