@@ -28,9 +28,9 @@ A = StageCost("a", "a", "stream")
 
 @pytest.mark.anyio
 async def test_a_turn_waits_for_every_older_tail() -> None:
-    turns = _budgets.Turns(4)
+    turns = _budgets.Turns()
     log: list[str] = []
-    with turns.take(4) as first, turns.take(4) as second, turns.take(4) as third:
+    with turns.take() as first, turns.take() as second, turns.take() as third:
         assert [t.number for t in (first, second, third)] == [0, 1, 2]
         with anyio.fail_after(1):
             assert await first.wait() < 1.0  # nobody ahead: at once
@@ -61,10 +61,10 @@ async def test_a_turn_waits_for_every_older_tail() -> None:
 async def test_a_turn_ended_any_way_lets_the_next_one_go() -> None:
     """An object that fails or is cancelled before its download (so never signals its
     tail) does not hold the ones after it: its turn's block ends it."""
-    turns = _budgets.Turns(4)
-    with pytest.raises(RuntimeError), turns.take(4):
+    turns = _budgets.Turns()
+    with pytest.raises(RuntimeError), turns.take():
         raise RuntimeError("HEAD failed")
-    with turns.take(4) as later:
+    with turns.take() as later:
         with anyio.fail_after(5):
             await later.wait()
         assert turns.ahead(later) == []
@@ -77,8 +77,8 @@ async def test_a_stalled_download_ahead_stops_holding_the_next_one(
     """An older download that brings no byte for STALLED_AFTER seconds lets the next one
     start; one that keeps bringing bytes is waited for until its tail."""
     monkeypatch.setattr(_budgets, "STALLED_AFTER", 0.05)
-    turns = _budgets.Turns(4)
-    with turns.take(4) as stalled, turns.take(4) as moving, turns.take(4) as last:
+    turns = _budgets.Turns()
+    with turns.take() as stalled, turns.take() as moving, turns.take() as last:
         stalled.watch(lambda: 100)  # started, then nothing more
         bytes_in = [0]
         moving.watch(lambda: bytes_in[0])
@@ -98,35 +98,6 @@ async def test_a_stalled_download_ahead_stops_holding_the_next_one(
             assert started == []
             moving.tail()
         assert len(started) == 1
-
-
-@pytest.mark.anyio
-async def test_narrow_downloads_share_the_lanes() -> None:
-    """Objects of fewer parts than the lanes download side by side while their widths
-    fit; the next waits until one of them is in its tail; a width is at most the lanes."""
-    turns = _budgets.Turns(16)
-    with turns.take(8) as a, turns.take(8) as b, turns.take(8) as c, turns.take(99) as d:
-        assert d.width == 16
-        with anyio.fail_after(1):
-            await a.wait()
-            await b.wait()  # 8 + 8 within 16: at once
-        started: list[str] = []
-
-        async def waiter(turn: _budgets.Turn, name: str) -> None:
-            await turn.wait()
-            started.append(name)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(waiter, c, "c")
-            tg.start_soon(waiter, d, "d")
-            await anyio.sleep(0.05)
-            assert started == []  # a and b fill the lanes
-            a.tail()
-            await anyio.sleep(0.05)
-            assert started == ["c"]  # b and c fill them; d waits for both
-            b.tail()
-            c.tail()
-        assert started == ["c", "d"]
 
 
 def test_download_order_is_checked_and_set_from_the_command_line() -> None:

@@ -12,9 +12,8 @@ which are built on it) takes from the same :class:`Budgets`:
   gets its turn);
 - ``file_stage_slots``: heavy (file) stages running at once;
 - ``download_order``: "admission" (the default) has objects download in turn
-  (:class:`Turns`): an object's download starts once the objects admitted before it
-  that are neither in their tail (their last part handed out, a connection idle) nor
-  stalled leave room for its connections within ``max_concurrency``. Each download
+  (:class:`Turns`): an object's download starts once every object admitted before it is
+  in its tail (its last part handed out, a connection idle) or stalled. Each download
   then runs at about the pace of one alone, and an object's time depends on the objects
   ahead of it, known when it is admitted, not on the ones that come after (with
   "shared", every admitted object downloads at once and its pace changes with each
@@ -192,45 +191,39 @@ class Turn:
 
     turns: Turns
     number: int
-    #: The connections its download takes: ``min(parts, max_concurrency)``.
-    width: int = 1
-    #: Set once its download is in its tail or over.
+    #: Set once its download is in its tail or over: the next object may start.
     _tail: anyio.Event = field(default_factory=anyio.Event)
     #: Bytes its download has brought so far (set when the download starts).
     _progress: Callable[[], int] = field(default=lambda: 0)
-    #: The bytes it had when last looked at, and since when (for :meth:`stalled`).
-    _seen: int = -1
-    _seen_at: float = 0.0
 
     def watch(self, progress: Callable[[], int]) -> None:
         """Its download started: ``progress`` says the bytes it has brought so far."""
         self._progress = progress
 
-    def stalled(self, now: float) -> bool:
-        """It brought no byte for :data:`STALLED_AFTER` seconds (as of the first look)."""
-        bytes_in = self._progress()
-        if bytes_in != self._seen:
-            self._seen, self._seen_at = bytes_in, now
-            return False
-        return now - self._seen_at >= STALLED_AFTER
-
     async def wait(self) -> float:
-        """Wait until the objects ahead of it that are neither in their tail nor stalled
-        leave room for its connections (none left, or their widths and its own within
-        the lanes); returns the seconds waited."""
+        """Wait until every older object's download is in its tail or over (or brought
+        no byte for :data:`STALLED_AFTER` seconds); returns the seconds waited."""
         started = time.perf_counter()
-        while True:
-            now = time.perf_counter()
-            ahead = [t for t in self.turns.ahead(self) if not t.stalled(now)]
-            if not ahead or sum(t.width for t in ahead) + self.width <= self.turns.lanes:
-                return time.perf_counter() - started
-            changed = self.turns.changed
-            with anyio.move_on_after(STALLED_AFTER / 4):  # look for stalls meanwhile
-                await changed.wait()
+        for turn in self.turns.ahead(self):
+            await turn._passed()
+        return time.perf_counter() - started
+
+    async def _passed(self) -> None:
+        """Until its tail, or until it brings no byte for :data:`STALLED_AFTER` s."""
+        seen = self._progress()
+        while not self._tail.is_set():
+            with anyio.move_on_after(STALLED_AFTER):
+                await self._tail.wait()
+            now = self._progress()
+            if now == seen and not self._tail.is_set():
+                logger.debug("turn %d: no byte for %.1f s, the next one starts", self.number,
+                             STALLED_AFTER)
+                return
+            seen = now
 
     def tail(self) -> None:
         """Its parts are all handed out and a connection is idle (or its download is
-        over): it holds nobody back any more."""
+        over): the next object may start."""
         if not self._tail.is_set():
             self._tail.set()
             self.turns.passed(self)
@@ -240,28 +233,22 @@ class Turns:
     """Downloads in admission order, overlapping only at their tails.
 
     An object takes its turn when it is admitted. Its download waits (:meth:`Turn.wait`)
-    while the objects admitted before it, until each has handed out its last part and a
-    fetcher of it found none left (:meth:`Turn.tail`), take up the ``lanes``
-    (``max_concurrency`` connections) with its own: a 1 GiB object of 16 parts has the
-    engine's connections to itself until its tail, two 64 MiB objects of 8 parts
-    download side by side. The download of the next object still overlaps the file
-    stages of the one before.
+    until every older object's download has handed out its last part and a fetcher of
+    it has found none left (:meth:`Turn.tail`): the connections that go idle then are
+    taken up by the next object. The download of the next object still overlaps the
+    file stages of the one before.
     """
 
-    def __init__(self, lanes: int) -> None:
-        self.lanes = max(1, lanes)
+    def __init__(self) -> None:
         self._next = 0
         #: Turns taken whose download is not yet in its tail, oldest first.
         self._open: dict[int, Turn] = {}
-        #: Set (and replaced) whenever a turn reaches its tail: the waiters look again.
-        self.changed = anyio.Event()
 
     @contextmanager
-    def take(self, width: int = 1) -> Iterator[Turn]:
-        """The next turn, for an object whose download takes ``width`` connections, for
-        the block (its tail is reached at the block's end at the latest, whatever ends
-        it: a younger object never waits on one gone)."""
-        turn = Turn(self, self._next, min(self.lanes, max(1, width)))
+    def take(self) -> Iterator[Turn]:
+        """The next turn, for the block (its tail is reached at the block's end at the
+        latest, whatever ends it: a younger object never waits on one gone)."""
+        turn = Turn(self, self._next)
         self._next += 1
         self._open[turn.number] = turn
         try:
@@ -276,8 +263,6 @@ class Turns:
     def passed(self, turn: Turn) -> None:
         """``turn`` is in its tail: it holds nobody back any more."""
         self._open.pop(turn.number, None)
-        self.changed.set()
-        self.changed = anyio.Event()
 
 
 class Budgets:
@@ -297,7 +282,7 @@ class Budgets:
         #: Objects admitted and not yet ended, over time (what the time model shares).
         self.in_flight = InFlight()
         #: The download order (None: objects download at once, sharing the connections).
-        self.turns = Turns(config.max_concurrency) if config.download_order == "admission" else None
+        self.turns = Turns() if config.download_order == "admission" else None
 
     @property
     def admitted(self) -> int:

@@ -253,7 +253,9 @@ class Engine:
                 if not check_info(stages, info, report):
                     return
                 report.queued_seconds += await disk.take(info.size, report.source)
-                await self._admitted(location, info, stages, report, placed, progress)
+                turns = self.budgets.turns
+                with turns.take() if turns is not None else contextlib.nullcontext() as turn:
+                    await self._admitted(location, info, stages, report, placed, progress, turn)
             finally:
                 with anyio.CancelScope(shield=True):  # cleans up after a cancel too
                     await anyio.to_thread.run_sync(placed.close)
@@ -267,31 +269,16 @@ class Engine:
         report: Report,
         placed: ObjectPlacement,
         progress: ProgressSink | None,
+        turn: Turn | None,
     ) -> None:
-        """An admitted object (its disk budget taken): its turn in the download order,
+        """An admitted object (its disk budget taken, its turn in the download order):
         its temp file and part plan, then the pass and the temp file's removal, counted
         among the objects in flight."""
-        parts = -(-info.size // self.config.plan_part_size(info.size))
-        weight = weight_of(parts, self.config.max_concurrency)
-        turns = self.budgets.turns
-        with turns.take(int(weight)) if turns is not None else contextlib.nullcontext() as turn:
-            await self._in_turn(location, info, stages, report, placed, progress, turn, weight)
-
-    async def _in_turn(
-        self,
-        location: S3Location,
-        info: ObjectInfo,
-        stages: list[Stage],
-        report: Report,
-        placed: ObjectPlacement,
-        progress: ProgressSink | None,
-        turn: Turn | None,
-        weight: float,
-    ) -> None:
-        """The rest of :meth:`_admitted`, with its turn (None: not in turn)."""
         plane = choose_plane(self.config, location)
         tracker = self.budgets.in_flight
         number = None if turn is None else turn.number
+        parts = -(-info.size // self.config.plan_part_size(info.size))
+        weight = weight_of(parts, self.config.max_concurrency)
         with tracker.coming(info.size, weight, number):
             job = await open_download(
                 location, info, stages, report, placed, progress, plane, self.config

@@ -226,7 +226,7 @@ def _add_tool_parsers(sub: Any) -> None:
         "--download-order",
         choices=("admission", "shared"),
         default="admission",
-        help="--predictability: the engine's download order (default admission)",
+        help="--predictability, --many: the engine's download order (default admission)",
     )
     bench.add_argument(
         "--predict-warmup", type=int, default=3, help="unrecorded objects first (default 3)"

@@ -843,7 +843,9 @@ def _bench_many(args: argparse.Namespace) -> int:
         for path, _ in files:
             os.remove(path)
         uris = [f"s3://{bucket}/{key}" for _, key in files]
-        config = Config(endpoint_url=endpoint)
+        config = Config(
+            endpoint_url=endpoint, download_order=getattr(args, "download_order", "admission")
+        )
         rates = anyio_run_many_case(uris[:-1], uris[-1], config, args.repeat, say)
         if args.endpoint_url:
             delete_keys(endpoint, bucket, [key for _, key in files])
