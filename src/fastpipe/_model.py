@@ -47,7 +47,6 @@ from ._sharing import (
     SharedPoint,
     SharingModel,
     load_figures,
-    recent_median,
     theil_sen,
 )
 
@@ -61,11 +60,12 @@ STATE_VERSION = 2
 #: Bounds of the learned overlap factor (how much longer the pass runs than its slowest
 #: phase alone, when the phases compete for the same cores).
 OVERLAP_BOUNDS = (0.8, 3.0)
-#: Observations kept per key: their recency-weighted median is the rate used
-#: (:func:`~fastpipe._sharing.recent_median`: an observation weighs half as much as the
-#: one ``HALF_LIFE`` places after it, so the model follows a machine whose speed changes
-#: within a few objects, and one outlier still cannot move it).
+#: Observations kept per key: their recency-weighted median is the rate used.
 WINDOW = 32
+#: Objects after which an observation weighs half as much in that median: the model
+#: follows a machine whose speed changes (another load came) within a few objects, and
+#: one outlier still cannot move it.
+HALF_LIFE = 8
 #: Objects smaller than this teach no rate (their time is mostly latency), only the
 #: fixed cost.
 MIN_RATE_BYTES = 4 * MiB
@@ -943,6 +943,23 @@ class TimeModel:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def recent_median(values: Sequence[float], half_life: float = HALF_LIFE) -> float:
+    """The weighted median of ``values`` (oldest first), each weighing half as much as
+    the one ``half_life`` places after it: the value where half the weight is on either
+    side (the mean of the two middle ones on an exact tie, as the plain median)."""
+    n = len(values)
+    weighted = sorted((v, 0.5 ** ((n - 1 - i) / half_life)) for i, v in enumerate(values))
+    half = sum(w for _, w in weighted) / 2
+    seen = 0.0
+    for i, (value, weight) in enumerate(weighted):
+        seen += weight
+        if math.isclose(seen, half, rel_tol=1e-12) and i + 1 < n:
+            return (value + weighted[i + 1][0]) / 2
+        if seen > half:
+            return value
+    return weighted[-1][0]
 
 
 def _windows(data: Any, clean: Callable[[Any], list[_T]]) -> dict[str, deque[_T]]:

@@ -46,9 +46,6 @@ ALONE_BELOW = 1.25
 MIN_ALIKE = 1
 #: Steps of :func:`shared_finish` at most (each ends one object).
 MAX_STEPS = 10_000
-#: Recency: in a window's weighted median, an object weighs half as much as the one this
-#: many places after it (the machine's speed and load drift; the recent objects say more).
-HALF_LIFE = 8
 
 
 @dataclass
@@ -353,7 +350,7 @@ class SharingModel:
             overhead=overhead,
             capacity=1.0 / per_byte,
             before=_before(points, band, size),
-            after=max(0.0, recent_median([p.after for p in band])),
+            after=max(0.0, statistics.median(p.after for p in band)),
             typical_size=statistics.mean(p.size for p in points),
             typical_weight=statistics.median(
                 p.neighbour_weight if p.neighbour_weight > 0 else p.weight for p in alike
@@ -393,8 +390,8 @@ def _before(points: list[SharedPoint], band: list[SharedPoint], size: int | None
     objects yet is not given the others' seconds), else the median of ``band``."""
     slope = None if size is None else theil_sen([(float(p.size), p.before) for p in points])
     if slope is None or size is None:
-        return max(0.0, recent_median([p.before for p in band]))
-    intercept = recent_median([p.before - slope * p.size for p in points])
+        return max(0.0, statistics.median(p.before for p in band))
+    intercept = statistics.median(p.before - slope * p.size for p in points)
     return max(0.0, intercept + slope * size)
 
 
@@ -490,23 +487,6 @@ def load_figures(described: Mapping[str, Any]) -> dict[str, float | None]:
         value = load.get(key)
         out[key] = None if value is None else float(value)
     return out
-
-
-def recent_median(values: Sequence[float], half_life: float = HALF_LIFE) -> float:
-    """The weighted median of ``values`` (oldest first), each weighing half as much as
-    the one ``half_life`` places after it: the value where half the weight is on either
-    side (the mean of the two middle ones on an exact tie, as the plain median)."""
-    n = len(values)
-    weighted = sorted((v, 0.5 ** ((n - 1 - i) / half_life)) for i, v in enumerate(values))
-    half = sum(w for _, w in weighted) / 2
-    seen = 0.0
-    for i, (value, weight) in enumerate(weighted):
-        seen += weight
-        if math.isclose(seen, half, rel_tol=1e-12) and i + 1 < n:
-            return (value + weighted[i + 1][0]) / 2
-        if seen > half:
-            return value
-    return weighted[-1][0]
 
 
 def theil_sen(points: Sequence[tuple[float, float]]) -> float | None:
