@@ -44,6 +44,10 @@ ALONE_BELOW = 1.25
 #: neighbours of other sizes, which differ: two 1 GiB objects fill the disk budget, so a
 #: 1 GiB object has about one neighbour where a 64 MiB one has three).
 MIN_ALIKE = 1
+#: What a report's ``model["load"]`` carries for the model to learn (:func:`load_figures`).
+LOAD_FIGURES = (
+    "in_flight_avg", "share_seconds", "download_span", "stay_seconds", "weight", "ahead_bytes"
+)
 #: Steps of :func:`shared_finish` at most (each ends one object).
 MAX_STEPS = 10_000
 
@@ -336,19 +340,13 @@ class SharingModel:
             return None
         alike = _alike(points, size, MIN_ALIKE)
         band = _alike(points, size, MIN_SHARED)
-        xy = [(float(p.size), p.size / p.capacity) for p in points]
-        per_byte = theil_sen(xy)
-        overhead = 0.0
-        if per_byte is None or per_byte <= 0:
-            per_byte = statistics.median(y / x for x, y in xy)
-        else:
-            overhead = max(0.0, statistics.median(y - per_byte * x for x, y in xy)) / per_byte
+        capacity, overhead = _pace([(float(p.size), p.size / p.capacity) for p in points])
         turn_capacity, turn_overhead = _turn_line(points)
         return Shared(
             turn_capacity=turn_capacity,
             turn_overhead=turn_overhead,
             overhead=overhead,
-            capacity=1.0 / per_byte,
+            capacity=capacity,
             before=_before(points, band, size),
             after=max(0.0, statistics.median(p.after for p in band)),
             typical_size=statistics.mean(p.size for p in points),
@@ -403,6 +401,13 @@ def _turn_line(points: list[SharedPoint]) -> tuple[float | None, float]:
     xy = [(p.ahead + p.size, p.span) for p in points if p.ahead >= 0 and p.span > 0]
     if len(xy) < MIN_SHARED:
         return None, 0.0
+    return _pace(xy)
+
+
+def _pace(xy: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """``(bytes/s, overhead in bytes)`` of seconds ``y`` against bytes ``x``: the slope of
+    a Theil-Sen line is the time per byte, its median intercept (at least 0) the
+    overhead; with too narrow a spread of bytes, the median time per byte and none."""
     per_byte = theil_sen(xy)
     if per_byte is None or per_byte <= 0:
         return 1.0 / statistics.median(y / x for x, y in xy), 0.0
@@ -482,8 +487,7 @@ def load_figures(described: Mapping[str, Any]) -> dict[str, float | None]:
     """The sharing figures of a report's ``model["load"]`` (None where absent)."""
     load = described.get("load", {}) or {}
     out: dict[str, float | None] = {}
-    keys = ("in_flight_avg", "share_seconds", "download_span", "stay_seconds", "weight")
-    for key in (*keys, "ahead_bytes"):
+    for key in LOAD_FIGURES:
         value = load.get(key)
         out[key] = None if value is None else float(value)
     return out
