@@ -26,7 +26,7 @@ from ._fetch import Fetcher, choose_plane
 from ._groups import run_async
 from ._job import Job, ProgressCallback, ProgressSink, check_info, open_download
 from ._model import EngineModel, settle_eta_readings
-from ._objectinfo import ObjectInfo, local_object_info
+from ._objectinfo import local_object_info
 from ._onepass import OnePass
 from ._placement import ObjectPlacement, Placement
 from ._report import Plane, Report, StageReport, log_done
@@ -253,36 +253,27 @@ class Engine:
                 if not check_info(stages, info, report):
                     return
                 report.queued_seconds += await disk.take(info.size, report.source)
-                turns = self.budgets.turns
+                turns, tracker = self.budgets.turns, self.budgets.in_flight
                 with turns.take() if turns is not None else contextlib.nullcontext() as turn:
-                    await self._admitted(location, info, stages, report, placed, progress, turn)
+                    parts = -(-info.size // self.config.plan_part_size(info.size))
+                    weight = weight_of(parts, self.config.max_concurrency)
+                    plane = choose_plane(self.config, location)
+                    with tracker.coming(info.size, weight, turn.number if turn else None):
+                        job = await open_download(
+                            location, info, stages, report, placed, progress, plane, self.config
+                        )
+                    await self._admitted(job, turn)
             finally:
                 with anyio.CancelScope(shield=True):  # cleans up after a cancel too
                     await anyio.to_thread.run_sync(placed.close)
 
 
-    async def _admitted(
-        self,
-        location: S3Location,
-        info: ObjectInfo,
-        stages: list[Stage],
-        report: Report,
-        placed: ObjectPlacement,
-        progress: ProgressSink | None,
-        turn: Turn | None,
-    ) -> None:
-        """An admitted object (its disk budget taken, its turn in the download order):
-        its temp file and part plan, then the pass and the temp file's removal, counted
-        among the objects in flight."""
-        plane = choose_plane(self.config, location)
-        tracker = self.budgets.in_flight
-        number = None if turn is None else turn.number
-        parts = -(-info.size // self.config.plan_part_size(info.size))
-        weight = weight_of(parts, self.config.max_concurrency)
-        with tracker.coming(info.size, weight, number):
-            job = await open_download(
-                location, info, stages, report, placed, progress, plane, self.config
-            )
+    async def _admitted(self, job: Job, turn: Turn | None) -> None:
+        """An admitted object whose temp file is open (``turn``: its place in the
+        download order): the pass and the temp file's removal, counted among the objects
+        in flight."""
+        report, tracker = job.report, self.budgets.in_flight
+        assert job.placed is not None
         job.admission_wait = report.queued_seconds  # what the time model adds
         job.in_flight = self.budgets.admitted
         job.heavy_slots = self.budgets.file_stage_slots
@@ -291,12 +282,13 @@ class Engine:
         one = OnePass(job, self.config, fetcher, self._model, self.budgets.file_stage)
         weight = weight_of(report.download.parts, self.config.max_concurrency)
         stats = fetcher.stats  # read as bytes arrive: its bytes left, for the others
-        with tracker.stay(report, info.size, weight, lambda: stats.bytes, number) as job.ticket:
+        number = None if turn is None else turn.number
+        with tracker.stay(report, job.info.size, weight, lambda: stats.bytes, number) as job.ticket:
             await one.download_and_commit()
             # Within the stay, so that its seconds after the download (what the ETA adds
             # once the bytes are in) hold the temp file's removal, which frees its pages.
             # Every other way out closes it in _process_s3 (close is idempotent).
-            await anyio.to_thread.run_sync(placed.close)
+            await anyio.to_thread.run_sync(job.placed.close)
 
 
 async def process(
