@@ -143,8 +143,10 @@ def test_sharing_model_fits_capacity_and_overhead() -> None:
     assert SharingModel.from_list(model.to_list()).fit() == again
 
 
-def test_what_a_shared_object_teaches() -> None:
-    obs = Observation(
+def _shared_observation() -> Observation:
+    """An object of 100 MiB that spent 3 s in all, 0.5 s of it admitted, its download
+    2 s long beside two others (a quarter of the engine: 0.5 share-seconds)."""
+    return Observation(
         size=100 * MiB,
         seconds=3.0,
         stages=((A, 1.0),),
@@ -157,12 +159,24 @@ def test_what_a_shared_object_teaches() -> None:
         download_span=2.0,
         stay_seconds=2.25,
     )
+
+
+def test_what_a_shared_object_teaches() -> None:
+    obs = _shared_observation()
     point = shared_point(obs)
     assert point is not None
     assert point.capacity == pytest.approx(200 * MiB)
     assert point.before == pytest.approx(0.25) and point.after == pytest.approx(0.25)
     # A quarter of the engine: the two others weighed 24 together, 12 each.
     assert point.others == 2.0 and point.neighbour_weight == pytest.approx(12.0)
+
+
+def test_what_an_object_in_turn_teaches() -> None:
+    obs = replace(_shared_observation(), ahead_bytes=300 * MiB)
+    point = shared_point(obs)
+    assert point is not None and (point.ahead, point.span) == (300 * MiB, 2.0)
+    alone = shared_point(replace(obs, ahead_bytes=None))
+    assert alone is not None and alone.ahead == -1.0
 
 
 def _shared_model() -> TimeModel:

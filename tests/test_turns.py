@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -15,7 +14,7 @@ import pytest
 from fastpipe import Config, Engine, Report, UsageError, _budgets, _fetch
 from fastpipe._groups import run_async
 from fastpipe._many_cli import add_budget_arguments, budget_settings
-from fastpipe._model import Load, Observation, Position, StageCost, TimeModel, shared_point
+from fastpipe._model import Load, Position, StageCost, TimeModel
 from fastpipe._sharing import InFlight, Shared, SharedPoint, SharingModel
 from fastpipe.stages import Checksum
 
@@ -220,27 +219,6 @@ def test_objects_in_turn_teach_the_pace_through_the_queue() -> None:
     assert again == fit
     old_rows = [row[:7] for row in m.sharing.to_list()]
     assert SharingModel.from_list(old_rows).fit().turn_capacity is None  # type: ignore[union-attr]
-
-
-def test_what_an_object_in_turn_teaches() -> None:
-    obs = Observation(
-        size=100 * MiB,
-        seconds=3.0,
-        stages=((A, 1.0),),
-        download_bytes=100 * MiB,
-        download_seconds=0.5,
-        load=Load(admission_wait=0.5, in_flight=3),
-        in_flight_avg=3.0,
-        weight=8.0,
-        share_seconds=0.5,
-        download_span=2.0,
-        stay_seconds=2.25,
-        ahead_bytes=300 * MiB,
-    )
-    point = shared_point(obs)
-    assert point is not None and (point.ahead, point.span) == (300 * MiB, 2.0)
-    alone = shared_point(replace(obs, ahead_bytes=None))
-    assert alone is not None and alone.ahead == -1.0
 
 
 # -- real downloads -----------------------------------------------------------------------
