@@ -96,6 +96,10 @@ def check_endpoint_url(url: str, what: str) -> None:
         )
 
 
+#: ``Config.download_order``'s values (the first is the default).
+DOWNLOAD_ORDERS = ("admission", "shared")
+
+
 @dataclass(frozen=True)
 class Config:
     """How the engine reads objects: transport settings and engine-wide limits.
@@ -180,7 +184,7 @@ class Config:
         choices = {
             "data_plane": ("auto", "raw", "botocore"),
             "control_plane": ("auto", "botocore"),
-            "download_order": ("admission", "shared"),
+            "download_order": DOWNLOAD_ORDERS,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)

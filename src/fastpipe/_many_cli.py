@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ._config import Config, format_size
+from ._config import DOWNLOAD_ORDERS, Config, format_size
 from ._console import StatusLine, positive_int, printable, size_arg, write_stdout
 from ._exceptions import FastpipeError, UsageError
 from ._report import Phase, Progress, Report
@@ -61,7 +61,7 @@ def add_budget_arguments(parser: argparse.ArgumentParser, objects: bool = True) 
     )
     parser.add_argument(
         "--download-order",
-        choices=("admission", "shared"),
+        choices=DOWNLOAD_ORDERS,
         default=None,
         help="admission (default): objects download in turn, each starting as the one "
         "before it reaches its tail, so an object's time depends on those ahead of it; "

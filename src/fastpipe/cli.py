@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, _many_cli, _worker_cli
-from ._config import Config
+from ._config import DOWNLOAD_ORDERS, Config
 from ._console import (
     ProgressBar,
     StdoutFailed,
@@ -224,7 +224,7 @@ def _add_tool_parsers(sub: Any) -> None:
     )
     bench.add_argument(
         "--download-order",
-        choices=("admission", "shared"),
+        choices=DOWNLOAD_ORDERS,
         default="admission",
         help="--predictability, --many: the engine's download order (default admission)",
     )
