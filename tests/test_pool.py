@@ -8,6 +8,7 @@ counts the client connections it accepted and the ones still open.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 from collections.abc import AsyncIterator
@@ -20,13 +21,18 @@ from faultproxy import Fault, FaultProxy, always, fast_retry_config
 
 from fastpipe import Config, Engine
 from fastpipe._http import ConnectionPool, RawConnection
+from fastpipe._many_cli import add_budget_arguments, budget_settings
 
 PART = 256 * 1024
 CONCURRENCY = 4
 
 
 def config(proxy: FaultProxy, **kwargs: Any) -> Config:
-    options: dict[str, Any] = {"max_concurrency": CONCURRENCY, **kwargs}
+    options: dict[str, Any] = {
+        "max_concurrency": CONCURRENCY,
+        "reuse_connections": True,
+        **kwargs,
+    }
     config: Config = fast_retry_config(proxy.url, PART, "raw", **options)
     return config
 
@@ -58,6 +64,27 @@ async def test_later_objects_take_the_connections_earlier_ones_gave_back(
         assert (tmp_path / str(i)).read_bytes() == blob
     # The engine's end closed the connections it kept.
     await until(lambda: proxy.open_connections() == 0, "the connections closed")
+
+
+@pytest.mark.anyio
+async def test_off_by_default_every_object_connects(proxy: FaultProxy, put_object: Any) -> None:
+    assert Config().reuse_connections is False
+    uris = [put_object(os.urandom(6 * PART + 17)) for _ in range(2)]
+    async with Engine(config(proxy, reuse_connections=False)) as engine:
+        assert (await engine.process(uris[0], [])).passed
+        first = proxy.connections
+        assert (await engine.process(uris[1], [])).passed
+    # The HEAD's connection is kept by the control plane; the fetchers' are not.
+    assert proxy.connections - first == first - 1
+
+
+def test_the_command_line_turns_it_on() -> None:
+    parser = argparse.ArgumentParser()
+    add_budget_arguments(parser)
+    assert budget_settings(parser.parse_args(["--reuse-connections"])) == {
+        "reuse_connections": True
+    }
+    assert budget_settings(parser.parse_args([])) == {}
 
 
 @pytest.mark.anyio

@@ -394,11 +394,10 @@ class ConnectionPool:
     """The idle keep-alive connections of one engine's raw data plane.
 
     A fetcher that runs out of parts gives its connection back; the next fetcher, of
-    this object or the next one, takes it instead of connecting. Measured on 16 objects
-    of 64 MiB through one engine in turn, connecting per object cost 12-25% of the
-    throughput (the server's and the client's per-connection work, TLS handshakes
-    aside). At most ``limit`` wait (one object's connections: their receive buffers are
-    within the memory bound), none longer than ``idle_seconds``.
+    this object or the next one, takes it instead of connecting (``Config.
+    reuse_connections``). At most ``limit`` wait (one object's connections: their
+    receive buffers are within the memory bound; 0: none, every connection closes with
+    its fetcher), none longer than ``idle_seconds``.
     """
 
     def __init__(self, limit: int, idle_seconds: float = POOL_IDLE_SECONDS) -> None:

@@ -130,7 +130,7 @@ class S3Control:
         self._client_lock = anyio.Lock()
         self._tls: ssl.SSLContext | None = None
         #: The raw data plane's idle connections, reused across parts and objects.
-        self.pool = ConnectionPool(config.max_concurrency)
+        self.pool = ConnectionPool(config.max_concurrency if config.reuse_connections else 0)
         self._light: LightControl | None = None
         self._light_decided = False
 
