@@ -184,6 +184,7 @@ class FaultProxy:
     _thread: threading.Thread | None = None
     _server: asyncio.base_events.Server | None = None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _clients: set[asyncio.StreamWriter] = field(default_factory=set)
     _gate: asyncio.Event | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _gets: int = 0
@@ -265,6 +266,23 @@ class FaultProxy:
         else:
             loop.call_soon_threadsafe(server.close)
 
+    def drop_connections(self) -> None:
+        """Close every client connection open now, as a server closes idle keep-alive
+        connections (from the test's thread; returns once they are closed)."""
+        loop = self._loop
+        if loop is None:
+            return
+
+        async def drop() -> None:
+            for writer in list(self._clients):
+                writer.transport.abort()
+
+        asyncio.run_coroutine_threadsafe(drop(), loop).result(10)
+
+    def open_connections(self) -> int:
+        """Client connections open now."""
+        return len(self._clients)
+
     def gets(self) -> list[Request]:
         with self._lock:
             return [r for r in self.requests if r.method == "GET"]
@@ -309,6 +327,7 @@ class FaultProxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._clients.add(writer)
         try:
             if self.tls is not None:
                 await writer.start_tls(self.tls(number))
@@ -324,6 +343,7 @@ class FaultProxy:
             pass
         finally:
             self._tasks.discard(task)
+            self._clients.discard(writer)
             writer.transport.abort()
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:

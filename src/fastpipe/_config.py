@@ -155,6 +155,12 @@ class Config:
     #: time depends on the objects ahead of it, not on those after); ``"shared"``: every
     #: admitted object downloads at once, the connections shared (``_budgets.py``).
     download_order: str = "admission"
+    #: Keep a fetcher's connection when it runs out of parts, for the next fetcher of
+    #: this object or of the next one (raw data plane; at most ``max_concurrency`` wait,
+    #: each at most 15 s). Off by default: a stream of small objects goes through faster,
+    #: but the time of each object spreads more (measured in the README's "Connections
+    #: between objects").
+    reuse_connections: bool = False
     #: The time model's state file (``fastpipe calibrate`` writes it, the engine learns
     #: into it): None for ``$XDG_CACHE_HOME/fastpipe/model.json``, "" for none (in memory).
     model_path: str | None = None

@@ -134,13 +134,17 @@ class Fetcher:
                 async with self._slot():  # one part's GET (and its retries) at a time
                     await self._fetch_part(index, conn)
         finally:
-            if conn is not None:
-                conn.close()
+            if conn is not None:  # kept for the next fetcher if it can take a request
+                self.s3.pool.give(conn)
         if self.turn is not None:  # the first with no part left: the next object starts
             self.turn.tail()
 
     async def _connection(self) -> RawConnection:
         url = await self._signed_url()
+        idle = self.s3.pool.take(url)
+        if idle is not None:
+            idle.name = str(self.location)  # what its messages name
+            return idle
         if self._ssl is None and url.startswith("https:"):
             self._ssl = self.s3.data_plane_tls()  # one per engine: the CA store loads once
         return RawConnection(

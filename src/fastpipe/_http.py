@@ -15,6 +15,7 @@ import mmap
 import os
 import re
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -25,6 +26,10 @@ _FLUSH_SLACK = 64 * 1024
 _MAX_HEAD = 64 * 1024
 _MAX_ERROR_BODY = 1 << 20
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+#: Seconds an idle connection stays in a :class:`ConnectionPool` (aiohttp's keep-alive
+#: default): servers close idle keep-alive connections, and a request sent as the server
+#: closes one fails and is retried.
+POOL_IDLE_SECONDS = 15.0
 
 
 class HTTPFault(FastpipeError):
@@ -126,6 +131,17 @@ class _ResponseProtocol(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         return False
+
+    @property
+    def idle(self) -> bool:
+        """Open, with no request in progress."""
+        transport = self.transport
+        return (
+            self._request is None
+            and not self.lost
+            and transport is not None
+            and not transport.is_closing()
+        )
 
     # -- requests -----------------------------------------------------------------------
 
@@ -360,6 +376,74 @@ class RawConnection:
         if self._protocol is not None:
             self._protocol.close()
             self._protocol = None
+
+    @property
+    def endpoint(self) -> tuple[str, str, int]:
+        """``(scheme, host, port)``: the connections that can serve a URL."""
+        return self.scheme, self.host, self.port
+
+    @property
+    def reusable(self) -> bool:
+        """Open, and its last response read whole with keep-alive: it can take another
+        request now (a failed or cut request closes the connection)."""
+        protocol = self._protocol
+        return protocol is not None and not protocol.lost and protocol.idle
+
+
+class ConnectionPool:
+    """The idle keep-alive connections of one engine's raw data plane.
+
+    A fetcher that runs out of parts gives its connection back; the next fetcher, of
+    this object or the next one, takes it instead of connecting (``Config.
+    reuse_connections``). At most ``limit`` wait (one object's connections: their
+    receive buffers are within the memory bound; 0: none, every connection closes with
+    its fetcher), none longer than ``idle_seconds``.
+    """
+
+    def __init__(self, limit: int, idle_seconds: float = POOL_IDLE_SECONDS) -> None:
+        self.limit = limit
+        self.idle_seconds = idle_seconds
+        self._idle: list[tuple[float, RawConnection]] = []  # (given back at, connection)
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def take(self, url: str) -> RawConnection | None:
+        """An idle connection to ``url``'s endpoint (the most recently used: the warmest),
+        or None."""
+        self._expire()
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        endpoint = (parts.scheme, parts.hostname or "", port)
+        for i in range(len(self._idle) - 1, -1, -1):
+            conn = self._idle[i][1]
+            if conn.endpoint == endpoint:
+                del self._idle[i]
+                return conn
+        return None
+
+    def give(self, conn: RawConnection) -> None:
+        """Keep ``conn`` for the next fetcher if it is reusable and there is room; else
+        close it."""
+        self._expire()
+        if conn.reusable and len(self._idle) < self.limit:
+            self._idle.append((time.monotonic(), conn))
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        """Close every idle connection (the engine's end)."""
+        while self._idle:
+            self._idle.pop()[1].close()
+
+    def _expire(self) -> None:
+        """Close the connections idle too long, or closed by the server meanwhile."""
+        oldest = time.monotonic() - self.idle_seconds
+        keep = [(t, c) for t, c in self._idle if t >= oldest and c.reusable]
+        for t, conn in self._idle:
+            if t < oldest or not conn.reusable:
+                conn.close()
+        self._idle = keep
 
 
 def _no_body(data: memoryview) -> None:

@@ -67,6 +67,13 @@ def add_budget_arguments(parser: argparse.ArgumentParser, objects: bool = True) 
         "before it reaches its tail, so an object's time depends on those ahead of it; "
         "shared: every admitted object downloads at once",
     )
+    parser.add_argument(
+        "--reuse-connections",
+        action="store_true",
+        default=None,
+        help="keep the connections of a download for the next one (faster streams of "
+        "small objects; each object's time spreads more)",
+    )
     if objects:
         parser.add_argument(
             "--max-objects",
@@ -78,7 +85,14 @@ def add_budget_arguments(parser: argparse.ArgumentParser, objects: bool = True) 
 
 def budget_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The ``Config`` fields the budget flags set (those given)."""
-    names = ("max_connections", "disk_budget", "file_stage_slots", "max_objects", "download_order")
+    names = (
+        "max_connections",
+        "disk_budget",
+        "file_stage_slots",
+        "max_objects",
+        "download_order",
+        "reuse_connections",
+    )
     settings = {name: getattr(args, name, None) for name in names}
     return {name: value for name, value in settings.items() if value is not None}
 

@@ -36,6 +36,7 @@ from ._exceptions import (
     SourceError,
     UsageError,
 )
+from ._http import ConnectionPool
 from ._objectinfo import PinnedObject, object_info_from_head
 from ._s3meta import (
     TransientError,
@@ -128,6 +129,8 @@ class S3Control:
         self._data_client: Any = None
         self._client_lock = anyio.Lock()
         self._tls: ssl.SSLContext | None = None
+        #: The raw data plane's idle connections, reused across parts and objects.
+        self.pool = ConnectionPool(config.max_concurrency if config.reuse_connections else 0)
         self._light: LightControl | None = None
         self._light_decided = False
 
@@ -288,6 +291,7 @@ class S3Control:
 
     async def close(self) -> None:
         """Close the clients and their connection pools."""
+        self.pool.close()
         if self._light is not None:
             self._light.close()
         if self._exit_stack is not None:

@@ -229,6 +229,11 @@ def _add_tool_parsers(sub: Any) -> None:
         help="--predictability, --many: the engine's download order (default admission)",
     )
     bench.add_argument(
+        "--reuse-connections",
+        action="store_true",
+        help="--predictability, --many: Config.reuse_connections on",
+    )
+    bench.add_argument(
         "--predict-warmup", type=int, default=3, help="unrecorded objects first (default 3)"
     )
     bench.add_argument(

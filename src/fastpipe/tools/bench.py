@@ -844,7 +844,9 @@ def _bench_many(args: argparse.Namespace) -> int:
             os.remove(path)
         uris = [f"s3://{bucket}/{key}" for _, key in files]
         config = Config(
-            endpoint_url=endpoint, download_order=getattr(args, "download_order", "admission")
+            endpoint_url=endpoint,
+            download_order=getattr(args, "download_order", "admission"),
+            reuse_connections=getattr(args, "reuse_connections", False),
         )
         rates = anyio_run_many_case(uris[:-1], uris[-1], config, args.repeat, say)
         if args.endpoint_url:

@@ -261,6 +261,7 @@ def cmd_predictability(args: argparse.Namespace) -> int:
             endpoint_url=endpoint,
             model_path=os.path.join(args.out, "model.json"),
             download_order=getattr(args, "download_order", "admission"),
+            reuse_connections=getattr(args, "reuse_connections", False),
         )
         in_flight = getattr(args, "in_flight", 1)
         runs = run_objects(uris, args.repeat, args.predict_warmup, config, in_flight=in_flight)
