@@ -210,6 +210,40 @@ def test_eta_applies_the_steady_rate_to_the_bytes_left() -> None:
     assert alike.predict(size, [A]).steady_rate is None
 
 
+def test_the_download_rate_is_that_of_objects_of_about_the_size() -> None:
+    """Downloads with a start-up (0.05 s, then 1000 MiB/s): a 64 MiB object's rate is
+    well below a 1 GiB one's. Each size is predicted at the rate of the recent downloads
+    within a factor of 2 of it, once there are three; before, at every size's median."""
+    start, steady = 0.05, 1000 * MiB
+    m = TimeModel()
+
+    def learn(size: int) -> None:
+        dl = start + size / steady
+        stages = ((A, size / (100_000 * MiB)),)
+        m.learn(Observation(size, 0.2 + dl, stages, download_bytes=size, download_seconds=dl))
+
+    def rate_of(size: int) -> float:
+        return size / (start + size / steady)
+
+    for size in [64 * MiB, 1024 * MiB] * 2 + [256 * MiB]:
+        learn(size)
+    everyone = m.rate("download", "download")
+    assert m.download_rate("download", 64 * MiB) == everyone  # two alike: not yet
+    learn(64 * MiB)
+    small = m.download_rate("download", 64 * MiB)
+    assert small.rate == pytest.approx(rate_of(64 * MiB)) and small.objects == 3
+    assert m.download_rate("download", 100 * MiB).rate == pytest.approx(rate_of(64 * MiB))
+    assert m.download_rate("download", 1024 * MiB) == m.rate("download", "download")
+    learn(1024 * MiB)
+    assert m.download_rate("download", 1024 * MiB).rate == pytest.approx(rate_of(1024 * MiB))
+    # The prediction downloads at it, and says so.
+    p = m.predict(64 * MiB, [A])
+    assert p.download_rate is not None
+    assert p.download_rate.rate == pytest.approx(rate_of(64 * MiB))
+    assert p.download == pytest.approx(start + 64 * MiB / steady)
+    assert m.download_rate("other", 64 * MiB) == m.rate("other", "download")
+
+
 def test_eta_learns_what_it_errs_by_per_tenth_of_the_bytes() -> None:
     """Readings that say the ETA at 10-19% of the bytes was 25% too long (for objects of
     about 256 MiB, alone): after three, that tenth's ETA is corrected; other tenths, other

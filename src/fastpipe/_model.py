@@ -74,6 +74,9 @@ ETA_BUCKETS = 10
 #: Readings of a tenth (objects of about the size, alone or sharing alike) before its
 #: correction applies.
 MIN_ETA_READINGS = 3
+#: Recent downloads within a factor of 2 of an object's size from which its download rate
+#: is taken (fewer: the rate of every size).
+MIN_ALIKE_DOWNLOADS = 3
 #: Bounds of one reading's ratio (what remained in fact / what the ETA said).
 ETA_RATIO_BOUNDS = (0.25, 4.0)
 #: Bytes the early file stage takes after the stream stages passed (``chunk``'s window).
@@ -646,6 +649,20 @@ class TimeModel:
                 return Rate(key, BUILTIN_RATES[candidate], "builtin")
         return Rate(key, BUILTIN_RATES["stream"], "builtin")
 
+    def download_rate(self, key: str, size: int) -> Rate:
+        """The download rate for an object of ``size`` bytes: the recency-weighted median
+        over the recent downloads within a factor of 2 of its size, once there are
+        :data:`MIN_ALIKE_DOWNLOADS`; else :meth:`rate`'s. A download's start-up weighs
+        more on a small object, and what the server and the page cache do weighs more on
+        a large one: one rate for every size overshoots one end and undershoots the
+        other."""
+        with self._lock:
+            points = list(self._lines.get(key, ()))
+        alike = [b / s for b, s in points if size / 2 <= b <= size * 2 and s > 0]
+        if len(alike) >= MIN_ALIKE_DOWNLOADS:
+            return Rate(key, recent_median(alike), "learned", len(alike))
+        return self.rate(key, "download")
+
     def download_line(self, key: str) -> tuple[float, float] | None:
         """``(start seconds, steady bytes/s)`` of the downloads under ``key``: a Theil-Sen
         line of seconds against bytes over the recent ones (its intercept the start-up:
@@ -737,7 +754,7 @@ class TimeModel:
         if shared is not None:
             return self._predict_shared(size, stages, download_key, load, shared)
         stages = tuple(stages)
-        dl_rate = self.rate(download_key, "download") if download_key else None
+        dl_rate = self.download_rate(download_key, size) if download_key else None
         rates = tuple(self.rate(c.key, c.kind) for c in stages)
         d, effective = _effective(dl_rate, stages, rates, load)
         t_dl, stream_end, early_end, tail, bound = combine(size, d, stages, effective)
