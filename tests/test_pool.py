@@ -38,10 +38,13 @@ def config(proxy: FaultProxy, **kwargs: Any) -> Config:
 
 
 async def until(predicate: Any, what: str) -> None:
-    """Poll the proxy's counters (its thread updates them) until ``predicate`` holds."""
-    with anyio.fail_after(10):
+    """Poll the proxy's counters (its thread updates them) until ``predicate`` holds;
+    fail naming ``what`` after 10 s."""
+    with anyio.move_on_after(10):
         while not predicate():
             await anyio.sleep(0.01)
+        return
+    raise AssertionError(f"timed out waiting until {what}")
 
 
 @pytest.mark.anyio
