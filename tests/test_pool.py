@@ -37,6 +37,12 @@ def config(proxy: FaultProxy, **kwargs: Any) -> Config:
     return config
 
 
+def upload(put_object: Any, count: int, size: int) -> tuple[list[bytes], list[str]]:
+    """``count`` random objects of ``size`` bytes: their bytes and their URIs."""
+    blobs = [os.urandom(size) for _ in range(count)]
+    return blobs, [put_object(blob) for blob in blobs]
+
+
 async def until(predicate: Any, what: str) -> None:
     """Poll the proxy's counters (its thread updates them) until ``predicate`` holds;
     fail naming ``what`` after 10 s."""
@@ -51,8 +57,7 @@ async def until(predicate: Any, what: str) -> None:
 async def test_later_objects_take_the_connections_earlier_ones_gave_back(
     proxy: FaultProxy, put_object: Any, tmp_path: Path
 ) -> None:
-    blobs = [os.urandom(6 * PART + 17) for _ in range(3)]
-    uris = [put_object(blob) for blob in blobs]
+    blobs, uris = upload(put_object, 3, 6 * PART + 17)
     async with Engine(config(proxy)) as engine:
         first = await engine.process(uris[0], [], dest=tmp_path / "0")
         opened = proxy.connections  # its HEAD's and its fetchers'
@@ -72,7 +77,7 @@ async def test_later_objects_take_the_connections_earlier_ones_gave_back(
 @pytest.mark.anyio
 async def test_off_by_default_every_object_connects(proxy: FaultProxy, put_object: Any) -> None:
     assert Config().reuse_connections is False
-    uris = [put_object(os.urandom(6 * PART + 17)) for _ in range(2)]
+    _, uris = upload(put_object, 2, 6 * PART + 17)
     async with Engine(config(proxy, reuse_connections=False)) as engine:
         assert (await engine.process(uris[0], [])).passed
         first = proxy.connections
@@ -94,7 +99,7 @@ def test_the_command_line_turns_it_on() -> None:
 async def test_the_pool_keeps_at_most_one_objects_connections(
     proxy: FaultProxy, put_object: Any
 ) -> None:
-    uris = [put_object(os.urandom(8 * PART)) for _ in range(3)]
+    _, uris = upload(put_object, 3, 8 * PART)
     busy = len(uris) * CONCURRENCY
     proxy.reset(always(Fault("hold")))  # every GET waits: all three objects' fetchers connect
     async with Engine(config(proxy, download_order="shared")) as engine:
@@ -120,8 +125,7 @@ async def test_the_pool_keeps_at_most_one_objects_connections(
 async def test_a_connection_the_server_closed_is_not_reused(
     proxy: FaultProxy, put_object: Any, tmp_path: Path
 ) -> None:
-    blobs = [os.urandom(4 * PART + 5) for _ in range(2)]
-    uris = [put_object(blob) for blob in blobs]
+    blobs, uris = upload(put_object, 2, 4 * PART + 5)
     async with Engine(config(proxy)) as engine:
         assert (await engine.process(uris[0], [])).passed
         before = proxy.connections

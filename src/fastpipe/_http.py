@@ -18,7 +18,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from ._exceptions import FastpipeError, SourceError
 
@@ -273,9 +273,7 @@ class RawConnection:
     ) -> None:
         parts = urlsplit(url)
         self.name = name  # what the messages name (the object), never the URL
-        self.scheme = parts.scheme
-        self.host = parts.hostname or ""
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.scheme, self.host, self.port = _endpoint(parts)
         default_port = 443 if parts.scheme == "https" else 80
         self.host_header = (
             parts.netloc.rpartition("@")[2] if parts.port != default_port else self.host
@@ -386,8 +384,13 @@ class RawConnection:
     def reusable(self) -> bool:
         """Open, and its last response read whole with keep-alive: it can take another
         request now (a failed or cut request closes the connection)."""
-        protocol = self._protocol
-        return protocol is not None and not protocol.lost and protocol.idle
+        return self._protocol is not None and self._protocol.idle
+
+
+def _endpoint(parts: SplitResult) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` of a split URL, the port defaulting by the scheme."""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname or "", port
 
 
 class ConnectionPool:
@@ -412,9 +415,9 @@ class ConnectionPool:
         """An idle connection to ``url``'s endpoint (the most recently used: the warmest),
         or None."""
         self._expire()
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        endpoint = (parts.scheme, parts.hostname or "", port)
+        if not self._idle:
+            return None
+        endpoint = _endpoint(urlsplit(url))
         for i in range(len(self._idle) - 1, -1, -1):
             conn = self._idle[i][1]
             if conn.endpoint == endpoint:
@@ -439,9 +442,11 @@ class ConnectionPool:
     def _expire(self) -> None:
         """Close the connections idle too long, or closed by the server meanwhile."""
         oldest = time.monotonic() - self.idle_seconds
-        keep = [(t, c) for t, c in self._idle if t >= oldest and c.reusable]
-        for t, conn in self._idle:
-            if t < oldest or not conn.reusable:
+        keep = []
+        for given, conn in self._idle:
+            if given >= oldest and conn.reusable:
+                keep.append((given, conn))
+            else:
                 conn.close()
         self._idle = keep
 
