@@ -18,8 +18,8 @@ import pytest
 
 import fastpipe
 from fastpipe import Config
-from fastpipe._placement import Placement, ResumeState
-from fastpipe.stages import FileStage, LocalFile
+from fastpipe._placement import ObjectPlacement, Placement, ResumeState
+from fastpipe.stages import FileStage, LocalFile, ObjectInfo
 
 PART = 256 << 10
 VICTIM = b"outside the destination\n"
@@ -257,6 +257,28 @@ def test_placement_is_validated_once_for_library_and_cli(tmp_path: Path) -> None
     assert Placement(dest=tmp_path).dest == str(tmp_path)  # PathLike accepted, kept as str
     for name in ("force", "resume", "temp_dir"):
         assert name not in {f.name for f in dataclasses.fields(Config)}
+
+
+def test_a_placement_is_closed_once_its_close_went_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine skips a second close (and its hand-off to a thread) only once the first
+    # went through: a close that failed leaves the placement open, and the next removes.
+    placed = ObjectPlacement(Placement(temp_dir=tmp_path), "some/key")
+    info = ObjectInfo(source="s3://b/some/key", size=1024, etag='"e"')
+    placed.open_temp("s3://b/some/key", info, 256)
+    assert placed.temp is not None and not placed.closed
+    path = placed.temp.path
+    assert os.path.exists(path)
+    with monkeypatch.context() as m:
+        m.setattr(os, "unlink", lambda p: (_ for _ in ()).throw(PermissionError(p)))
+        with pytest.raises(PermissionError):
+            placed.close()
+    assert not placed.closed and os.path.exists(path)
+    placed.close()
+    assert placed.closed and not os.path.exists(path) and os.listdir(tmp_path) == []
+    placed.close()  # idempotent
+    assert placed.closed
 
 
 @pytest.mark.anyio

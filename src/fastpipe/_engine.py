@@ -243,8 +243,11 @@ class Engine:
         # Before HEAD: a bad destination, or one another resumable run holds, fails at once.
         # Resolving it makes folders, stats and may take the resume lock: file-system calls
         # that must not stall the loop other objects' transfers run on.
-        with anyio.CancelScope(shield=True):  # a lock taken is not lost to a cancel
-            placed = await anyio.to_thread.run_sync(ObjectPlacement, placement, location.key)
+        if placement.dest is None:  # nothing to resolve or lock: no call to hand off
+            placed = ObjectPlacement(placement, location.key)
+        else:
+            with anyio.CancelScope(shield=True):  # a lock taken is not lost to a cancel
+                placed = await anyio.to_thread.run_sync(ObjectPlacement, placement, location.key)
         async with self.budgets.disk_hold() as disk:  # given back once the temp file is gone
             try:
                 report.download.control_plane = self._s3.control_plane(location)
@@ -264,8 +267,11 @@ class Engine:
                         )
                     await self._admitted(job, turn)
             finally:
-                with anyio.CancelScope(shield=True):  # cleans up after a cancel too
-                    await anyio.to_thread.run_sync(placed.close)
+                # Cleans up after a cancel too; once the stay closed it, nothing is left
+                # (and the hand-off to a thread would only add to the object's seconds).
+                if not placed.closed:
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(placed.close)
 
 
     async def _admitted(self, job: Job, turn: Turn | None) -> None:

@@ -319,6 +319,8 @@ class ObjectPlacement:
         self.journal: Journal | None = None
         #: Leave the temp file and journal for the next ``resume`` run.
         self.keep_for_resume = False
+        #: :meth:`close` went through (a second call has nothing left to do).
+        self.closed = False
         self._committed = False
         self._resume: ResumeState | None = None
         if placement.resume:
@@ -383,6 +385,7 @@ class ObjectPlacement:
                 self.temp.release()  # renamed or removed by now: a sweep may look at it
             if self._resume is not None:
                 self._resume.unlock()
+        self.closed = True
 
 
 class FreshTempFile(TempFile):
