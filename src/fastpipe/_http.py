@@ -274,10 +274,8 @@ class RawConnection:
         parts = urlsplit(url)
         self.name = name  # what the messages name (the object), never the URL
         self.scheme, self.host, self.port = _endpoint(parts)
-        default_port = 443 if parts.scheme == "https" else 80
-        self.host_header = (
-            parts.netloc.rpartition("@")[2] if parts.port != default_port else self.host
-        )
+        explicit = parts.port != default_port(parts.scheme)
+        self.host_header = parts.netloc.rpartition("@")[2] if explicit else self.host
         self.buffer_size = buffer_size
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -387,10 +385,14 @@ class RawConnection:
         return self._protocol is not None and self._protocol.idle
 
 
+def default_port(scheme: str) -> int:
+    """The port a URL of ``scheme`` means when it names none."""
+    return 443 if scheme == "https" else 80
+
+
 def _endpoint(parts: SplitResult) -> tuple[str, str, int]:
     """``(scheme, host, port)`` of a split URL, the port defaulting by the scheme."""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return parts.scheme, parts.hostname or "", port
+    return parts.scheme, parts.hostname or "", parts.port or default_port(parts.scheme)
 
 
 class ConnectionPool:
