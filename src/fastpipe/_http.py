@@ -396,13 +396,15 @@ def _endpoint(parts: SplitResult) -> tuple[str, str, int]:
 
 
 class ConnectionPool:
-    """The idle keep-alive connections of one engine's raw data plane.
+    """Idle keep-alive connections, for the next request to their endpoint.
 
-    A fetcher that runs out of parts gives its connection back; the next fetcher, of
-    this object or the next one, takes it instead of connecting (``Config.
-    reuse_connections``). At most ``limit`` wait (one object's connections: their
-    receive buffers are within the memory bound; 0: none, every connection closes with
-    its fetcher), none longer than ``idle_seconds``.
+    The raw data plane's: a fetcher that runs out of parts gives its connection back,
+    and the next fetcher, of this object or the next one, takes it instead of
+    connecting (``Config.reuse_connections``; ``limit`` is one object's connections, so
+    that their receive buffers stay within the memory bound; 0: none, every connection
+    closes with its fetcher). The light control plane's: its HEAD connections. At most
+    ``limit`` wait, none longer than ``idle_seconds``; one that cannot take a request
+    (cut, or closed by the server) is closed, not kept.
     """
 
     def __init__(self, limit: int, idle_seconds: float = POOL_IDLE_SECONDS) -> None:
