@@ -1,26 +1,28 @@
 """How long the engine's hand-offs to worker threads take, in one predictability run.
 
-    PYTHONPATH=src python benches/handoffs.py OUT [--in-flight 4] [--repeat 10]
+    PYTHONPATH=src python benches/handoffs.py --out OUT --in-flight 4 --repeat 10
 
-Runs ``fastpipe bench --predictability`` (64 MiB, 256 MiB and 1 GiB, on the embedded
-server) with every ``anyio.to_thread.run_sync`` call timed: from the call to the
-function's start in its thread (``start``), the function itself (``run``), and from its
-end to the caller going on (``return``). The hand-off's two waits are for a core and for
-the GIL; on a loaded machine they add to every object's seconds. Prints per function
-the count and the p50 / p90 / max of each, in ms. A diagnostic, not a pytest bench: it
-wraps anyio's function in this process only.
+Runs ``fastpipe bench --predictability`` with the options given (the same as that
+command's: ``--sizes``, ``--repeat``, ``--in-flight``, ``--out``...), with every
+``anyio.to_thread.run_sync`` call timed: from the call to the function's start in its
+thread (``start``), the function itself (``run``), and from its end to the caller going
+on (``return``). The hand-off's two waits are for a core and for the GIL; on a loaded
+machine they add to every object's seconds. Prints per function the count and the p50 /
+p90 / max of each, in ms. A diagnostic, not a pytest bench: it wraps anyio's function in
+this process only.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 from collections import defaultdict
 from typing import Any
 
 import anyio.to_thread
 
-from fastpipe.tools import predictability
+from fastpipe import cli
+from fastpipe.tools.predictability import quantile
 
 _ORIGINAL = anyio.to_thread.run_sync
 #: function name -> (start, run, return) seconds of each call
@@ -48,41 +50,18 @@ async def _timed(func: Any, *args: Any, **kwargs: Any) -> Any:
             )
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[round(q * (len(ordered) - 1))]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", help="folder for the run's predictability.json and model")
-    parser.add_argument("--in-flight", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=10)
-    args = parser.parse_args()
+def main() -> int:
     anyio.to_thread.run_sync = _timed  # type: ignore[assignment]
-    predictability.cmd_predictability(
-        argparse.Namespace(
-            sizes=None,
-            out=args.out,
-            endpoint_url=None,
-            bucket=None,
-            repeat=args.repeat,
-            predict_warmup=3,
-            in_flight=args.in_flight,
-            download_order="admission",
-            reuse_connections=False,
-        )
-    )
-    print(f"hand-offs to threads, ms (p50 / p90 / max), {args.in_flight} in flight:")
+    code = cli.main(["bench", "--predictability", *sys.argv[1:]])
+    print("hand-offs to threads, ms (p50 / p90 / max):")
     for name, calls in sorted(_CALLS.items()):
         parts = []
         for label, i in (("start", 0), ("run", 1), ("return", 2)):
             v = [1e3 * c[i] for c in calls]
-            parts.append(
-                f"{label} {_quantile(v, 0.5):.1f} / {_quantile(v, 0.9):.1f} / {max(v):.1f}"
-            )
+            parts.append(f"{label} {quantile(v, 0.5):.1f} / {quantile(v, 0.9):.1f} / {max(v):.1f}")
         print(f"  {name[:40]:40} n={len(calls):4}  " + "  ".join(parts))
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -237,7 +237,8 @@ class FaultProxy:
         self._loop = self._thread = None
 
     def reset(self, plan: Plan | None = None, head_plan: Plan | None = None) -> None:
-        """Forget the log and counters, release held requests, install the plans."""
+        """Forget the log and counters (and the client connections still open: a test
+        counts its own), release held requests, install the plans."""
         self.release()
         with self._lock:
             self.plan = plan
@@ -248,7 +249,7 @@ class FaultProxy:
             self._gets = 0
             self._heads = 0
         if self._loop is not None:
-            asyncio.run_coroutine_threadsafe(self._new_gate(), self._loop).result(10)
+            asyncio.run_coroutine_threadsafe(self._renew(), self._loop).result(10)
 
     def release(self) -> None:
         """Let every held request go on (and the ones held later)."""
@@ -267,8 +268,9 @@ class FaultProxy:
             loop.call_soon_threadsafe(server.close)
 
     def drop_connections(self) -> None:
-        """Close every client connection open now, as a server closes idle keep-alive
-        connections (from the test's thread; returns once they are closed)."""
+        """Close every client connection open now (accepted since the last reset), as a
+        server closes idle keep-alive connections (from the test's thread; returns once
+        they are closed)."""
         loop = self._loop
         if loop is None:
             return
@@ -280,7 +282,7 @@ class FaultProxy:
         asyncio.run_coroutine_threadsafe(drop(), loop).result(10)
 
     def open_connections(self) -> int:
-        """Client connections open now."""
+        """Client connections open now, of those accepted since the last reset."""
         return len(self._clients)
 
     def gets(self) -> list[Request]:
@@ -303,8 +305,11 @@ class FaultProxy:
 
     # -- the loop -------------------------------------------------------------------------
 
-    async def _new_gate(self) -> None:
+    async def _renew(self) -> None:
         self._gate = asyncio.Event()
+        # An earlier test's engine may still be closing its connections (or a client it
+        # left for the garbage collector): they are not this test's to count or drop.
+        self._clients.clear()
 
     async def _open(self) -> None:
         self._gate = asyncio.Event()

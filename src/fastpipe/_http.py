@@ -274,10 +274,8 @@ class RawConnection:
         parts = urlsplit(url)
         self.name = name  # what the messages name (the object), never the URL
         self.scheme, self.host, self.port = _endpoint(parts)
-        default_port = 443 if parts.scheme == "https" else 80
-        self.host_header = (
-            parts.netloc.rpartition("@")[2] if parts.port != default_port else self.host
-        )
+        explicit = parts.port != default_port(parts.scheme)
+        self.host_header = parts.netloc.rpartition("@")[2] if explicit else self.host
         self.buffer_size = buffer_size
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -387,20 +385,26 @@ class RawConnection:
         return self._protocol is not None and self._protocol.idle
 
 
+def default_port(scheme: str) -> int:
+    """The port a URL of ``scheme`` means when it names none."""
+    return 443 if scheme == "https" else 80
+
+
 def _endpoint(parts: SplitResult) -> tuple[str, str, int]:
     """``(scheme, host, port)`` of a split URL, the port defaulting by the scheme."""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return parts.scheme, parts.hostname or "", port
+    return parts.scheme, parts.hostname or "", parts.port or default_port(parts.scheme)
 
 
 class ConnectionPool:
-    """The idle keep-alive connections of one engine's raw data plane.
+    """Idle keep-alive connections, for the next request to their endpoint.
 
-    A fetcher that runs out of parts gives its connection back; the next fetcher, of
-    this object or the next one, takes it instead of connecting (``Config.
-    reuse_connections``). At most ``limit`` wait (one object's connections: their
-    receive buffers are within the memory bound; 0: none, every connection closes with
-    its fetcher), none longer than ``idle_seconds``.
+    The raw data plane's: a fetcher that runs out of parts gives its connection back,
+    and the next fetcher, of this object or the next one, takes it instead of
+    connecting (``Config.reuse_connections``; ``limit`` is one object's connections, so
+    that their receive buffers stay within the memory bound; 0: none, every connection
+    closes with its fetcher). The light control plane's: its HEAD connections. At most
+    ``limit`` wait, none longer than ``idle_seconds``; one that cannot take a request
+    (cut, or closed by the server) is closed, not kept.
     """
 
     def __init__(self, limit: int, idle_seconds: float = POOL_IDLE_SECONDS) -> None:

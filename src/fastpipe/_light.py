@@ -25,7 +25,7 @@ import anyio
 
 from ._config import Config
 from ._exceptions import EndpointUnreachable, FastpipeError, ObjectNotFound, SourceError
-from ._http import ConnectFault, HTTPFault, RawConnection, Response
+from ._http import ConnectFault, ConnectionPool, HTTPFault, RawConnection, Response
 from ._lightsetup import LightSetup
 from ._objectinfo import ObjectInfo, object_info_from_head
 from ._s3meta import (
@@ -105,7 +105,9 @@ class LightControl:
         self.setup = setup
         self.config = config
         self._tls = tls
-        self._idle: list[RawConnection] = []
+        #: Idle HEAD connections: one per object HEADing at once at the most, none kept
+        #: past the pool's idle limit (a server closes idle keep-alive connections).
+        self._idle = ConnectionPool(config.max_objects)
 
     def presign(self, location: S3Location, version_id: str | None) -> tuple[str, float]:
         """A presigned GET URL and when to renew it (see :meth:`S3Control.presign`)."""
@@ -209,14 +211,14 @@ class LightControl:
         )
         query = "&".join(f"{uri_encode(k)}={uri_encode(v)}" for k, v in params)
         target = path + ("?" + query if query else "")
-        conn = self._idle.pop() if self._idle else self._connection()
+        conn = self._idle.take(setup.base) or self._connection()
         conn.name = str(location)
         try:
             response = await conn.head(target, headers)
         except BaseException:
             conn.close()
             raise
-        self._idle.append(conn)  # it reconnects by itself if the server closed it
+        self._idle.give(conn)
         return response
 
     def _connection(self) -> RawConnection:
@@ -231,8 +233,7 @@ class LightControl:
 
     def close(self) -> None:
         """Close the idle HEAD connections."""
-        while self._idle:
-            self._idle.pop().close()
+        self._idle.close()
 
 
 def _final(location: S3Location, error: FastpipeError) -> FastpipeError:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ._config import Config
+from ._http import default_port
 from ._sigv4 import Credentials
 
 #: AWS_* variables that leave botocore's S3 client as the light plane reproduces it:
@@ -113,12 +114,11 @@ def _endpoint(endpoint: str) -> tuple[str, str, str]:
     """``(base, host, "")`` for an endpoint the light plane serves, else a reason."""
     parts = urlsplit(endpoint)
     scheme, netloc, hostname = parts.scheme, parts.netloc, parts.hostname or ""
-    default_port = 443 if scheme == "https" else 80
     if scheme not in ("http", "https") or netloc != netloc.lower():
         return "", "", "the endpoint's scheme or host is not in lower case"
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         return "", "", "the endpoint URL has a path"
-    if parts.port == default_port or "amazonaws." in hostname:
+    if parts.port == default_port(scheme) or "amazonaws." in hostname:
         return "", "", "the endpoint names a default port or an AWS host"
     return f"{scheme}://{netloc}", netloc, ""
 
