@@ -28,6 +28,7 @@ from fastpipe._model import (
     ETA_BUCKETS,
     ETA_RATIO_BOUNDS,
     MIN_ETA_READINGS,
+    MIN_LINE_OBJECTS,
     MIN_RATE_BYTES,
     Load,
     Observation,
@@ -402,6 +403,14 @@ def test_the_size_line_waits_for_spread_sizes_and_its_own_pipeline() -> None:
     for size in (64 * MiB, 256 * MiB):
         m.learn(_lone(size, 2.0 * size / S))
     assert m.predict(S, [A, EARLY], download_key="download:raw").size_line is not None
+    # Spread sizes, but fewer than MIN_LINE_OBJECTS objects: the first ones are cold.
+    few = TimeModel()
+    sizes = [64 * MiB, 256 * MiB, S] * MIN_LINE_OBJECTS
+    for size in sizes[: MIN_LINE_OBJECTS - 1]:
+        few.learn(_lone(size, 2.0 * size / S))
+    assert few.size_line(pipeline_key("download:raw", (A, EARLY))) is None
+    few.learn(_lone(sizes[MIN_LINE_OBJECTS - 1], 2.0 * sizes[MIN_LINE_OBJECTS - 1] / S))
+    assert few.size_line(pipeline_key("download:raw", (A, EARLY))) is not None
     # Another stage list, another data plane, or an early stage run late: not its line.
     assert m.predict(S, [A], download_key="download:raw").size_line is None
     assert m.predict(S, [A, EARLY], download_key="download:botocore").size_line is None
@@ -411,7 +420,7 @@ def test_the_size_line_waits_for_spread_sizes_and_its_own_pipeline() -> None:
 
 def test_beside_others_the_line_neither_predicts_nor_learns() -> None:
     m = TimeModel()
-    for size in (64 * MiB, 256 * MiB, S):
+    for size in (64 * MiB, 256 * MiB, S) * 2:
         m.learn(_lone(size, 2.0 * size / S))
     key = pipeline_key("download:raw", (A, EARLY))
     shared = m.predict(S, [A, EARLY], download_key="download:raw", load=Load.shared(2))
@@ -481,7 +490,7 @@ def test_state_file_round_trip_and_permissions(tmp_path: Path) -> None:
     assert again.download_line("download") == m.download_line("download") is not None
     assert again.rate("scan").source == "calibrated"
     assert again.predict(S, [A, CHUNK]).seconds == m.predict(S, [A, CHUNK]).seconds
-    assert again.size_line("download|a|chunk") == m.size_line("download|a|chunk") is not None
+    assert len(again.to_dict()["size_lines"]["download|a|chunk"]) == 3
 
 
 def test_unusable_state_file_falls_back(tmp_path: Path, caplog: Any) -> None:

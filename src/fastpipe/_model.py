@@ -81,6 +81,10 @@ MIN_ETA_READINGS = 3
 #: Recent downloads within a factor of 2 of an object's size from which its download rate
 #: is taken (fewer: the rate of every size).
 MIN_ALIKE_DOWNLOADS = 3
+#: Lone objects of a pipeline before its line of seconds against size predicts: the
+#: first ones are cold (one at a time after 3 warm-up objects, a line through those 3
+#: alone put the next four objects 14% long at the median).
+MIN_LINE_OBJECTS = 6
 #: Bounds of one reading's ratio (what remained in fact / what the ETA said).
 ETA_RATIO_BOUNDS = (0.25, 4.0)
 #: Bytes the early file stage takes after the stream stages passed (``chunk``'s window).
@@ -718,7 +722,8 @@ class TimeModel:
     def size_line(self, pipeline: str) -> SizeLine | None:
         """The end-to-end seconds of ``pipeline``'s recent lone objects as a line in their
         size (Theil-Sen: the median pairwise slope, then the recency-weighted median
-        intercept); None until their sizes spread (three objects, pairs a fifth apart).
+        intercept); None until there are :data:`MIN_LINE_OBJECTS` and their sizes spread
+        (pairs a fifth apart).
 
         Alone, what sets an object's time on a machine whose cores the download, the S3
         server and the stages share is how they share them, and that changes with the
@@ -728,6 +733,8 @@ class TimeModel:
         and 256 MiB ones 6-9% short); the objects' own times lie on a line."""
         with self._lock:
             points = list(self._sizes.get(pipeline, ()))
+        if len(points) < MIN_LINE_OBJECTS:
+            return None
         slope = theil_sen(points)
         if slope is None or slope <= 0:
             return None
