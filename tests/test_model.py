@@ -28,6 +28,7 @@ from fastpipe._model import (
     ETA_BUCKETS,
     ETA_RATIO_BOUNDS,
     MIN_ETA_READINGS,
+    MIN_LINE_OBJECTS,
     MIN_RATE_BYTES,
     Load,
     Observation,
@@ -36,6 +37,7 @@ from fastpipe._model import (
     TimeModel,
     default_model_path,
     eta_group,
+    pipeline_key,
     recent_median,
     settle_eta_readings,
     stage_costs,
@@ -349,6 +351,87 @@ def test_overlap_factor_and_fixed_cost_are_fitted() -> None:
     assert same.fit()[:2] == pytest.approx((0.3, 1.0))
 
 
+def _lone(size: int, seconds: float, stages: tuple[StageCost, ...] = (A, EARLY)) -> Observation:
+    """A lone object of ``size`` that took ``seconds`` (its phases at 400 MiB/s each)."""
+    phase = size / (400 * MiB)
+    return Observation(
+        size=size,
+        seconds=seconds,
+        stages=tuple((c, phase) for c in stages),
+        download_key="download:raw",
+        download_bytes=size,
+        download_seconds=phase,
+    )
+
+
+def test_alone_the_pipeline_own_line_in_the_size_predicts() -> None:
+    """Alone, the prediction is the line of seconds against size that the pipeline's
+    lone objects drew (Theil-Sen: a stall does not move it), not the arithmetic with one
+    overlap factor for every size, which leaves a bias per size."""
+    m = TimeModel()
+    line = lambda size: 0.01 + 1.7 * size / S  # noqa: E731 - the truth of this test
+    sizes = [64 * MiB, 256 * MiB, S] * 4
+    for i, size in enumerate(sizes):
+        stall = 3.0 if i == 5 else 0.0
+        m.learn(_lone(size, line(size) + stall))
+    key = pipeline_key("download:raw", (A, EARLY))
+    assert key == "download:raw|a|chunk@early"
+    fitted = m.size_line(key)
+    assert fitted is not None and fitted.objects == 12
+    assert fitted.slope == pytest.approx(1.7 / S) and fitted.intercept == pytest.approx(0.01)
+    p = m.predict(128 * MiB, [A, EARLY], download_key="download:raw")
+    assert p.size_line == fitted
+    assert p.seconds == pytest.approx(line(128 * MiB))
+    assert p.lone_seconds == pytest.approx(line(128 * MiB))
+    described = p.describe()["size_line"]
+    assert described["seconds_per_gib"] == pytest.approx(1.7)
+    assert described["intercept_seconds"] == pytest.approx(0.01) and described["objects"] == 12
+    # The admission wait comes on top, and is not learned into the line.
+    waited = m.predict(S, [A, EARLY], download_key="download:raw", load=Load(admission_wait=2.0))
+    assert waited.seconds == pytest.approx(2.0 + line(S))
+    m.learn(replace(_lone(S, 2.0 + line(S)), load=Load(admission_wait=2.0)))
+    assert m.size_line(key) is not None
+    assert m.size_line(key).seconds(S) == pytest.approx(line(S))  # type: ignore[union-attr]
+
+
+def test_the_size_line_waits_for_spread_sizes_and_its_own_pipeline() -> None:
+    m = TimeModel()
+    for _ in range(5):  # one size only: no line, the arithmetic
+        m.learn(_lone(S, 2.0))
+    assert m.size_line(pipeline_key("download:raw", (A, EARLY))) is None
+    assert m.predict(S, [A, EARLY], download_key="download:raw").size_line is None
+    for size in (64 * MiB, 256 * MiB):
+        m.learn(_lone(size, 2.0 * size / S))
+    assert m.predict(S, [A, EARLY], download_key="download:raw").size_line is not None
+    # Spread sizes, but fewer than MIN_LINE_OBJECTS objects: the first ones are cold.
+    few = TimeModel()
+    sizes = [64 * MiB, 256 * MiB, S] * MIN_LINE_OBJECTS
+    for size in sizes[: MIN_LINE_OBJECTS - 1]:
+        few.learn(_lone(size, 2.0 * size / S))
+    assert few.size_line(pipeline_key("download:raw", (A, EARLY))) is None
+    few.learn(_lone(sizes[MIN_LINE_OBJECTS - 1], 2.0 * sizes[MIN_LINE_OBJECTS - 1] / S))
+    assert few.size_line(pipeline_key("download:raw", (A, EARLY))) is not None
+    # Another stage list, another data plane, or an early stage run late: not its line.
+    assert m.predict(S, [A], download_key="download:raw").size_line is None
+    assert m.predict(S, [A, EARLY], download_key="download:botocore").size_line is None
+    late = replace(EARLY, early=False)
+    assert m.predict(S, [A, late], download_key="download:raw").size_line is None
+
+
+def test_beside_others_the_line_neither_predicts_nor_learns() -> None:
+    m = TimeModel()
+    for size in (64 * MiB, 256 * MiB, S) * 2:
+        m.learn(_lone(size, 2.0 * size / S))
+    key = pipeline_key("download:raw", (A, EARLY))
+    shared = m.predict(S, [A, EARLY], download_key="download:raw", load=Load.shared(2))
+    assert shared.size_line is None
+    before = m.size_line(key)
+    # An object admitted beside another, or one resumed, teaches the line nothing.
+    m.learn(replace(_lone(S, 9.0), load=Load.shared(2)))
+    m.learn(replace(_lone(S, 9.0), reused_bytes=S // 2))
+    assert m.size_line(key) == before
+
+
 def test_small_objects_teach_the_fixed_cost_only() -> None:
     m = model(download=400, a=1000)
     m._fixed.clear()
@@ -407,6 +490,7 @@ def test_state_file_round_trip_and_permissions(tmp_path: Path) -> None:
     assert again.download_line("download") == m.download_line("download") is not None
     assert again.rate("scan").source == "calibrated"
     assert again.predict(S, [A, CHUNK]).seconds == m.predict(S, [A, CHUNK]).seconds
+    assert len(again.to_dict()["size_lines"]["download|a|chunk"]) == 3
 
 
 def test_unusable_state_file_falls_back(tmp_path: Path, caplog: Any) -> None:

@@ -14,7 +14,11 @@ engine overlaps them:
   engine's capacity with the others by weight (``_sharing``: weighted processor
   sharing, learned from the objects that shared it); until that is learned, it gets a
   share of the connections (its download rate) and of the heavy-stage slots (its file
-  stages' rates).
+  stages' rates);
+- alone, once the objects of its pipeline (data plane and stages) spread in size, the
+  line of their end-to-end seconds against their size (:meth:`TimeModel.size_line`)
+  takes the arithmetic's place for the seconds; the arithmetic's phases stay what the
+  ETA runs on.
 
 Rates are learned online from the engine's finished objects (:meth:`TimeModel.learn`),
 per stage identity (:meth:`Stage.cost_key`: the name plus the options that change the
@@ -77,6 +81,10 @@ MIN_ETA_READINGS = 3
 #: Recent downloads within a factor of 2 of an object's size from which its download rate
 #: is taken (fewer: the rate of every size).
 MIN_ALIKE_DOWNLOADS = 3
+#: Lone objects of a pipeline before its line of seconds against size predicts: the
+#: first ones are cold (one at a time after 3 warm-up objects, a line through those 3
+#: alone put the next four objects 14% long at the median).
+MIN_LINE_OBJECTS = 6
 #: Bounds of one reading's ratio (what remained in fact / what the ETA said).
 ETA_RATIO_BOUNDS = (0.25, 4.0)
 #: Bytes the early file stage takes after the stream stages passed (``chunk``'s window).
@@ -281,6 +289,35 @@ def _blend(model_rate: float, done: int, seconds: float, prior: float) -> float:
 
 
 @dataclass(frozen=True)
+class SizeLine:
+    """End-to-end seconds against size for one pipeline (download and stages), alone."""
+
+    intercept: float
+    #: Seconds per byte.
+    slope: float
+    objects: int
+
+    def seconds(self, size: int) -> float:
+        """The line at ``size`` bytes."""
+        return self.intercept + self.slope * size
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (the report's ``model["size_line"]``)."""
+        return {
+            "intercept_seconds": self.intercept,
+            "seconds_per_gib": self.slope * (1 << 30),
+            "objects": self.objects,
+        }
+
+
+def pipeline_key(download_key: str | None, stages: Iterable[StageCost]) -> str:
+    """What a size line is kept under: the data plane and each stage's cost key, the
+    early file stage marked (it changes how the pass overlaps)."""
+    keys = [c.key + ("@early" if c.early else "") for c in stages]
+    return "|".join([download_key or "local", *keys])
+
+
+@dataclass(frozen=True)
 class Prediction:
     """The model's answer for one object (seconds; see the module docstring)."""
 
@@ -316,6 +353,9 @@ class Prediction:
     #: fact / what it said, for objects of its group), and that group.
     eta_factors: tuple[float, ...] = ()
     eta_group: str = ""
+    #: Alone: the line of seconds against size its pipeline's lone objects drew
+    #: (:meth:`TimeModel.size_line`), when it gave the prediction; None: the arithmetic.
+    size_line: SizeLine | None = None
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready: the report's ``model`` field."""
@@ -334,6 +374,7 @@ class Prediction:
             "download": None if self.download_rate is None else self.download_rate.to_dict(),
             "download_start_seconds": self.download_start,
             "download_steady_rate": self.steady_rate,
+            "size_line": None if self.size_line is None else self.size_line.to_dict(),
             "eta": {"group": self.eta_group, "factors": list(self.eta_factors), "readings": []},
             "stages": [
                 dict(rate.to_dict(), name=cost.name, kind=cost.kind, early=cost.early)
@@ -623,6 +664,8 @@ class TimeModel:
         self._eta: dict[str, deque[float]] = {}
         #: (pass seconds at the object's own rates, its time less the tail and the wait)
         self._fixed: deque[tuple[float, float]] = deque(maxlen=WINDOW)
+        #: (bytes, seconds less the admission wait) of recent lone objects per pipeline.
+        self._sizes: dict[str, deque[tuple[float, float]]] = {}
         #: What sharing the engine does (objects in flight beside others).
         self.sharing = SharingModel()
         self.objects = 0
@@ -675,6 +718,28 @@ class TimeModel:
             return None
         start = max(0.0, recent_median([y - slope * x for x, y in points]))
         return start, 1.0 / slope
+
+    def size_line(self, pipeline: str) -> SizeLine | None:
+        """The end-to-end seconds of ``pipeline``'s recent lone objects as a line in their
+        size (Theil-Sen: the median pairwise slope, then the recency-weighted median
+        intercept); None until there are :data:`MIN_LINE_OBJECTS` and their sizes spread
+        (pairs a fifth apart).
+
+        Alone, what sets an object's time on a machine whose cores the download, the S3
+        server and the stages share is how they share them, and that changes with the
+        size: a small object's early file stage lags after its download, a large one's
+        download slows beside it. The arithmetic's one overlap factor for every size
+        leaves a bias per size (one at a time, 64 MiB objects 8-10% long at the median
+        and 256 MiB ones 6-9% short); the objects' own times lie on a line."""
+        with self._lock:
+            points = list(self._sizes.get(pipeline, ()))
+        if len(points) < MIN_LINE_OBJECTS:
+            return None
+        slope = theil_sen(points)
+        if slope is None or slope <= 0:
+            return None
+        intercept = max(0.0, recent_median([y - slope * x for x, y in points]))
+        return SizeLine(intercept, slope, len(points))
 
     def eta_factors(self, group: str) -> tuple[float, ...]:
         """The ETA's correction per tenth of the bytes for objects of ``group``: the
@@ -760,6 +825,12 @@ class TimeModel:
         t_dl, stream_end, early_end, tail, bound = combine(size, d, stages, effective)
         fixed, factor, _, _ = self.fit()
         lone_seconds = fixed + factor * max(stream_end, early_end) + tail
+        # Alone (nothing to share), the pipeline's own line once it has one.
+        size_line = (
+            self.size_line(pipeline_key(download_key, stages)) if load.in_flight <= 1 else None
+        )
+        if size_line is not None:
+            lone_seconds = size_line.seconds(size)
         line = self.download_line(download_key) if download_key else None
         group = eta_group(size, shared=False)
         return Prediction(
@@ -784,6 +855,7 @@ class TimeModel:
             steady_rate=line[1] if line else None,
             eta_factors=self.eta_factors(group) if download_key else (),
             eta_group=group if download_key else "",
+            size_line=size_line,
         )
 
     def _predict_shared(
@@ -861,6 +933,12 @@ class TimeModel:
         if math.isfinite(rest) and pass_seconds >= 0:
             with self._lock:
                 self._fixed.append((pass_seconds, max(0.0, rest)))
+        alone = obs.seconds - obs.load.admission_wait
+        if obs.load.in_flight <= 1 and math.isfinite(alone) and alone > 0:
+            key = pipeline_key(obs.download_key, (c for c, _ in obs.stages))
+            with self._lock:
+                window = self._sizes.setdefault(key, deque(maxlen=WINDOW))
+                window.append((float(obs.size), alone))
 
     def _learn_shared(self, obs: Observation) -> None:
         """An object that shared the engine teaches the sharing model (the capacity it
@@ -903,6 +981,7 @@ class TimeModel:
                 "fixed": [list(p) for p in self._fixed],
                 "rates": {k: list(v) for k, v in self._rates.items()},
                 "download_lines": {k: [list(p) for p in v] for k, v in self._lines.items()},
+                "size_lines": {k: [list(p) for p in v] for k, v in self._sizes.items()},
                 "eta": {k: list(v) for k, v in self._eta.items()},
                 "calibrated": dict(self.calibrated),
                 "sharing": self.sharing.to_list(),
@@ -918,6 +997,9 @@ class TimeModel:
         model._eta = _windows(data.get("eta"), _positive)
         model._lines = _windows(
             data.get("download_lines"), lambda v: [p for p in _pairs(v) if min(p) > 0]
+        )
+        model._sizes = _windows(
+            data.get("size_lines"), lambda v: [p for p in _pairs(v) if p[0] >= 0 < p[1]]
         )
         for point in list(data.get("fixed", [])):
             x, y = (float(v) for v in point)
@@ -1046,8 +1128,7 @@ def observation_from_described(report: Any) -> Observation | None:
     figures = load_figures(described)
     eta = described.get("eta") or {}
     readings = tuple(
-        (int(b), float(raw), float(actual))
-        for b, raw, actual in eta.get("readings") or ()
+        (int(b), float(raw), float(actual)) for b, raw, actual in eta.get("readings") or ()
     )
     return replace(
         obs,

@@ -58,6 +58,7 @@ from .. import Config, FastpipeError, Report, StageReport, UsageError, parse_siz
 from .._console import format_size, printable
 from .fit import GiB, default_results_path, fits
 from .locals3 import LocalS3, find_weed
+from .machine import free_page_reporting, machine_info
 from .s3 import ensure_bucket, s3_client, upload_file
 from .shaping import (
     Interrupted,
@@ -703,23 +704,6 @@ def _version_of(argv: Sequence[str]) -> str | None:
     return text[0].strip() if text else None
 
 
-def machine_info() -> dict[str, Any]:
-    import platform
-
-    model = None
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
 def tool_versions(server: str | None) -> dict[str, str | None]:
     import importlib.metadata
 
@@ -858,6 +842,8 @@ def _bench_many(args: argparse.Namespace) -> int:
         f"(target >= 0.90; median of {args.repeat})"
     )
     print(line)
+    if note := free_page_reporting().note():
+        print(note)
     os.makedirs(args.out, exist_ok=True)
     _write_json_atomic(
         os.path.join(args.out, "many.json"),
@@ -1012,6 +998,8 @@ def _write_and_print(
     print(format_targets(runs))
     print()
     print(f"results: {results_path} (copy: {default_results_path()})")
+    if note := free_page_reporting().note():
+        print(note)
     if plotted:
         print(f"plot: {png}")
 

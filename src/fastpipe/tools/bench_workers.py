@@ -35,12 +35,12 @@ from .bench import (
     CHUNK_AVG,
     DEFAULT_BUCKET,
     delete_keys,
-    machine_info,
     pipeline_stages,
     write_random,
 )
 from .locals3 import LocalS3, free_ports
 from .localsqs import LocalSQS
+from .machine import machine_info
 from .predictability import quantile
 from .s3 import ensure_bucket, s3_client, upload_file
 from .shaping import Interrupted, signals_raise

@@ -33,6 +33,7 @@ from .. import Config, Engine, Progress
 from .._console import format_size
 from ..stages import Checksum, Chunk, Scan
 from .locals3 import LocalS3
+from .machine import free_page_reporting, machine_info
 from .s3 import ensure_bucket, s3_client, upload_file
 
 BUCKET = "fastpipe-predictability"
@@ -268,9 +269,17 @@ def cmd_predictability(args: argparse.Namespace) -> int:
     summary = summarize(runs)
     with open(os.path.join(args.out, "predictability.json"), "w", encoding="utf-8") as f:
         order = config.download_order
-        record = {"in_flight": in_flight, "download_order": order, "runs": runs, "summary": summary}
+        record = {
+            "in_flight": in_flight,
+            "download_order": order,
+            "machine": machine_info(),
+            "runs": runs,
+            "summary": summary,
+        }
         json.dump(record, f, indent=1)
     print(format_summary(summary, in_flight, config.download_order))
+    if note := free_page_reporting().note():
+        print(note)
     png = os.path.join(args.out, "predicted_vs_actual.png")
     if plot(runs, png):
         print(f"plot: {png}")
