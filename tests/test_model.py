@@ -603,6 +603,36 @@ def test_calibrate_and_estimate_cli(tmp_path: Path) -> None:
     assert out.returncode == 2 and "unknown stage" in out.stderr
 
 
+def test_estimate_says_when_the_size_line_predicts(tmp_path: Path) -> None:
+    from fastpipe._engine import default_stages
+
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    m = TimeModel(path=str(tmp_path / "cache" / "fastpipe" / "model.json"))
+    costs = tuple(stage_costs(default_stages()))
+    for size in [64 * MiB, 256 * MiB, S] * 2:
+        seconds = 0.02 + 1.5 * size / S
+        obs = Observation(
+            size,
+            seconds,
+            tuple((c, seconds / 2) for c in costs),
+            download_key="download:raw",
+            download_bytes=size,
+            download_seconds=seconds / 2,
+        )
+        m.learn(obs)
+    m.save()
+    out = _cli("estimate", "512MiB", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "about 0.8 s end to end" in out.stdout
+    assert "alone: 6 lone objects of these stages lie on 0.02 s + 1.50 s/GiB" in out.stdout
+    data = json.loads(_cli("estimate", "512MiB", "--json", env=env).stdout)
+    assert data["size_line"]["objects"] == 6
+    assert data["predicted_seconds"] == pytest.approx(0.02 + 0.75)
+    # Beside others, the arithmetic of shares: no line.
+    shared = json.loads(_cli("estimate", "512MiB", "--in-flight", "4", "--json", env=env).stdout)
+    assert shared["size_line"] is None
+
+
 # -- the engine's model: reports, learning, the state file, the end-to-end ETA ------------
 
 

@@ -246,6 +246,13 @@ def _estimate(args: argparse.Namespace, path: str | None) -> int:
         f"  pass {max(prediction.stream, prediction.early):.2f} s (bound: {prediction.bound}), "
         f"tail {prediction.tail:.2f} s"
     )
+    if prediction.size_line is not None:
+        line = prediction.size_line
+        print(
+            f"  alone: {line.objects} lone objects of these stages lie on "
+            f"{line.intercept:.2f} s + {line.slope * (1 << 30):.2f} s/GiB, which gives the "
+            "prediction (the ETA runs on the phases above)"
+        )
     if prediction.source == "builtin":
         print("  built-in rates: run `fastpipe calibrate` for this machine's")
     return 0
