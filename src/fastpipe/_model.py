@@ -729,8 +729,8 @@ class TimeModel:
         server and the stages share is how they share them, and that changes with the
         size: a small object's early file stage lags after its download, a large one's
         download slows beside it. The arithmetic's one overlap factor for every size
-        leaves a bias per size (one at a time, 64 MiB objects 8-10% long at the median
-        and 256 MiB ones 6-9% short); the objects' own times lie on a line."""
+        leaves a bias per size (one at a time, 64 MiB objects 8-11% long at the median
+        and 256 MiB ones 6-10% short); the objects' own times lie on a line."""
         with self._lock:
             points = list(self._sizes.get(pipeline, ()))
         if len(points) < MIN_LINE_OBJECTS:
