@@ -877,6 +877,7 @@ class TimeModel:
             shared=shared,
             lone_seconds=lone.seconds,
             in_flight_expected=expected,
+            size_line=None,  # its time alone may come from the line; this one does not
         )
 
     # -- learning ------------------------------------------------------------------------
