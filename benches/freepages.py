@@ -2,8 +2,8 @@
 
     python benches/freepages.py [--size 1GiB] [--gaps 0,3] [--rounds 4] [--dir DIR]
 
-Writes a file of ``--size`` in 1 MiB ``pwrite`` calls the way the engine fills a temp
-file (sized and preallocated first), removes it, waits ``gap`` seconds, and again,
+Fills a temp file of ``--size`` in 1 MiB writes through the engine's own ``TempFile``
+(0600, sized and preallocated first), removes it, waits ``gap`` seconds, and again,
 ``--rounds`` times per gap; prints each write's seconds and the machine's free page
 reporting (``fastpipe.tools.machine``). On a VM whose balloon reports free memory to
 its host, a write after a gap longer than the reporting delay takes the host's faults on
@@ -19,25 +19,24 @@ import tempfile
 import time
 
 from fastpipe import parse_size
+from fastpipe._file import TempFile
 from fastpipe.tools.machine import free_page_reporting
 
 CHUNK = 1 << 20
 
 
 def write_once(folder: str, size: int) -> float:
-    """Seconds to fill a new ``size``-byte file in ``folder`` (removed after)."""
+    """Seconds to fill a new ``size``-byte temp file in ``folder`` (removed after)."""
     block = memoryview(os.urandom(CHUNK))
     fd, path = tempfile.mkstemp(dir=folder, prefix=".freepages-")
+    temp = TempFile(fd, path, size)  # the engine's own: 0600, sized, preallocated
     try:
-        os.ftruncate(fd, size)
-        os.posix_fallocate(fd, 0, size)
         started = time.perf_counter()
         for offset in range(0, size, CHUNK):
-            os.pwrite(fd, block[: min(CHUNK, size - offset)], offset)
+            temp.pwrite(block[: min(CHUNK, size - offset)], offset)
         return time.perf_counter() - started
     finally:
-        os.close(fd)
-        os.unlink(path)
+        temp.remove()
 
 
 def main() -> None:

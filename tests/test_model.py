@@ -432,6 +432,21 @@ def test_beside_others_the_line_neither_predicts_nor_learns() -> None:
     assert m.size_line(key) == before
 
 
+def test_a_shared_prediction_does_not_claim_the_line() -> None:
+    """Beside others the sharing model predicts; the line may still give the object's
+    time alone (``lone_seconds``), but the report does not say it gave the prediction."""
+    from fastpipe._sharing import SharedPoint
+
+    m = TimeModel()
+    for size in (64 * MiB, 256 * MiB, S) * 2:
+        m.learn(_lone(size, 2.0 * size / S))
+        m.sharing.add(SharedPoint(size, 16.0, 400 * MiB, 0.2, 0.1, 3.0, 16.0))
+    p = m.predict(S, [A, EARLY], download_key="download:raw", load=Load.shared(4))
+    assert p.shared is not None and p.size_line is None
+    assert p.describe()["size_line"] is None
+    assert p.lone_seconds == pytest.approx(2.0)
+
+
 def test_small_objects_teach_the_fixed_cost_only() -> None:
     m = model(download=400, a=1000)
     m._fixed.clear()

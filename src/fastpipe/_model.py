@@ -713,11 +713,8 @@ class TimeModel:
         run). None until the sizes are spread enough to tell them apart."""
         with self._lock:
             points = list(self._lines.get(key, ()))
-        slope = theil_sen(points)
-        if slope is None or slope <= 0:
-            return None
-        start = max(0.0, recent_median([y - slope * x for x, y in points]))
-        return start, 1.0 / slope
+        line = rising_line(points)
+        return None if line is None else (line[0], 1.0 / line[1])
 
     def size_line(self, pipeline: str) -> SizeLine | None:
         """The end-to-end seconds of ``pipeline``'s recent lone objects as a line in their
@@ -733,13 +730,8 @@ class TimeModel:
         and 256 MiB ones 6-10% short); the objects' own times lie on a line."""
         with self._lock:
             points = list(self._sizes.get(pipeline, ()))
-        if len(points) < MIN_LINE_OBJECTS:
-            return None
-        slope = theil_sen(points)
-        if slope is None or slope <= 0:
-            return None
-        intercept = max(0.0, recent_median([y - slope * x for x, y in points]))
-        return SizeLine(intercept, slope, len(points))
+        line = rising_line(points) if len(points) >= MIN_LINE_OBJECTS else None
+        return None if line is None else SizeLine(line[0], line[1], len(points))
 
     def eta_factors(self, group: str) -> tuple[float, ...]:
         """The ETA's correction per tenth of the bytes for objects of ``group``: the
@@ -885,6 +877,7 @@ class TimeModel:
             shared=shared,
             lone_seconds=lone.seconds,
             in_flight_expected=expected,
+            size_line=None,  # its time alone may come from the line; this one does not
         )
 
     # -- learning ------------------------------------------------------------------------
@@ -999,7 +992,7 @@ class TimeModel:
             data.get("download_lines"), lambda v: [p for p in _pairs(v) if min(p) > 0]
         )
         model._sizes = _windows(
-            data.get("size_lines"), lambda v: [p for p in _pairs(v) if p[0] >= 0 < p[1]]
+            data.get("size_lines"), lambda v: [(x, y) for x, y in _pairs(v) if x >= 0 and y > 0]
         )
         for point in list(data.get("fixed", [])):
             x, y = (float(v) for v in point)
@@ -1042,6 +1035,16 @@ class TimeModel:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def rising_line(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
+    """``(intercept, slope)`` of a Theil-Sen line through ``points`` (oldest first): the
+    median pairwise slope, then the recency-weighted median intercept, at least 0. None
+    when the slope is unknown (too few points, x not spread) or not positive."""
+    slope = theil_sen(points)
+    if slope is None or slope <= 0:
+        return None
+    return max(0.0, recent_median([y - slope * x for x, y in points])), slope
 
 
 def recent_median(values: Sequence[float], half_life: float = HALF_LIFE) -> float:
@@ -1128,7 +1131,8 @@ def observation_from_described(report: Any) -> Observation | None:
     figures = load_figures(described)
     eta = described.get("eta") or {}
     readings = tuple(
-        (int(b), float(raw), float(actual)) for b, raw, actual in eta.get("readings") or ()
+        (int(b), float(raw), float(actual))
+        for b, raw, actual in eta.get("readings") or ()
     )
     return replace(
         obs,
