@@ -283,6 +283,9 @@ def test_predictability_section(tmp_path: Path) -> None:
     assert all(r["predicted"] and r["model_source"] == "learned" for r in data["runs"])
     assert set(data["summary"]["sizes"]) == {str(1 << 20), str(2 << 20)}
     assert data["summary"]["errors"]["predicted"]["n"] == 4
+    # One at a time, an ideal engine's times do not spread: no queue.
+    ideal = data["summary"]["ideal"]
+    assert [s["p90_over_p50"] for s in ideal.values()] == pytest.approx([1.0, 1.0])
     # The model learned into the bench's own state file, not the user's cache.
     assert (tmp_path / "out" / "model.json").exists()
     assert not (tmp_path / "cache" / "fastpipe" / "model.json").exists()
@@ -303,6 +306,9 @@ def test_predictability_in_flight(tmp_path: Path) -> None:
     # while the other still holds its slot) gets half of the connections.
     assert any(r["connection_share"] == 0.5 for r in runs)
     assert data["summary"]["errors"]["predicted"]["n"] == 4
+    # The same calls through the ideal engine: the queue's spread, per size.
+    assert set(data["summary"]["ideal"]) == {str(1 << 20), str(2 << 20)}
+    assert "through an ideal engine" in out.stdout
 
 
 def test_predictability_summary_arithmetic() -> None:

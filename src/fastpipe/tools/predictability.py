@@ -10,7 +10,9 @@ the bytes cross each 5% of the object, so it holds that fraction plus at most on
 buffer; ``eta_10_done`` records the fraction actually in). Per size: p50, p90, max
 and p90/p50 of the end-to-end time, and the same from each object's download start
 (less its admission wait and its wait for its turn: what the objects ahead of it
-cost); per estimate: the median and p90 of ``|predicted - actual| / actual``;
+cost), and the p90/p50 of the same calls through an ideal engine whose phases never vary
+(:mod:`.ideal`, in turn only: the spread the queue alone makes); per estimate: the median
+and p90 of ``|predicted - actual| / actual``;
 ``predictability.json`` keeps every object and ``predicted_vs_actual.png`` plots the
 predictions against the actual times. ``--download-order`` sets the engine's
 ``Config.download_order`` (default ``admission``).
@@ -26,12 +28,14 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .. import Config, Engine, Progress
+from .._budgets import default_disk_budget
 from .._console import format_size
 from ..stages import Checksum, Chunk, Scan
+from .ideal import ideal_times, phases_by_size
 from .locals3 import LocalS3
 from .machine import free_page_reporting, machine_info
 from .s3 import ensure_bucket, s3_client, upload_file
@@ -142,6 +146,44 @@ async def _one(engine: Engine, uri: str, size: int) -> dict[str, Any]:
 _ORIGIN = [0.0]
 
 
+def call_order(
+    sizes: Iterable[int], repeat: int, warmup: int, seed: int = 0
+) -> tuple[list[int], list[int]]:
+    """``(warm-up, recorded)``: the sizes the bench calls, in order: ``warmup`` objects
+    going through the sizes from the smallest, then each size ``repeat`` times, shuffled
+    (the same order for the same seed)."""
+    sizes = sorted(set(sizes))
+    order = [size for size in sizes for _ in range(repeat)]
+    random.Random(seed).shuffle(order)
+    return [sizes[i % len(sizes)] for i in range(warmup)], order
+
+
+def ideal_summary(
+    runs: Sequence[dict[str, Any]],
+    warm: Sequence[int],
+    order: Sequence[int],
+    in_flight: int,
+    disk_budget: int,
+    max_objects: int,
+) -> dict[str, Any]:
+    """Per size, the p50, p90 and p90/p50 from the call of the same calls through an
+    ideal engine, each phase its size's median in ``runs``, the downloads at the pace
+    through the queue the engine had learned by the last object (:mod:`.ideal`): the
+    spread the queue alone makes. Empty when a size has no measured phases."""
+    learned = [r["shared"] for r in runs if r.get("shared")]
+    pace = learned[-1].get("turn_capacity") if learned else None
+    phases = phases_by_size(runs, pace)
+    if not set(order) | set(warm) <= set(phases):
+        return {}
+    times = ideal_times(order, warm, in_flight, phases, disk_budget, max_objects)
+    out: dict[str, Any] = {}
+    for size in sorted(set(order)):
+        seconds = [t for s, t in zip(order, times, strict=True) if s == size]
+        p50, p90 = quantile(seconds, 0.5), quantile(seconds, 0.9)
+        out[str(size)] = {"p50": p50, "p90": p90, "p90_over_p50": p90 / p50 if p50 > 0 else None}
+    return out
+
+
 def run_objects(
     uris: dict[int, str],
     repeat: int,
@@ -154,9 +196,7 @@ def run_objects(
     the warm-up (whose objects run one at a time with ``in_flight`` 1, else all at once:
     the model learns the regime it is measured in); the recorded runs, in the order they
     ended."""
-    order = [size for size in uris for _ in range(repeat)]
-    random.Random(seed).shuffle(order)
-    warm = [sorted(uris)[i % len(uris)] for i in range(warmup)]
+    warm, order = call_order(uris, repeat, warmup, seed)
 
     async def main() -> list[dict[str, Any]]:
         async with Engine(config) as engine:
@@ -207,6 +247,16 @@ def format_summary(
             f"  {format_size(int(size)):>10} {s['runs']:>4} {s['p50']:7.3f} {s['p90']:7.3f} "
             f"{s['max']:7.3f} {ratio:>7}   {'':27}{s['started_p50']:7.3f} "
             f"{s['started_p90']:7.3f} {started:>7}"
+        )
+    if ideal := summary.get("ideal"):
+        spread = ", ".join(
+            f"{format_size(int(size))} {s['p90_over_p50']:.2f}"
+            for size, s in ideal.items()
+            if s["p90_over_p50"]
+        )
+        lines.append(
+            f"  the same calls through an ideal engine (each phase its size's median here: "
+            f"the queue's spread alone), p90/p50 from the call: {spread}"
         )
     lines.append("  |predicted - actual| / actual:")
     for name, e in summary["errors"].items():
@@ -267,11 +317,14 @@ def cmd_predictability(args: argparse.Namespace) -> int:
         in_flight = getattr(args, "in_flight", 1)
         runs = run_objects(uris, args.repeat, args.predict_warmup, config, in_flight=in_flight)
     summary = summarize(runs)
+    if config.download_order == "admission":  # the ideal engine downloads in turn
+        warm, calls = call_order(sizes, args.repeat, args.predict_warmup)
+        budget = config.disk_budget or default_disk_budget()  # the engine's, no dest
+        summary["ideal"] = ideal_summary(runs, warm, calls, in_flight, budget, config.max_objects)
     with open(os.path.join(args.out, "predictability.json"), "w", encoding="utf-8") as f:
-        order = config.download_order
         record = {
             "in_flight": in_flight,
-            "download_order": order,
+            "download_order": config.download_order,
             "machine": machine_info(),
             "runs": runs,
             "summary": summary,
