@@ -32,7 +32,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .. import Config, Engine, Progress
-from .._budgets import default_disk_budget
 from .._console import format_size
 from ..stages import Checksum, Chunk, Scan
 from .ideal import ideal_times, phases_by_size
@@ -191,37 +190,42 @@ def run_objects(
     config: Config,
     seed: int = 0,
     in_flight: int = 1,
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], tuple[int, int]]:
     """Process the objects (``size -> uri``) with one engine, ``in_flight`` at once after
     the warm-up (whose objects run one at a time with ``in_flight`` 1, else all at once:
     the model learns the regime it is measured in); the recorded runs, in the order they
-    ended."""
+    ended, and the engine's disk budget and object slots."""
     warm, order = call_order(uris, repeat, warmup, seed)
 
-    async def main() -> list[dict[str, Any]]:
+    async def main() -> tuple[list[dict[str, Any]], tuple[int, int]]:
         async with Engine(config) as engine:
-            _ORIGIN[0] = time.perf_counter()
-            if in_flight <= 1:
-                for size in warm:
-                    await _one(engine, uris[size], size)
-            else:  # the warm-up runs as the objects after it do: beside each other
-                async with anyio.create_task_group() as tg:
-                    for size in warm:
-                        tg.start_soon(_one, engine, uris[size], size)
-            if in_flight <= 1:
-                return [await _one(engine, uris[size], size) for size in order]
-            runs: list[dict[str, Any]] = []
-            queue = iter(order)
+            runs = await _objects(engine)
+            # Read after the objects: the first one's placement made them.
+            return runs, (engine.budgets.disk_budget, engine.budgets.max_objects)
 
-            async def worker() -> None:
-                # Each takes the next size when its object ends: N stay in flight.
-                for size in queue:
-                    runs.append(await _one(engine, uris[size], size))
-
+    async def _objects(engine: Engine) -> list[dict[str, Any]]:
+        _ORIGIN[0] = time.perf_counter()
+        if in_flight <= 1:
+            for size in warm:
+                await _one(engine, uris[size], size)
+        else:  # the warm-up runs as the objects after it do: beside each other
             async with anyio.create_task_group() as tg:
-                for _ in range(in_flight):
-                    tg.start_soon(worker)
-            return runs
+                for size in warm:
+                    tg.start_soon(_one, engine, uris[size], size)
+        if in_flight <= 1:
+            return [await _one(engine, uris[size], size) for size in order]
+        runs: list[dict[str, Any]] = []
+        queue = iter(order)
+
+        async def worker() -> None:
+            # Each takes the next size when its object ends: N stay in flight.
+            for size in queue:
+                runs.append(await _one(engine, uris[size], size))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(in_flight):
+                tg.start_soon(worker)
+        return runs
 
     import anyio
 
@@ -315,12 +319,13 @@ def cmd_predictability(args: argparse.Namespace) -> int:
             reuse_connections=getattr(args, "reuse_connections", False),
         )
         in_flight = getattr(args, "in_flight", 1)
-        runs = run_objects(uris, args.repeat, args.predict_warmup, config, in_flight=in_flight)
+        runs, (budget, slots) = run_objects(
+            uris, args.repeat, args.predict_warmup, config, in_flight=in_flight
+        )
     summary = summarize(runs)
     if config.download_order == "admission":  # the ideal engine downloads in turn
         warm, calls = call_order(sizes, args.repeat, args.predict_warmup)
-        budget = config.disk_budget or default_disk_budget()  # the engine's, no dest
-        summary["ideal"] = ideal_summary(runs, warm, calls, in_flight, budget, config.max_objects)
+        summary["ideal"] = ideal_summary(runs, warm, calls, in_flight, budget, slots)
     with open(os.path.join(args.out, "predictability.json"), "w", encoding="utf-8") as f:
         record = {
             "in_flight": in_flight,
