@@ -308,6 +308,7 @@ def test_predictability_in_flight(tmp_path: Path) -> None:
     assert data["summary"]["errors"]["predicted"]["n"] == 4
     # The same calls through the ideal engine: the queue's spread, per size.
     assert set(data["summary"]["ideal"]) == {str(1 << 20), str(2 << 20)}
+    assert data["disk_budget"] > 0 and data["max_objects"] == 8  # what it replayed with
     assert "through an ideal engine" in out.stdout
 
 

@@ -95,10 +95,15 @@ def ideal_times(
     free_at = 0.0  # when the download admitted last ends
     warm_left = len(warm)
     now = 0.0
+
+    def call(callers: int) -> None:  # that many callers send their next object now
+        for _ in range(min(callers, len(calls))):
+            index = len(order) - len(calls)
+            waiting.append((now, calls.popleft(), index))
+
     waiting.extend((0.0, size, -1) for size in warm)
     if not warm:
-        waiting.extend((0.0, calls.popleft(), len(order) - len(calls) - 1)
-                       for _ in range(min(in_flight, len(calls))))
+        call(in_flight)
     while True:
         while waiting and admitted < max_objects and (
             held + waiting[0][1] <= disk_budget or admitted == 0
@@ -117,8 +122,6 @@ def ideal_times(
         held, admitted = held - size, admitted - 1
         if index < 0:
             warm_left -= 1
-            callers = in_flight if warm_left == 0 else 0
+            call(in_flight if warm_left == 0 else 0)
         else:
-            callers = 1
-        for _ in range(min(callers, len(calls))):
-            waiting.append((now, calls.popleft(), len(order) - len(calls) - 1))
+            call(1)

@@ -330,6 +330,9 @@ def cmd_predictability(args: argparse.Namespace) -> int:
         record = {
             "in_flight": in_flight,
             "download_order": config.download_order,
+            # The engine's limits, which the ideal engine replays the calls with.
+            "disk_budget": budget,
+            "max_objects": slots,
             "machine": machine_info(),
             "runs": runs,
             "summary": summary,
