@@ -326,6 +326,7 @@ def cmd_predictability(args: argparse.Namespace) -> int:
     if config.download_order == "admission":  # the ideal engine downloads in turn
         warm, calls = call_order(sizes, args.repeat, args.predict_warmup)
         summary["ideal"] = ideal_summary(runs, warm, calls, in_flight, budget, slots)
+    reporting = free_page_reporting()  # one read for the record and the note
     with open(os.path.join(args.out, "predictability.json"), "w", encoding="utf-8") as f:
         record = {
             "in_flight": in_flight,
@@ -333,13 +334,13 @@ def cmd_predictability(args: argparse.Namespace) -> int:
             # The engine's limits, which the ideal engine replays the calls with.
             "disk_budget": budget,
             "max_objects": slots,
-            "machine": machine_info(),
+            "machine": machine_info(reporting),
             "runs": runs,
             "summary": summary,
         }
         json.dump(record, f, indent=1)
     print(format_summary(summary, in_flight, config.download_order))
-    if note := free_page_reporting().note():
+    if note := reporting.note():
         print(note)
     png = os.path.join(args.out, "predicted_vs_actual.png")
     if plot(runs, png):
