@@ -69,6 +69,11 @@ def test_machine_info_is_json_ready_and_holds_it() -> None:
     info = json.loads(json.dumps(machine_info()))
     assert set(info["free_page_reporting"]) == {"active", "order", "delay_ms"}
     assert info["cpu_count"] >= 1
+    # What the caller already read goes in as it is, and the record gives the note back.
+    read = FreePageReporting(active=True, order=9, delay_ms=0)
+    recorded = machine_info(read)["free_page_reporting"]
+    assert FreePageReporting(**recorded) == read
+    assert FreePageReporting(**recorded).note() == read.note()
 
 
 def test_the_freepages_diagnostic_times_each_write(tmp_path: Path) -> None:

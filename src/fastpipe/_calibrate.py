@@ -250,7 +250,7 @@ def _estimate(args: argparse.Namespace, path: str | None) -> int:
         line = prediction.size_line
         print(
             f"  alone: {line.objects} lone objects of these stages lie on "
-            f"{line.intercept:.2f} s + {line.slope * (1 << 30):.2f} s/GiB, which gives the "
+            f"{line.intercept:.2f} s + {line.seconds_per_gib:.2f} s/GiB, which gives the "
             "prediction (the ETA runs on the phases above)"
         )
     if prediction.source == "builtin":

@@ -301,11 +301,16 @@ class SizeLine:
         """The line at ``size`` bytes."""
         return self.intercept + self.slope * size
 
+    @property
+    def seconds_per_gib(self) -> float:
+        """The slope, per GiB."""
+        return self.slope * (1 << 30)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (the report's ``model["size_line"]``)."""
         return {
             "intercept_seconds": self.intercept,
-            "seconds_per_gib": self.slope * (1 << 30),
+            "seconds_per_gib": self.seconds_per_gib,
             "objects": self.objects,
         }
 

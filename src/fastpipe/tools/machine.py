@@ -95,8 +95,9 @@ def _read_int(path: str, base: int = 10) -> int | None:
         return None
 
 
-def machine_info() -> dict[str, Any]:
-    """The CPU, platform, Python and free page reporting, for a bench's record."""
+def machine_info(reporting: FreePageReporting | None = None) -> dict[str, Any]:
+    """The CPU, platform, Python and free page reporting (``reporting`` when the caller
+    already read it for its note, else read now), for a bench's record."""
     model = None
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
         for line in f:
@@ -108,5 +109,5 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": model,
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "free_page_reporting": free_page_reporting().describe(),
+        "free_page_reporting": (reporting or free_page_reporting()).describe(),
     }

@@ -55,28 +55,28 @@ def quantile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def spread(seconds: Sequence[float]) -> dict[str, float | None]:
+    """``p50``, ``p90`` and ``p90_over_p50`` of ``seconds`` (the ratio None at p50 0)."""
+    p50, p90 = quantile(seconds, 0.5), quantile(seconds, 0.9)
+    return {"p50": p50, "p90": p90, "p90_over_p50": p90 / p50 if p50 > 0 else None}
+
+
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per-size spread of the end-to-end time and per-estimate relative errors."""
     sizes: dict[str, Any] = {}
     for size in sorted({r["size"] for r in runs}):
         seconds = [r["seconds"] for r in runs if r["size"] == size]
-        p50, p90 = quantile(seconds, 0.5), quantile(seconds, 0.9)
         # From its download's start: less the admission wait and the wait for its turn.
         started = [
             r["seconds"] - (r.get("queued") or 0.0) - (r.get("turn_wait") or 0.0)
             for r in runs
             if r["size"] == size
         ]
-        s50, s90 = quantile(started, 0.5), quantile(started, 0.9)
         sizes[str(size)] = {
             "runs": len(seconds),
-            "p50": p50,
-            "p90": p90,
+            **spread(seconds),
             "max": max(seconds),
-            "p90_over_p50": p90 / p50 if p50 > 0 else None,
-            "started_p50": s50,
-            "started_p90": s90,
-            "started_p90_over_p50": s90 / s50 if s50 > 0 else None,
+            **{f"started_{k}": v for k, v in spread(started).items()},
         }
     errors: dict[str, Any] = {}
     for name in ("predicted", *(f"eta_{int(p * 100)}" for p in ETA_POINTS)):
@@ -175,27 +175,24 @@ def ideal_summary(
     if not set(order) | set(warm) <= set(phases):
         return {}
     times = ideal_times(order, warm, in_flight, phases, disk_budget, max_objects)
-    out: dict[str, Any] = {}
-    for size in sorted(set(order)):
-        seconds = [t for s, t in zip(order, times, strict=True) if s == size]
-        p50, p90 = quantile(seconds, 0.5), quantile(seconds, 0.9)
-        out[str(size)] = {"p50": p50, "p90": p90, "p90_over_p50": p90 / p50 if p50 > 0 else None}
-    return out
+    return {
+        str(size): spread([t for s, t in zip(order, times, strict=True) if s == size])
+        for size in sorted(set(order))
+    }
 
 
 def run_objects(
     uris: dict[int, str],
-    repeat: int,
-    warmup: int,
+    warm: Sequence[int],
+    order: Sequence[int],
     config: Config,
-    seed: int = 0,
     in_flight: int = 1,
 ) -> tuple[list[dict[str, Any]], tuple[int, int]]:
-    """Process the objects (``size -> uri``) with one engine, ``in_flight`` at once after
-    the warm-up (whose objects run one at a time with ``in_flight`` 1, else all at once:
-    the model learns the regime it is measured in); the recorded runs, in the order they
-    ended, and the engine's disk budget and object slots."""
-    warm, order = call_order(uris, repeat, warmup, seed)
+    """Process the ``warm`` sizes, then the ``order`` ones (:func:`call_order`; ``size ->
+    uri``), with one engine, ``in_flight`` at once after the warm-up (whose objects run
+    one at a time with ``in_flight`` 1, else all at once: the model learns the regime it
+    is measured in); the recorded runs, in the order they ended, and the engine's disk
+    budget and object slots."""
 
     async def main() -> tuple[list[dict[str, Any]], tuple[int, int]]:
         async with Engine(config) as engine:
@@ -319,13 +316,13 @@ def cmd_predictability(args: argparse.Namespace) -> int:
             reuse_connections=getattr(args, "reuse_connections", False),
         )
         in_flight = getattr(args, "in_flight", 1)
-        runs, (budget, slots) = run_objects(
-            uris, args.repeat, args.predict_warmup, config, in_flight=in_flight
-        )
+        # One order for the engine and for the ideal engine's replay of it.
+        warm, calls = call_order(uris, args.repeat, args.predict_warmup)
+        runs, (budget, slots) = run_objects(uris, warm, calls, config, in_flight=in_flight)
     summary = summarize(runs)
     if config.download_order == "admission":  # the ideal engine downloads in turn
-        warm, calls = call_order(sizes, args.repeat, args.predict_warmup)
         summary["ideal"] = ideal_summary(runs, warm, calls, in_flight, budget, slots)
+    reporting = free_page_reporting()  # one read for the record and the note
     with open(os.path.join(args.out, "predictability.json"), "w", encoding="utf-8") as f:
         record = {
             "in_flight": in_flight,
@@ -333,13 +330,13 @@ def cmd_predictability(args: argparse.Namespace) -> int:
             # The engine's limits, which the ideal engine replays the calls with.
             "disk_budget": budget,
             "max_objects": slots,
-            "machine": machine_info(),
+            "machine": machine_info(reporting),
             "runs": runs,
             "summary": summary,
         }
         json.dump(record, f, indent=1)
     print(format_summary(summary, in_flight, config.download_order))
-    if note := free_page_reporting().note():
+    if note := reporting.note():
         print(note)
     png = os.path.join(args.out, "predicted_vs_actual.png")
     if plot(runs, png):
