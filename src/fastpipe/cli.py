@@ -234,6 +234,12 @@ def _add_tool_parsers(sub: Any) -> None:
         help="--predictability, --many: Config.reuse_connections on",
     )
     bench.add_argument(
+        "--disk-budget",
+        type=size_arg,
+        default=None,
+        help="--predictability: Config.disk_budget (default: the engine's rule)",
+    )
+    bench.add_argument(
         "--predict-warmup", type=int, default=3, help="unrecorded objects first (default 3)"
     )
     bench.add_argument(

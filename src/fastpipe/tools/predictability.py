@@ -11,8 +11,8 @@ buffer; ``eta_10_done`` records the fraction actually in). Per size: p50, p90, m
 and p90/p50 of the end-to-end time, and the same from each object's download start
 (less its admission wait and its wait for its turn: what the objects ahead of it
 cost), and the p90/p50 of the same calls through an ideal engine whose phases never vary
-(:mod:`.ideal`, in turn only: the spread the queue alone makes); per estimate: the median
-and p90 of ``|predicted - actual| / actual``;
+(:mod:`.ideal`, downloading in the engine's order: the spread the queue alone makes);
+per estimate: the median and p90 of ``|predicted - actual| / actual``;
 ``predictability.json`` keeps every object and ``predicted_vs_actual.png`` plots the
 predictions against the actual times. ``--download-order`` sets the engine's
 ``Config.download_order`` (default ``admission``).
@@ -28,7 +28,7 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .. import Config, Engine, Progress
@@ -164,20 +164,32 @@ def ideal_summary(
     in_flight: int,
     disk_budget: int,
     max_objects: int,
+    weights: Mapping[int, float] | None = None,
 ) -> dict[str, Any]:
     """Per size, the p50, p90 and p90/p50 from the call of the same calls through an
     ideal engine, each phase its size's median in ``runs``, the downloads at the pace
-    through the queue the engine had learned by the last object (:mod:`.ideal`): the
-    spread the queue alone makes. Empty when a size has no measured phases."""
+    the engine had learned by the last object (:mod:`.ideal`): the spread the queue
+    alone makes. Downloads in turn, or with ``weights`` (size -> connections) shared at
+    the capacity the engine learned. Empty when a size has no measured phases."""
     learned = [r["shared"] for r in runs if r.get("shared")]
-    pace = learned[-1].get("turn_capacity") if learned else None
+    key = "turn_capacity" if weights is None else "capacity"
+    pace = learned[-1].get(key) if learned else None
     phases = phases_by_size(runs, pace)
     if not set(order) | set(warm) <= set(phases):
         return {}
-    times = ideal_times(order, warm, in_flight, phases, disk_budget, max_objects)
+    times = ideal_times(order, warm, in_flight, phases, disk_budget, max_objects, weights)
     return {
         str(size): spread([t for s, t in zip(order, times, strict=True) if s == size])
         for size in sorted(set(order))
+    }
+
+
+def connection_weights(sizes: Iterable[int], config: Config) -> dict[int, float]:
+    """Each size's weight when downloads share the engine: the connections it holds,
+    ``min(max_concurrency, parts)`` (the engine's own rule, ``_sharing.py``)."""
+    return {
+        size: float(min(config.max_concurrency, max(1, -(-size // config.part_size))))
+        for size in sizes
     }
 
 
@@ -313,6 +325,7 @@ def cmd_predictability(args: argparse.Namespace) -> int:
             endpoint_url=endpoint,
             model_path=os.path.join(args.out, "model.json"),
             download_order=getattr(args, "download_order", "admission"),
+            disk_budget=getattr(args, "disk_budget", None),
             reuse_connections=getattr(args, "reuse_connections", False),
         )
         in_flight = getattr(args, "in_flight", 1)
@@ -320,8 +333,9 @@ def cmd_predictability(args: argparse.Namespace) -> int:
         warm, calls = call_order(uris, args.repeat, args.predict_warmup)
         runs, (budget, slots) = run_objects(uris, warm, calls, config, in_flight=in_flight)
     summary = summarize(runs)
-    if config.download_order == "admission":  # the ideal engine downloads in turn
-        summary["ideal"] = ideal_summary(runs, warm, calls, in_flight, budget, slots)
+    # The ideal engine downloads as this one did: in turn, or shared by connections.
+    weights = connection_weights(uris, config) if config.download_order == "shared" else None
+    summary["ideal"] = ideal_summary(runs, warm, calls, in_flight, budget, slots, weights)
     reporting = free_page_reporting()  # one read for the record and the note
     with open(os.path.join(args.out, "predictability.json"), "w", encoding="utf-8") as f:
         record = {
