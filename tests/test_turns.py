@@ -69,6 +69,12 @@ async def test_a_turn_ended_any_way_lets_the_next_one_go() -> None:
         assert turns.ahead(later) == []
 
 
+async def _note_start(turn: _budgets.Turn, started: list[float]) -> None:
+    """Wait for ``turn``'s start and note when it came."""
+    await turn.wait()
+    started.append(time.perf_counter())
+
+
 @pytest.mark.anyio
 async def test_a_stalled_download_ahead_stops_holding_the_next_one(
     monkeypatch: pytest.MonkeyPatch,
@@ -84,13 +90,8 @@ async def test_a_stalled_download_ahead_stops_holding_the_next_one(
         with anyio.fail_after(5):
             await moving.wait()  # the stalled one ahead does not hold it
         started: list[float] = []
-
-        async def waiter() -> None:
-            await last.wait()
-            started.append(time.perf_counter())
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(waiter)
+            tg.start_soon(_note_start, last, started)
             for _ in range(6):  # bytes keep coming for 0.3 s: it waits
                 await anyio.sleep(0.03)
                 bytes_in[0] += 1
@@ -111,13 +112,8 @@ async def test_in_order_pass_the_next_one_waits_for_the_pass_not_the_tail(
     with turns.take() as first, turns.take() as second:
         first.watch(lambda: 100)
         started: list[float] = []
-
-        async def waiter() -> None:
-            await second.wait()
-            started.append(time.perf_counter())
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(waiter)
+            tg.start_soon(_note_start, second, started)
             first.parts_out()
             first.download_over()
             await anyio.sleep(0.3)  # six times STALLED_AFTER without a byte
