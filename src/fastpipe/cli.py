@@ -249,7 +249,7 @@ def _add_tool_parsers(sub: Any) -> None:
         metavar="RATE[,RATE...]",
         help="shape the embedded server's traffic on lo to this rate with tc (root): e.g. "
         "2.4Gbit, 800Mbit; a list such as unlimited,2.4Gbit,800Mbit runs each in turn "
-        "(default unlimited)",
+        "(--predictability: one rate; default unlimited)",
     )
     bench.set_defaults(tool="bench")
 

@@ -28,6 +28,7 @@ import random
 import statistics
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -38,6 +39,7 @@ from .ideal import ideal_times, phases_by_size
 from .locals3 import LocalS3
 from .machine import free_page_reporting, machine_info
 from .s3 import ensure_bucket, s3_client, upload_file
+from .shaping import shape_port
 
 BUCKET = "fastpipe-predictability"
 #: Fractions of the bytes at which the ETA is read.
@@ -304,9 +306,10 @@ def plot(runs: Sequence[dict[str, Any]], path: str) -> bool:
     return True
 
 
-def cmd_predictability(args: argparse.Namespace) -> int:
-    """Run the section on the embedded server (or ``--endpoint-url``); 0, or 1 when an
-    object failed."""
+def cmd_predictability(args: argparse.Namespace, link_rate: int | None = None) -> int:
+    """Run the section on the embedded server (or ``--endpoint-url``), its traffic
+    shaped to ``link_rate`` bits/s on lo while the objects run (None: unshaped); 0, or
+    1 when an object failed."""
     sizes: list[int] = args.sizes or [64 << 20, 256 << 20, 1 << 30]
     os.makedirs(args.out, exist_ok=True)
     with contextlib.ExitStack() as stack:
@@ -329,6 +332,10 @@ def cmd_predictability(args: argparse.Namespace) -> int:
             reuse_connections=getattr(args, "reuse_connections", False),
         )
         in_flight = getattr(args, "in_flight", 1)
+        if link_rate is not None:  # after the upload: only the objects' bytes are shaped
+            port = urllib.parse.urlsplit(endpoint).port
+            assert port is not None  # checked by cmd_bench (a loopback endpoint's port)
+            stack.enter_context(shape_port(port, link_rate, say=print))
         # One order for the engine and for the ideal engine's replay of it.
         warm, calls = call_order(uris, args.repeat, args.predict_warmup)
         runs, (budget, slots) = run_objects(uris, warm, calls, config, in_flight=in_flight)
@@ -341,6 +348,7 @@ def cmd_predictability(args: argparse.Namespace) -> int:
         record = {
             "in_flight": in_flight,
             "download_order": config.download_order,
+            "link_rate": link_rate,  # bits/s the server's traffic was shaped to (None: not)
             # The engine's limits, which the ideal engine replays the calls with.
             "disk_budget": budget,
             "max_objects": slots,
