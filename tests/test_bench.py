@@ -312,6 +312,39 @@ def test_predictability_in_flight(tmp_path: Path) -> None:
     assert "through an ideal engine" in out.stdout
 
 
+def test_predictability_shared_within_a_disk_budget(tmp_path: Path) -> None:
+    """`--download-order shared --disk-budget`: the engine runs with both, the record
+    says so, and the ideal engine replays the calls with the downloads shared."""
+    out = _predictability(
+        tmp_path, "--in-flight", "2", "--download-order", "shared", "--disk-budget", "3MiB"
+    )
+    assert out.returncode == 0, out.stderr
+    assert "download order shared" in out.stdout
+    data = json.loads((tmp_path / "out" / "predictability.json").read_text())
+    assert data["download_order"] == "shared" and data["disk_budget"] == 3 << 20
+    assert all(r["passed"] for r in data["runs"])
+    assert set(data["summary"]["ideal"]) == {str(1 << 20), str(2 << 20)}
+    assert "through an ideal engine" in out.stdout
+
+
+def test_predictability_takes_one_link_rate(tmp_path: Path) -> None:
+    out = _predictability(tmp_path, "--link-rate", "unlimited,800Mbit")
+    assert out.returncode == 2 and "--predictability takes one --link-rate" in out.stderr
+
+
+@needs_root_and_tc
+def test_predictability_on_a_shaped_link(tmp_path: Path) -> None:
+    """`--link-rate`: the objects run with the server's traffic shaped, the record says
+    the rate, and lo is as before after."""
+    before = _lo_root()
+    out = _predictability(tmp_path, "--in-flight", "2", "--link-rate", "800Mbit")
+    assert out.returncode == 0, out.stderr
+    assert "shaping lo: from port" in out.stdout
+    data = json.loads((tmp_path / "out" / "predictability.json").read_text())
+    assert data["link_rate"] == 800_000_000 and all(r["passed"] for r in data["runs"])
+    assert _lo_root() == before
+
+
 def test_predictability_summary_arithmetic() -> None:
     from fastpipe.tools.predictability import quantile, summarize
 

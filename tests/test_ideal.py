@@ -7,8 +7,15 @@ from typing import Any
 
 import pytest
 
+from fastpipe import Config
 from fastpipe.tools.ideal import Phases, ideal_times, phases_by_size
-from fastpipe.tools.predictability import call_order, format_summary, ideal_summary, summarize
+from fastpipe.tools.predictability import (
+    call_order,
+    connection_weights,
+    format_summary,
+    ideal_summary,
+    summarize,
+)
 
 BIG = 1 << 40  # a disk budget that never binds
 # Size 1: 1 s of download then 0.5 s of stages; size 2: 2 s of download, nothing after.
@@ -44,6 +51,41 @@ def test_the_warm_up_runs_first_all_at_once() -> None:
     # 4.5-6.5.
     times = ideal_times([1, 2], [2, 1], 2, PHASES, BIG, 8)
     assert times == pytest.approx([1.5, 3.0])
+
+
+def test_shared_downloads_split_the_capacity_by_weight() -> None:
+    # Two callers, equal weights. At 0 objects 0 (size 1) and 1 (size 2) download at
+    # half the capacity each: object 0's download ends at 2.0 (object 1 has 1 s of it
+    # left) and it ends at 2.5; object 1 alone to 2.5 (0.5 s left). Object 2 (size 1),
+    # called at 2.5, shares with it: object 1's download ends at 3.5, object 2's (0.5 s
+    # left) at 4.0, and it ends at 4.5, 2 s after its call.
+    even = {1: 1.0, 2: 1.0}
+    assert ideal_times([1, 2, 1], [], 2, PHASES, BIG, 8, even) == pytest.approx(
+        [2.5, 3.5, 2.0]
+    )
+    # Weights 1 and 3: object 1 downloads at 3/4 of the capacity, 2 s of it by 8/3;
+    # object 0 has 1/3 s left then, alone: its download ends at 3.0, it at 3.5.
+    uneven = {1: 1.0, 2: 3.0}
+    assert ideal_times([1, 2], [], 2, PHASES, BIG, 8, uneven) == pytest.approx([3.5, 8 / 3])
+    # One at a time, sharing is the same as in turn; nothing to download: its phases.
+    assert ideal_times([1, 2, 1], [], 1, PHASES, BIG, 8, even) == pytest.approx(
+        ideal_times([1, 2, 1], [], 1, PHASES, BIG, 8)
+    )
+    nothing = {1: Phases(0.2, 0.0, 0.5)}
+    assert ideal_times([1, 1], [], 2, nothing, BIG, 8, {1: 1.0}) == pytest.approx([0.7, 0.7])
+
+
+def test_connection_weights_follow_the_engines_rule() -> None:
+    mib = 1 << 20
+    weights = connection_weights([1, 8 * mib, 64 * mib, 1 << 30], Config())
+    assert weights == {1: 1.0, 8 * mib: 1.0, 64 * mib: 8.0, 1 << 30: 16.0}
+    assert connection_weights([64 * mib], Config(max_concurrency=4)) == {64 * mib: 4.0}
+
+
+def test_shared_the_disk_budget_still_admits_in_order() -> None:
+    # Room for one object: sharing has no one to share with.
+    even = {1: 1.0, 2: 1.0}
+    assert ideal_times([1, 2], [], 2, PHASES, 2, 8, even) == pytest.approx([1.5, 3.5])
 
 
 def _record(
@@ -93,6 +135,12 @@ def test_the_bench_summary_carries_the_ideal_engines_spread() -> None:
     assert shared["2"]["p90_over_p50"] is not None
     # A size with no phases measured: nothing to replay.
     assert ideal_summary(runs[:1], warm, order, 2, BIG, 8) == {}
+    # Shared downloads: the learned capacity and the connections' weights.
+    learned = [dict(r, shared={"capacity": 2.0, "turn_capacity": 1.0}) for r in runs]
+    both = ideal_summary(learned, warm, order, 2, BIG, 8, {1: 1.0, 2: 2.0})
+    times = ideal_times(order, warm, 2, phases_by_size(learned, 2.0), BIG, 8, {1: 1.0, 2: 2.0})
+    twos = sorted(t for s, t in zip(order, times, strict=True) if s == 2)
+    assert both["2"]["p50"] == pytest.approx(twos[1])
     summary = dict(summarize([dict(r, predicted=None) for r in runs]), ideal=shared)
     text = format_summary(summary, in_flight=2)
     assert "through an ideal engine" in text and f"{shared['1']['p90_over_p50']:.2f}" in text

@@ -16,7 +16,7 @@ from fastpipe._groups import run_async
 from fastpipe._many_cli import add_budget_arguments, budget_settings
 from fastpipe._model import Load, Position, StageCost, TimeModel
 from fastpipe._sharing import InFlight, Shared, SharedPoint, SharingModel
-from fastpipe.stages import Checksum
+from fastpipe.stages import Checksum, FileStage, LocalFile
 
 MiB = 1 << 20
 A = StageCost("a", "a", "stream")
@@ -69,6 +69,12 @@ async def test_a_turn_ended_any_way_lets_the_next_one_go() -> None:
         assert turns.ahead(later) == []
 
 
+async def _note_start(turn: _budgets.Turn, started: list[float]) -> None:
+    """Wait for ``turn``'s start and note when it came."""
+    await turn.wait()
+    started.append(time.perf_counter())
+
+
 @pytest.mark.anyio
 async def test_a_stalled_download_ahead_stops_holding_the_next_one(
     monkeypatch: pytest.MonkeyPatch,
@@ -84,13 +90,8 @@ async def test_a_stalled_download_ahead_stops_holding_the_next_one(
         with anyio.fail_after(5):
             await moving.wait()  # the stalled one ahead does not hold it
         started: list[float] = []
-
-        async def waiter() -> None:
-            await last.wait()
-            started.append(time.perf_counter())
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(waiter)
+            tg.start_soon(_note_start, last, started)
             for _ in range(6):  # bytes keep coming for 0.3 s: it waits
                 await anyio.sleep(0.03)
                 bytes_in[0] += 1
@@ -99,8 +100,36 @@ async def test_a_stalled_download_ahead_stops_holding_the_next_one(
         assert len(started) == 1
 
 
+@pytest.mark.anyio
+async def test_in_order_pass_the_next_one_waits_for_the_pass_not_the_tail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Order "pass": neither the download's tail nor its end lets the next one start,
+    and an older object whose bytes are all in (its stages still reading) is not taken
+    for stalled; its pass over its bytes does."""
+    monkeypatch.setattr(_budgets, "STALLED_AFTER", 0.05)
+    turns = _budgets.Turns(at_pass=True)
+    with turns.take() as first, turns.take() as second:
+        first.watch(lambda: 100)
+        started: list[float] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_note_start, second, started)
+            first.parts_out()
+            first.download_over()
+            await anyio.sleep(0.3)  # six times STALLED_AFTER without a byte
+            assert started == [] and turns.ahead(second) == [first]
+            first.pass_over()
+        assert len(started) == 1
+    # In order "admission", the tail is enough.
+    turns = _budgets.Turns()
+    with turns.take() as first, turns.take() as second:
+        first.parts_out()
+        with anyio.fail_after(1):
+            await second.wait()
+
+
 def test_download_order_is_checked_and_set_from_the_command_line() -> None:
-    with pytest.raises(UsageError, match="download_order must be admission or shared"):
+    with pytest.raises(UsageError, match="download_order must be admission, pass or shared"):
         Config(download_order="fastest")
     assert Config().download_order == "admission"
     import argparse
@@ -300,6 +329,59 @@ def test_shared_order_downloads_at_once(put_object: Any, monkeypatch: pytest.Mon
     assert seen["start"] == {} and seen["tail"] == {}
     assert seen["most"] > 4  # more than one object's connections at once
     assert all(r.download.turn_wait_seconds == 0.0 for r in reports)
+
+
+class SlowInOrder(FileStage):
+    """An early file stage with work left after its last byte: the pass's lag."""
+
+    name = "slow-in-order"
+    reads_in_order = True
+
+    def __init__(self, lag: float) -> None:
+        self.lag = lag
+        self.ended = 0.0
+
+    def run(self, local: LocalFile) -> int:
+        total = sum(len(view) for _, view in local.windows(MiB))
+        time.sleep(self.lag)
+        self.ended = time.perf_counter()
+        return total
+
+
+@pytest.mark.parametrize("order", ["admission", "pass"])
+def test_in_order_pass_the_next_download_waits_for_the_pass(
+    order: str, put_object: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two objects at once with an early file stage that lags its bytes by 0.6 s: in
+    order "pass" the second download starts after the first object's stage is done (a
+    download over is never taken for stalled, here 0.2 s); in "admission" at the first
+    download's tail, before."""
+    monkeypatch.setattr(_budgets, "STALLED_AFTER", 0.2)
+    seen = _observe(monkeypatch)
+    uris = [put_object(os.urandom(6 * MiB + 3)) for _ in range(2)]
+    stages = [SlowInOrder(0.6) for _ in uris]
+    config = Config(part_size=MiB, max_concurrency=4, model_path="", download_order=order)
+
+    async def main() -> list[Report]:
+        reports: list[Report] = []
+        async with Engine(config) as engine:
+
+            async def one(uri: str, stage: SlowInOrder) -> None:
+                reports.append(await engine.process(uri, [Checksum(), stage]))
+
+            async with anyio.create_task_group() as tg:
+                for uri, stage in zip(uris, stages, strict=True):
+                    tg.start_soon(one, uri, stage)
+        return reports
+
+    reports = run_async(main)
+    assert all(r.passed for r in reports), reports
+    assert [r.stage("slow-in-order").result for r in reports] == [6 * MiB + 3] * 2
+    first_pass = min(stage.ended for stage in stages)  # the first turn's (see below)
+    if order == "pass":
+        assert seen["start"][1] >= first_pass
+    else:
+        assert seen["start"][1] < first_pass
 
 
 def test_a_failed_object_does_not_hold_the_next_turn(

@@ -17,7 +17,9 @@ which are built on it) takes from the same :class:`Budgets`:
   then runs at about the pace of one alone, and an object's time depends on the objects
   ahead of it, known when it is admitted, not on the ones that come after (with
   "shared", every admitted object downloads at once and its pace changes with each
-  neighbour that comes or goes).
+  neighbour that comes or goes). "pass" is in turn too, but an object's download starts
+  once the one before has passed all its bytes through its stream stages and its early
+  file stage: one object's pass has the machine at a time.
 
 The time an object waits for ``max_objects`` and ``disk_budget`` is its report's
 ``queued_seconds``. The download of the next object overlaps the file stages of the one
@@ -196,9 +198,30 @@ class Turn:
     #: Bytes its download has brought so far (set when the download starts).
     _progress: Callable[[], int] = field(default=lambda: 0)
 
+    #: Its download is over: from then on, it holds the next one for CPU work only
+    #: (order "pass"), which always ends, and is never taken for stalled.
+    _downloaded: bool = False
+
     def watch(self, progress: Callable[[], int]) -> None:
         """Its download started: ``progress`` says the bytes it has brought so far."""
         self._progress = progress
+
+    def parts_out(self) -> None:
+        """Its last part is handed out and a connection is idle: its tail, when the
+        next object may start (order "admission")."""
+        if not self.turns.at_pass:
+            self.tail()
+
+    def download_over(self) -> None:
+        """Its download is over (done, failed or cancelled)."""
+        self._downloaded = True
+        if not self.turns.at_pass:
+            self.tail()
+
+    def pass_over(self) -> None:
+        """Its stream stages and early file stage have read all its bytes (order
+        "pass": the next object may start)."""
+        self.tail()
 
     async def wait(self) -> float:
         """Wait until every older object's download is in its tail or over (or brought
@@ -215,15 +238,15 @@ class Turn:
             with anyio.move_on_after(STALLED_AFTER):
                 await self._tail.wait()
             now = self._progress()
-            if now == seen and not self._tail.is_set():
+            if now == seen and not self._tail.is_set() and not self._downloaded:
                 logger.debug("turn %d: no byte for %.1f s, the next one starts", self.number,
                              STALLED_AFTER)
                 return
             seen = now
 
     def tail(self) -> None:
-        """Its parts are all handed out and a connection is idle (or its download is
-        over): the next object may start."""
+        """The next object may start (:meth:`parts_out`, :meth:`download_over`,
+        :meth:`pass_over`, or the turn's block ended)."""
         if not self._tail.is_set():
             self._tail.set()
             self.turns.passed(self)
@@ -239,7 +262,10 @@ class Turns:
     file stages of the one before.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, at_pass: bool = False) -> None:
+        #: Order "pass": the next download waits for the pass over the bytes (True), or
+        #: for the tail of the download only ("admission").
+        self.at_pass = at_pass
         self._next = 0
         #: Turns taken whose download is not yet in its tail, oldest first.
         self._open: dict[int, Turn] = {}
@@ -282,7 +308,8 @@ class Budgets:
         #: Objects admitted and not yet ended, over time (what the time model shares).
         self.in_flight = InFlight()
         #: The download order (None: objects download at once, sharing the connections).
-        self.turns = Turns() if config.download_order == "admission" else None
+        order = config.download_order
+        self.turns = Turns(order == "pass") if order in ("admission", "pass") else None
 
     @property
     def admitted(self) -> int:

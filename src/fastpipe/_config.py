@@ -97,7 +97,7 @@ def check_endpoint_url(url: str, what: str) -> None:
 
 
 #: ``Config.download_order``'s values (the first is the default).
-DOWNLOAD_ORDERS = ("admission", "shared")
+DOWNLOAD_ORDERS = ("admission", "pass", "shared")
 
 
 @dataclass(frozen=True)
@@ -152,8 +152,12 @@ class Config:
     file_stage_slots: int | None = None
     #: ``"admission"``: objects download in turn, each starting as the one before it
     #: reaches its tail (its last part handed out) or stalls for a second (an object's
-    #: time depends on the objects ahead of it, not on those after); ``"shared"``: every
-    #: admitted object downloads at once, the connections shared (``_budgets.py``).
+    #: time depends on the objects ahead of it, not on those after); ``"pass"``: in turn,
+    #: each starting once the one before has read all its bytes through its stream stages
+    #: and its early file stage (one object's pass has the cores at a time: its time
+    #: depends less on its neighbours' work; a slow pass holds the downloads behind it);
+    #: ``"shared"``: every admitted object downloads at once, the connections shared
+    #: (``_budgets.py``).
     download_order: str = "admission"
     #: Keep a fetcher's connection when it runs out of parts, for the next fetcher of
     #: this object or of the next one (raw data plane; at most ``max_concurrency`` wait,

@@ -111,7 +111,7 @@ class Fetcher:
                         tg.start_soon(self._worker)
         finally:
             if self.turn is not None:
-                self.turn.tail()
+                self.turn.download_over()
         self.stats.finished = time.perf_counter()
 
     def _take_part(self) -> int | None:
@@ -136,8 +136,8 @@ class Fetcher:
         finally:
             if conn is not None:  # kept for the next fetcher if it can take a request
                 self.s3.pool.give(conn)
-        if self.turn is not None:  # the first with no part left: the next object starts
-            self.turn.tail()
+        if self.turn is not None:  # the first with no part left: the download's tail
+            self.turn.parts_out()
 
     async def _connection(self) -> RawConnection:
         url = await self._signed_url()

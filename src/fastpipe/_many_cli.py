@@ -65,7 +65,9 @@ def add_budget_arguments(parser: argparse.ArgumentParser, objects: bool = True) 
         default=None,
         help="admission (default): objects download in turn, each starting as the one "
         "before it reaches its tail, so an object's time depends on those ahead of it; "
-        "shared: every admitted object downloads at once",
+        "pass: in turn, each starting once the one before has read all its bytes through "
+        "its stream stages and early file stage; shared: every admitted object downloads "
+        "at once",
     )
     parser.add_argument(
         "--reuse-connections",

@@ -181,6 +181,8 @@ class OnePass:
                     if self.fetcher is not None:
                         await self._download(self.fetcher)
                 outer.cancel_scope.cancel()  # stops the progress and journal tasks
+        if self.job.turn is not None:  # every byte read (order "pass": the next starts)
+            self.job.turn.pass_over()
         self.job.emit(self._progress_event())  # the phase's true end (all bytes, unless gated)
         runner = self.runner
         if runner.failed:

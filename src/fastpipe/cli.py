@@ -234,6 +234,12 @@ def _add_tool_parsers(sub: Any) -> None:
         help="--predictability, --many: Config.reuse_connections on",
     )
     bench.add_argument(
+        "--disk-budget",
+        type=size_arg,
+        default=None,
+        help="--predictability: Config.disk_budget (default: the engine's rule)",
+    )
+    bench.add_argument(
         "--predict-warmup", type=int, default=3, help="unrecorded objects first (default 3)"
     )
     bench.add_argument(
@@ -243,7 +249,7 @@ def _add_tool_parsers(sub: Any) -> None:
         metavar="RATE[,RATE...]",
         help="shape the embedded server's traffic on lo to this rate with tc (root): e.g. "
         "2.4Gbit, 800Mbit; a list such as unlimited,2.4Gbit,800Mbit runs each in turn "
-        "(default unlimited)",
+        "(--predictability: one rate; default unlimited)",
     )
     bench.set_defaults(tool="bench")
 

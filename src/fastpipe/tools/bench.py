@@ -775,14 +775,12 @@ def _loopback_port(endpoint: str) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """``fastpipe bench``: returns 0, or 1 when a run failed (2: unknown variant, or a
     link rate that cannot be shaped here; 130/143/129 on SIGINT/SIGTERM/SIGHUP)."""
-    if getattr(args, "predictability", False):
-        from .predictability import cmd_predictability
-
-        return cmd_predictability(args)
-    unknown = _check_variants(args.variants or [])
-    if unknown is not None:
+    predictability = getattr(args, "predictability", False)
+    if not predictability and (unknown := _check_variants(args.variants or [])) is not None:
         return _usage_error(f"unknown variant {unknown!r} (known: {', '.join(VARIANTS)})")
     rates: list[int | None] = getattr(args, "link_rate", None) or [None]
+    if predictability and len(rates) > 1:
+        return _usage_error("--predictability takes one --link-rate")
     if any(rate is not None for rate in rates):
         try:  # refuse before anything starts
             check_can_shape()
@@ -793,6 +791,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         # SIGTERM and SIGHUP unwind like Ctrl-C: the shaping and the server go away.
         with signals_raise():
+            if predictability:
+                from .predictability import cmd_predictability
+
+                return cmd_predictability(args, rates[0])
             if getattr(args, "many", False):
                 return _bench_many(args)
             return _bench(args, rates)

@@ -8,16 +8,15 @@ of the spread of the end-to-end time is the queue's, and how much the engine's? 
 module replays the bench's calls (the same sizes in the same order, the same warm-up,
 the same number in flight) through an engine whose every phase takes exactly the run's
 median for the object's size (the seconds before the download and after it; the
-download at the pace the engine learned through the queue), objects admitted in arrival
-order within the disk budget and the object slots, downloads one after another in
-admission order (``download_order`` "admission"). Nothing in it varies, so whatever
-spread its times show comes from the queue: it is the floor of the p90/p50 an engine
-that keeps to that order can reach for that sequence of calls.
-"""
+download at the pace the engine learned), objects admitted in arrival order within the
+disk budget and the object slots, and the downloads in the engine's order: one after
+another in admission order (``download_order`` "admission"), or all at once, sharing
+the capacity by their connections ("shared"). Nothing in it varies, so whatever spread
+its times show comes from the queue: it is the floor of the p90/p50 an engine that
+downloads in that order can reach for that sequence of calls."""
 
 from __future__ import annotations
 
-import heapq
 import statistics
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -76,6 +75,7 @@ def ideal_times(
     phases: Mapping[int, Phases],
     disk_budget: int,
     max_objects: int,
+    weights: Mapping[int, float] | None = None,
 ) -> list[float]:
     """Seconds from call to end of each object of ``order`` through the ideal engine.
 
@@ -84,15 +84,18 @@ def ideal_times(
     and call again the moment their object ends. An object is admitted when it is first
     in line, a slot of ``max_objects`` is free and its size fits in what is left of
     ``disk_budget`` (held until it ends; an object larger than the whole budget goes in
-    alone). Its download starts ``before`` seconds later, or when the download admitted
-    before it ends, if later; it ends ``after`` seconds after its download.
+    alone). Its download may start ``before`` seconds later and takes ``download``
+    seconds of the engine's whole capacity; it ends ``after`` seconds after its download.
+
+    Without ``weights``, downloads go one at a time in admission order (``"admission"``);
+    with them (size -> weight), every object ready to download does, each getting the
+    capacity in proportion to its size's weight (``"shared"``: processor sharing).
     """
     calls: deque[int] = deque(order)
     times: list[float] = [0.0] * len(order)
     waiting: deque[tuple[float, int, int]] = deque()  # (called at, size, index; -1: warm)
-    ends: list[tuple[float, int, int, int]] = []  # heap: (end, tie-break, size, index)
-    held = admitted = tie = 0
-    free_at = 0.0  # when the download admitted last ends
+    live: list[_Object] = []  # admitted, in admission order
+    held = 0
     warm_left = len(warm)
     now = 0.0
 
@@ -105,23 +108,66 @@ def ideal_times(
     if not warm:
         call(in_flight)
     while True:
-        while waiting and admitted < max_objects and (
-            held + waiting[0][1] <= disk_budget or admitted == 0
+        while waiting and len(live) < max_objects and (
+            held + waiting[0][1] <= disk_budget or not live
         ):
             called, size, index = waiting.popleft()
             phase = phases[size]
-            start = max(now + phase.before, free_at)
-            free_at = start + phase.download
-            held, admitted, tie = held + size, admitted + 1, tie + 1
-            heapq.heappush(ends, (free_at + phase.after, tie, size, index))
-            if index >= 0:
-                times[index] = free_at + phase.after - called
-        if not ends:
+            obj = _Object(size, index, called, now + phase.before, phase.download)
+            if obj.left <= 0:  # nothing to download: it ends after its own phases
+                obj.left, obj.end = 0.0, obj.ready + phase.after
+            live.append(obj)
+            held += size
+        if not live:
             return times
-        now, _, size, index = heapq.heappop(ends)
-        held, admitted = held - size, admitted - 1
-        if index < 0:
-            warm_left -= 1
-            call(in_flight if warm_left == 0 else 0)
-        else:
-            call(1)
+        now = _advance(live, now, phases, weights)
+        for o in [o for o in live if o.left <= 0 and o.end <= now]:
+            live.remove(o)
+            held -= o.size
+            if o.index < 0:
+                warm_left -= 1
+                call(in_flight if warm_left == 0 else 0)
+            else:
+                times[o.index] = now - o.called
+                call(1)
+
+
+@dataclass
+class _Object:
+    """One admitted object of the replay: ``left`` seconds of download at the whole
+    capacity (0 once done), ``end`` once its download is done."""
+
+    size: int
+    index: int
+    called: float
+    ready: float
+    left: float
+    end: float = 0.0
+
+
+def _advance(
+    live: list[_Object],
+    now: float,
+    phases: Mapping[int, Phases],
+    weights: Mapping[int, float] | None,
+) -> float:
+    """Run the admitted objects (in admission order) to the next event: one ready to
+    download, a download's end, an object's end; the time then."""
+    pending = [o for o in live if o.left > 0]
+    if weights is None:  # in turn: the first one not downloaded, once it is ready
+        active = pending[:1] if pending and pending[0].ready <= now else []
+    else:
+        active = [o for o in pending if o.ready <= now]
+    share = {id(o): 1.0 if weights is None else weights[o.size] for o in active}
+    total = sum(share.values())
+    step = min(
+        [o.ready - now for o in pending if o.ready > now]
+        + [o.left * total / share[id(o)] for o in active]
+        + [o.end - now for o in live if o.left <= 0]
+    )
+    now += step
+    for o in active:
+        o.left -= step * share[id(o)] / total
+        if o.left <= 1e-9 * (1.0 + now):  # its download ends now
+            o.left, o.end = 0.0, now + phases[o.size].after
+    return now

@@ -11,8 +11,8 @@ buffer; ``eta_10_done`` records the fraction actually in). Per size: p50, p90, m
 and p90/p50 of the end-to-end time, and the same from each object's download start
 (less its admission wait and its wait for its turn: what the objects ahead of it
 cost), and the p90/p50 of the same calls through an ideal engine whose phases never vary
-(:mod:`.ideal`, in turn only: the spread the queue alone makes); per estimate: the median
-and p90 of ``|predicted - actual| / actual``;
+(:mod:`.ideal`, downloading in the engine's order: the spread the queue alone makes);
+per estimate: the median and p90 of ``|predicted - actual| / actual``;
 ``predictability.json`` keeps every object and ``predicted_vs_actual.png`` plots the
 predictions against the actual times. ``--download-order`` sets the engine's
 ``Config.download_order`` (default ``admission``).
@@ -28,7 +28,8 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+import urllib.parse
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .. import Config, Engine, Progress
@@ -38,6 +39,7 @@ from .ideal import ideal_times, phases_by_size
 from .locals3 import LocalS3
 from .machine import free_page_reporting, machine_info
 from .s3 import ensure_bucket, s3_client, upload_file
+from .shaping import shape_port
 
 BUCKET = "fastpipe-predictability"
 #: Fractions of the bytes at which the ETA is read.
@@ -164,20 +166,32 @@ def ideal_summary(
     in_flight: int,
     disk_budget: int,
     max_objects: int,
+    weights: Mapping[int, float] | None = None,
 ) -> dict[str, Any]:
     """Per size, the p50, p90 and p90/p50 from the call of the same calls through an
     ideal engine, each phase its size's median in ``runs``, the downloads at the pace
-    through the queue the engine had learned by the last object (:mod:`.ideal`): the
-    spread the queue alone makes. Empty when a size has no measured phases."""
+    the engine had learned by the last object (:mod:`.ideal`): the spread the queue
+    alone makes. Downloads in turn, or with ``weights`` (size -> connections) shared at
+    the capacity the engine learned. Empty when a size has no measured phases."""
     learned = [r["shared"] for r in runs if r.get("shared")]
-    pace = learned[-1].get("turn_capacity") if learned else None
+    key = "turn_capacity" if weights is None else "capacity"
+    pace = learned[-1].get(key) if learned else None
     phases = phases_by_size(runs, pace)
     if not set(order) | set(warm) <= set(phases):
         return {}
-    times = ideal_times(order, warm, in_flight, phases, disk_budget, max_objects)
+    times = ideal_times(order, warm, in_flight, phases, disk_budget, max_objects, weights)
     return {
         str(size): spread([t for s, t in zip(order, times, strict=True) if s == size])
         for size in sorted(set(order))
+    }
+
+
+def connection_weights(sizes: Iterable[int], config: Config) -> dict[int, float]:
+    """Each size's weight when downloads share the engine: the connections it holds,
+    ``min(max_concurrency, parts)`` (the engine's own rule, ``_sharing.py``)."""
+    return {
+        size: float(min(config.max_concurrency, max(1, -(-size // config.part_size))))
+        for size in sizes
     }
 
 
@@ -292,9 +306,10 @@ def plot(runs: Sequence[dict[str, Any]], path: str) -> bool:
     return True
 
 
-def cmd_predictability(args: argparse.Namespace) -> int:
-    """Run the section on the embedded server (or ``--endpoint-url``); 0, or 1 when an
-    object failed."""
+def cmd_predictability(args: argparse.Namespace, link_rate: int | None = None) -> int:
+    """Run the section on the embedded server (or ``--endpoint-url``), its traffic
+    shaped to ``link_rate`` bits/s on lo while the objects run (None: unshaped); 0, or
+    1 when an object failed."""
     sizes: list[int] = args.sizes or [64 << 20, 256 << 20, 1 << 30]
     os.makedirs(args.out, exist_ok=True)
     with contextlib.ExitStack() as stack:
@@ -313,20 +328,27 @@ def cmd_predictability(args: argparse.Namespace) -> int:
             endpoint_url=endpoint,
             model_path=os.path.join(args.out, "model.json"),
             download_order=getattr(args, "download_order", "admission"),
+            disk_budget=getattr(args, "disk_budget", None),
             reuse_connections=getattr(args, "reuse_connections", False),
         )
         in_flight = getattr(args, "in_flight", 1)
+        if link_rate is not None:  # after the upload: only the objects' bytes are shaped
+            port = urllib.parse.urlsplit(endpoint).port
+            assert port is not None  # checked by cmd_bench (a loopback endpoint's port)
+            stack.enter_context(shape_port(port, link_rate, say=print))
         # One order for the engine and for the ideal engine's replay of it.
         warm, calls = call_order(uris, args.repeat, args.predict_warmup)
         runs, (budget, slots) = run_objects(uris, warm, calls, config, in_flight=in_flight)
     summary = summarize(runs)
-    if config.download_order == "admission":  # the ideal engine downloads in turn
-        summary["ideal"] = ideal_summary(runs, warm, calls, in_flight, budget, slots)
+    # The ideal engine downloads as this one did: in turn, or shared by connections.
+    weights = connection_weights(uris, config) if config.download_order == "shared" else None
+    summary["ideal"] = ideal_summary(runs, warm, calls, in_flight, budget, slots, weights)
     reporting = free_page_reporting()  # one read for the record and the note
     with open(os.path.join(args.out, "predictability.json"), "w", encoding="utf-8") as f:
         record = {
             "in_flight": in_flight,
             "download_order": config.download_order,
+            "link_rate": link_rate,  # bits/s the server's traffic was shaped to (None: not)
             # The engine's limits, which the ideal engine replays the calls with.
             "disk_budget": budget,
             "max_objects": slots,
