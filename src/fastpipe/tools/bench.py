@@ -762,8 +762,9 @@ def _usage_error(message: object) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """``fastpipe bench``: returns 0, or 1 when a run failed (2: unknown variant, or a
-    link rate that cannot be shaped here; 130/143/129 on SIGINT/SIGTERM/SIGHUP)."""
+    """``fastpipe bench``: returns 0, or 1 when a run failed (2: unknown variant, a link
+    rate that cannot be shaped here, or more than one with ``--predictability``;
+    130/143/129 on SIGINT/SIGTERM/SIGHUP)."""
     predictability = getattr(args, "predictability", False)
     if not predictability and (unknown := _check_variants(args.variants or [])) is not None:
         return _usage_error(f"unknown variant {unknown!r} (known: {', '.join(VARIANTS)})")
