@@ -309,7 +309,7 @@ class Budgets:
         self.in_flight = InFlight()
         #: The download order (None: objects download at once, sharing the connections).
         order = config.download_order
-        self.turns = Turns(order == "pass") if order in ("admission", "pass") else None
+        self.turns = None if order == "shared" else Turns(at_pass=order == "pass")
 
     @property
     def admitted(self) -> int:

@@ -9,6 +9,7 @@ from fractions import Fraction
 from urllib.parse import urlsplit
 
 from ._exceptions import UsageError
+from ._sharing import weight_of
 
 MiB = 1 << 20
 #: S3's limit on parts of one object; the part plan never exceeds it.
@@ -237,6 +238,11 @@ class Config:
         from ._model import default_model_path
 
         return self.model_path or default_model_path()
+
+    def download_connections(self, size: int) -> float:
+        """The connections a download of ``size`` bytes holds, its weight when downloads
+        share the engine: one per part, at most ``max_concurrency``, at least 1."""
+        return weight_of(-(-size // self.plan_part_size(size)), self.max_concurrency)
 
     def plan_part_size(self, size: int) -> int:
         """Part size for an object of ``size`` bytes: at most MAX_PARTS parts."""

@@ -31,7 +31,6 @@ from ._onepass import OnePass
 from ._placement import ObjectPlacement, Placement
 from ._report import Plane, Report, StageReport, log_done
 from ._s3 import S3Control
-from ._sharing import weight_of
 from ._sinks import Sink, TagSink
 from ._source import LocalLocation, S3Location, parse_source
 from ._stagelist import StagesPerObject
@@ -258,8 +257,7 @@ class Engine:
                 report.queued_seconds += await disk.take(info.size, report.source)
                 turns, tracker = self.budgets.turns, self.budgets.in_flight
                 with turns.take() if turns is not None else contextlib.nullcontext() as turn:
-                    parts = -(-info.size // self.config.plan_part_size(info.size))
-                    weight = weight_of(parts, self.config.max_concurrency)
+                    weight = self.config.download_connections(info.size)
                     plane = choose_plane(self.config, location)
                     with tracker.coming(info.size, weight, turn.number if turn else None):
                         job = await open_download(
@@ -286,7 +284,7 @@ class Engine:
         job.tracker, job.turn = tracker, turn
         fetcher = Fetcher(self._s3, self.config, job, self.budgets.connection, turn)
         one = OnePass(job, self.config, fetcher, self._model, self.budgets.file_stage)
-        weight = weight_of(report.download.parts, self.config.max_concurrency)
+        weight = self.config.download_connections(job.info.size)
         stats = fetcher.stats  # read as bytes arrive: its bytes left, for the others
         number = None if turn is None else turn.number
         with tracker.stay(report, job.info.size, weight, lambda: stats.bytes, number) as job.ticket:

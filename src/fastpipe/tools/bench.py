@@ -65,6 +65,7 @@ from .shaping import (
     ShapingError,
     check_can_shape,
     format_rate,
+    loopback_port,
     shape_port,
     signals_raise,
 )
@@ -760,21 +761,10 @@ def _usage_error(message: object) -> int:
     return EXIT_USAGE
 
 
-def _loopback_port(endpoint: str) -> int:
-    """The port of a loopback endpoint (the one whose traffic ``--link-rate`` shapes)."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(endpoint)
-    if parts.hostname not in ("127.0.0.1", "localhost") or parts.port is None:
-        raise ShapingError(
-            f"--link-rate shapes loopback only; {endpoint} is not a 127.0.0.1 endpoint with a port"
-        )
-    return parts.port
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    """``fastpipe bench``: returns 0, or 1 when a run failed (2: unknown variant, or a
-    link rate that cannot be shaped here; 130/143/129 on SIGINT/SIGTERM/SIGHUP)."""
+    """``fastpipe bench``: returns 0, or 1 when a run failed (2: unknown variant, a link
+    rate that cannot be shaped here, or more than one with ``--predictability``;
+    130/143/129 on SIGINT/SIGTERM/SIGHUP)."""
     predictability = getattr(args, "predictability", False)
     if not predictability and (unknown := _check_variants(args.variants or [])) is not None:
         return _usage_error(f"unknown variant {unknown!r} (known: {', '.join(VARIANTS)})")
@@ -785,7 +775,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         try:  # refuse before anything starts
             check_can_shape()
             if args.endpoint_url:
-                _loopback_port(args.endpoint_url)
+                loopback_port(args.endpoint_url)
         except ShapingError as exc:
             return _usage_error(exc)
     try:
@@ -939,7 +929,7 @@ def _bench(args: argparse.Namespace, rates: Sequence[int | None]) -> int:
         try:
             for rate in rates:
                 shaping = (
-                    shape_port(_loopback_port(endpoint), rate, say=say)
+                    shape_port(loopback_port(endpoint), rate, say=say)
                     if rate is not None
                     else contextlib.nullcontext()
                 )

@@ -113,14 +113,15 @@ def ideal_times(
         ):
             called, size, index = waiting.popleft()
             phase = phases[size]
-            obj = _Object(size, index, called, now + phase.before, phase.download)
+            weight = 1.0 if weights is None else weights[size]
+            obj = _Object(size, index, called, now + phase.before, phase.download, weight)
             if obj.left <= 0:  # nothing to download: it ends after its own phases
                 obj.left, obj.end = 0.0, obj.ready + phase.after
             live.append(obj)
             held += size
         if not live:
             return times
-        now = _advance(live, now, phases, weights)
+        now = _advance(live, now, phases, in_turn=weights is None)
         for o in [o for o in live if o.left <= 0 and o.end <= now]:
             live.remove(o)
             held -= o.size
@@ -135,39 +136,37 @@ def ideal_times(
 @dataclass
 class _Object:
     """One admitted object of the replay: ``left`` seconds of download at the whole
-    capacity (0 once done), ``end`` once its download is done."""
+    capacity (0 once done), its ``weight`` when downloads share it, ``end`` once its
+    download is done."""
 
     size: int
     index: int
     called: float
     ready: float
     left: float
+    weight: float
     end: float = 0.0
 
 
 def _advance(
-    live: list[_Object],
-    now: float,
-    phases: Mapping[int, Phases],
-    weights: Mapping[int, float] | None,
+    live: list[_Object], now: float, phases: Mapping[int, Phases], in_turn: bool
 ) -> float:
     """Run the admitted objects (in admission order) to the next event: one ready to
     download, a download's end, an object's end; the time then."""
     pending = [o for o in live if o.left > 0]
-    if weights is None:  # in turn: the first one not downloaded, once it is ready
+    if in_turn:  # the first one not downloaded, once it is ready
         active = pending[:1] if pending and pending[0].ready <= now else []
     else:
         active = [o for o in pending if o.ready <= now]
-    share = {id(o): 1.0 if weights is None else weights[o.size] for o in active}
-    total = sum(share.values())
+    total = sum(o.weight for o in active)
     step = min(
         [o.ready - now for o in pending if o.ready > now]
-        + [o.left * total / share[id(o)] for o in active]
+        + [o.left * total / o.weight for o in active]
         + [o.end - now for o in live if o.left <= 0]
     )
     now += step
     for o in active:
-        o.left -= step * share[id(o)] / total
+        o.left -= step * o.weight / total
         if o.left <= 1e-9 * (1.0 + now):  # its download ends now
             o.left, o.end = 0.0, now + phases[o.size].after
     return now

@@ -28,7 +28,6 @@ import random
 import statistics
 import tempfile
 import time
-import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -39,7 +38,7 @@ from .ideal import ideal_times, phases_by_size
 from .locals3 import LocalS3
 from .machine import free_page_reporting, machine_info
 from .s3 import ensure_bucket, s3_client, upload_file
-from .shaping import shape_port
+from .shaping import loopback_port, shape_port
 
 BUCKET = "fastpipe-predictability"
 #: Fractions of the bytes at which the ETA is read.
@@ -187,12 +186,9 @@ def ideal_summary(
 
 
 def connection_weights(sizes: Iterable[int], config: Config) -> dict[int, float]:
-    """Each size's weight when downloads share the engine: the connections it holds,
-    ``min(max_concurrency, parts)`` (the engine's own rule, ``_sharing.py``)."""
-    return {
-        size: float(min(config.max_concurrency, max(1, -(-size // config.part_size))))
-        for size in sizes
-    }
+    """Each size's weight when downloads share the engine: the connections it holds
+    (:meth:`Config.download_connections`, the engine's own rule)."""
+    return {size: config.download_connections(size) for size in sizes}
 
 
 def run_objects(
@@ -333,9 +329,7 @@ def cmd_predictability(args: argparse.Namespace, link_rate: int | None = None) -
         )
         in_flight = getattr(args, "in_flight", 1)
         if link_rate is not None:  # after the upload: only the objects' bytes are shaped
-            port = urllib.parse.urlsplit(endpoint).port
-            assert port is not None  # checked by cmd_bench (a loopback endpoint's port)
-            stack.enter_context(shape_port(port, link_rate, say=print))
+            stack.enter_context(shape_port(loopback_port(endpoint), link_rate, say=print))
         # One order for the engine and for the ideal engine's replay of it.
         warm, calls = call_order(uris, args.repeat, args.predict_warmup)
         runs, (budget, slots) = run_objects(uris, warm, calls, config, in_flight=in_flight)

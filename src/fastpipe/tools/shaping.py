@@ -31,6 +31,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from .. import UsageError
 
@@ -162,6 +163,17 @@ def is_ours(root: str | None) -> bool:
 def find_tc(path: str | None = None) -> str | None:
     """The ``tc`` binary on ``path`` (default: ``$PATH``), or None."""
     return shutil.which("tc", path=path)
+
+
+def loopback_port(endpoint: str) -> int:
+    """The port of a loopback endpoint (the one whose traffic ``--link-rate`` shapes);
+    :class:`ShapingError` for any other endpoint."""
+    parts = urlsplit(endpoint)
+    if parts.hostname not in ("127.0.0.1", "localhost") or parts.port is None:
+        raise ShapingError(
+            f"--link-rate shapes loopback only; {endpoint} is not a 127.0.0.1 endpoint with a port"
+        )
+    return parts.port
 
 
 def check_can_shape(
